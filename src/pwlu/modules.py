@@ -1,0 +1,176 @@
+"""The :class:`PWLU` module."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .functional import pwlu
+from .ops.common import fold_tables
+from .ops.validation import check_input, normalize_channel_dim
+
+INITS: dict[str, Callable[[Tensor], Tensor]] = {
+    "relu": F.relu,
+    "identity": lambda x: x,
+    "leaky_relu": F.leaky_relu,
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "tanh": torch.tanh,
+}
+
+
+def _resolve_init(init: str | Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    if callable(init):
+        return init
+    if isinstance(init, str) and init in INITS:
+        return INITS[init]
+    raise ValueError(f"PWLU: unknown init {init!r}; expected one of {sorted(INITS)} or a callable")
+
+
+def _outer_slopes(fn: Callable[[Tensor], Tensor], left: Tensor, right: Tensor) -> tuple[Tensor, Tensor]:
+    """Slopes of ``fn`` at the two boundaries, in float64 (autograd, else one-sided differences)."""
+    try:
+        at = torch.stack([left, right]).detach().clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(fn(at).sum(), at)
+        if torch.isfinite(grad).all():
+            return grad[0], grad[1]
+    except (RuntimeError, TypeError):
+        pass
+    h = 1e-6 * torch.clamp((right - left).abs(), min=1.0)
+    with torch.no_grad():
+        return (fn(left) - fn(left - h)) / h, (fn(right + h) - fn(right)) / h
+
+
+class PWLU(nn.Module):
+    """Piecewise Linear Unit: a learnable activation (https://arxiv.org/abs/2104.03693).
+
+    ``N`` uniform intervals on a learnable range ``[B_L, B_R]``, learnable values at the
+    ``N + 1`` breakpoints and learnable outer slopes, shared by the whole layer
+    (``num_channels=None``) or one set per channel.
+
+    Args:
+        num_channels (int, optional): ``None`` for layer-wise, else the number of channels.
+        num_intervals (int): ``N`` (default 16).
+        channel_dim (int): channel axis of the input, negative allowed (1 for NCHW, -1 for
+            ``(B, T, C)`` or NHWC). Ignored layer-wise.
+        bound (float): initial range ``[-bound, bound]``.
+        init (str or callable): ``"relu"``, ``"identity"``, ``"leaky_relu"``, ``"silu"``,
+            ``"gelu"``, ``"tanh"`` or any callable on tensors; the PWLU equals it at every
+            breakpoint and takes its outer slopes from it.
+
+    Shape:
+        Input ``(*)`` with ``num_channels`` channels on ``channel_dim``; output the same.
+    """
+
+    def __init__(
+        self,
+        num_channels: int | None = None,
+        num_intervals: int = 16,
+        channel_dim: int = 1,
+        bound: float = 3.0,
+        init: str | Callable[[Tensor], Tensor] = "relu",
+    ) -> None:
+        super().__init__()
+        if isinstance(num_intervals, bool) or not isinstance(num_intervals, int) or num_intervals < 1:
+            raise ValueError(f"PWLU: num_intervals must be an int >= 1, but got {num_intervals!r}")
+        if num_channels is not None and (
+            isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels < 1
+        ):
+            raise ValueError(f"PWLU: num_channels must be None or an int >= 1, but got {num_channels!r}")
+        if isinstance(channel_dim, bool) or not isinstance(channel_dim, int):
+            raise TypeError(f"PWLU: channel_dim must be an int, but got {channel_dim!r}")
+        if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not (math.isfinite(bound) and bound > 0):
+            raise ValueError(f"PWLU: bound must be a finite number > 0, but got {bound!r}")
+        self.init_fn = _resolve_init(init)
+        self.init_name = init if isinstance(init, str) else getattr(init, "__name__", type(init).__name__)
+        self.num_channels = num_channels
+        self.num_intervals = num_intervals
+        self.channel_dim = channel_dim
+        self.bound = float(bound)
+        shape = () if num_channels is None else (num_channels,)
+        self.points = nn.Parameter(torch.empty(*shape, num_intervals + 1))
+        self.left_bound = nn.Parameter(torch.empty(shape))
+        self.right_bound = nn.Parameter(torch.empty(shape))
+        self.left_slope = nn.Parameter(torch.empty(shape))
+        self.right_slope = nn.Parameter(torch.empty(shape))
+        self.reset_parameters()
+
+    @property
+    def channel_wise(self) -> bool:
+        return self.num_channels is not None
+
+    def reset_parameters(self) -> None:
+        """Back to the initial function ``init`` on ``[-bound, bound]``."""
+        self.init_from_function(self.init_fn, -self.bound, self.bound)
+
+    @torch.no_grad()
+    def init_from_function(
+        self,
+        fn: Callable[[Tensor], Tensor],
+        left_bound: float | Tensor | None = None,
+        right_bound: float | Tensor | None = None,
+    ) -> None:
+        """Set the boundaries (scalars or per channel; default: keep) and make the PWLU equal
+        ``fn`` at every breakpoint, with ``fn``'s slopes at the boundaries as outer slopes.
+
+        Computed in float64 and rounded once to the parameter dtype, so a ReLU with N even
+        is represented exactly whenever the breakpoints are.
+        """
+        shape = self.left_bound.shape
+        f64 = dict(dtype=torch.float64, device=self.points.device)
+        left = self.left_bound.to(**f64) if left_bound is None else torch.as_tensor(left_bound, **f64)
+        right = self.right_bound.to(**f64) if right_bound is None else torch.as_tensor(right_bound, **f64)
+        left, right = torch.broadcast_tensors(left.expand(shape), right.expand(shape))
+        if not bool((right > left).all()):
+            raise ValueError(f"PWLU: need left_bound < right_bound, but got {left.tolist()} and {right.tolist()}")
+        n = self.num_intervals
+        steps = torch.arange(n + 1, **f64) / n
+        breakpoints = left.unsqueeze(-1) + steps * (right - left).unsqueeze(-1)
+        with torch.enable_grad():
+            slope_l, slope_r = _outer_slopes(fn, left, right)
+        self.points.copy_(fn(breakpoints).detach())
+        self.left_bound.copy_(left)
+        self.right_bound.copy_(right)
+        self.left_slope.copy_(slope_l.detach())
+        self.right_slope.copy_(slope_r.detach())
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_input(x)
+        if self.channel_wise:
+            cd = normalize_channel_dim(self.channel_dim, x.dim())
+            if x.shape[cd] != self.num_channels:
+                raise ValueError(
+                    f"PWLU: input has {x.shape[cd]} channels on axis {self.channel_dim} "
+                    f"(shape {tuple(x.shape)}), but the module has num_channels={self.num_channels}"
+                )
+        return pwlu(
+            x, self.points, self.left_bound, self.right_bound, self.left_slope, self.right_slope, self.channel_dim
+        )
+
+    def inference_tables(self) -> tuple[Tensor, Tensor]:
+        """Folded ``(slopes, intercepts)``, each ``Tensor[N+2]`` (layer-wise) or ``Tensor[C, N+2]``.
+
+        Entry 0 is ``x < B_L``, entry ``k`` in ``1..N`` interval ``k-1``, entry ``N+1`` is
+        ``x >= B_R``; region ``k = clamp(floor((x - B_L) / d) + 1, 0, N+1)`` and
+        ``y = slopes[k] * x + intercepts[k]``. Derived from the current parameters on every
+        call (and on every forward), so they never go stale.
+        """
+        params = (self.points, self.left_bound, self.right_bound, self.left_slope, self.right_slope)
+        two_d = [p.reshape(-1, p.shape[-1]) if i == 0 else p.reshape(-1) for i, p in enumerate(params)]
+        slopes, intercepts, *_ = fold_tables(*two_d)
+        if not self.channel_wise:
+            slopes, intercepts = slopes[0], intercepts[0]
+        return slopes, intercepts
+
+    def extra_repr(self) -> str:
+        mode = "channel" if self.channel_wise else "layer"
+        with torch.no_grad():
+            lo, hi = self.left_bound.min().item(), self.right_bound.max().item()
+        text = f"mode={mode}, num_intervals={self.num_intervals}"
+        if self.channel_wise:
+            text += f", num_channels={self.num_channels}, channel_dim={self.channel_dim}"
+        return text + f", range=[{lo:.4g}, {hi:.4g}], init={self.init_name}"
