@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from .functional import pwlu
 from .ops.common import fold_tables
 from .ops.validation import check_input, normalize_channel_dim
+from .statistics import update_running_stats
 
 INITS: dict[str, Callable[[Tensor], Tensor]] = {
     "relu": F.relu,
@@ -97,6 +98,12 @@ class PWLU(nn.Module):
         self.right_bound = nn.Parameter(torch.empty(shape))
         self.left_slope = nn.Parameter(torch.empty(shape))
         self.right_slope = nn.Parameter(torch.empty(shape))
+        # running input statistics for realignment (SPEC Eq. 5; see pwlu.statistics)
+        self.stats_momentum: float | None = 0.1
+        self.register_buffer("running_mean", torch.zeros(shape))
+        self.register_buffer("running_std", torch.ones(shape))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        self.register_buffer("collecting", torch.tensor(False))
         self.reset_parameters()
 
     @property
@@ -147,8 +154,37 @@ class PWLU(nn.Module):
                     f"PWLU: input has {x.shape[cd]} channels on axis {self.channel_dim} "
                     f"(shape {tuple(x.shape)}), but the module has num_channels={self.num_channels}"
                 )
+        if self.training and bool(self.collecting):
+            self._update_statistics(x)
         return pwlu(
             x, self.points, self.left_bound, self.right_bound, self.left_slope, self.right_slope, self.channel_dim
+        )
+
+    def _update_statistics(self, x: Tensor) -> None:
+        """Fold batch ``x`` into ``running_mean``/``running_std`` (all-reduced under DDP)."""
+        cd = normalize_channel_dim(self.channel_dim, x.dim()) if self.channel_wise else None
+        group = getattr(self, "stats_process_group", None)
+        update_running_stats(
+            self.running_mean, self.running_std, self.num_batches_tracked, x, cd, self.stats_momentum, group
+        )
+
+    def set_collecting(self, collecting: bool) -> None:
+        """Switch the running-statistics update of training forward passes on or off."""
+        self.collecting.fill_(bool(collecting))
+
+    @torch.no_grad()
+    def reset_running_stats(self) -> None:
+        """Forget the running statistics (mean 0, std 1, no batches seen)."""
+        self.running_mean.zero_()
+        self.running_std.fill_(1.0)
+        self.num_batches_tracked.zero_()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # checkpoints from before realignment lack the statistics buffers: keep the defaults
+        for name in ("running_mean", "running_std", "num_batches_tracked", "collecting"):
+            state_dict.setdefault(prefix + name, getattr(self, name).detach().clone())
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
     def inference_tables(self) -> tuple[Tensor, Tensor]:
@@ -161,7 +197,8 @@ class PWLU(nn.Module):
         """
         params = (self.points, self.left_bound, self.right_bound, self.left_slope, self.right_slope)
         two_d = [p.reshape(-1, p.shape[-1]) if i == 0 else p.reshape(-1) for i, p in enumerate(params)]
-        slopes, intercepts, *_ = fold_tables(*two_d)
+        slopes, intercepts, *_, shift = fold_tables(*two_d)
+        intercepts = intercepts - slopes * shift.unsqueeze(-1)  # SPEC form: y = a * x + b
         if not self.channel_wise:
             slopes, intercepts = slopes[0], intercepts[0]
         return slopes, intercepts

@@ -1,7 +1,7 @@
 """Shared math for every PWLU backend: effective bounds, folded tables, gradient epilogue.
 
 A backend kernel only ever sees the *folded* form (SPEC section 5): per channel, ``N + 2``
-slopes and intercepts plus the left bound, the (effective) right bound and ``1 / d``.
+slopes and intercepts (``y = a[k] * (x - shift) + b[k]``, see :func:`fold_tables`) plus the left bound, the (effective) right bound, ``1 / d`` and ``shift``.
 For the backward pass a kernel returns ``dx`` and a per-channel histogram over the
 ``N + 2`` regions of two sums, ``sum(g)`` and ``sum(g * r)``, where ``r`` is the
 well-conditioned local coordinate of the element inside its region (see
@@ -48,36 +48,46 @@ def fold_tables(
     right_bound: Tensor,
     left_slope: Tensor,
     right_slope: Tensor,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Fold the parameters into per-region slope/intercept tables (SPEC section 5).
+
+    In region ``k`` of channel ``c``: ``y = slopes[k] * (x - shift) + intercepts[k]``, where
+    ``shift = clamp(0, B_L, B_R)`` is the point of the range nearest 0. This is SPEC
+    section 5's ``a * x + b`` with ``b = intercepts[k] - slopes[k] * shift``: identical
+    (and exact for ReLU) whenever the range contains 0, and free of the cancellation of
+    ``Y_i - B_i * K_i`` when the range lies far from 0 (boundaries realigned to data with a
+    large mean). :meth:`pwlu.PWLU.inference_tables` returns the plain SPEC form.
 
     Args:
         points (Tensor[C, N+1]): y values at the breakpoints.
         left_bound, right_bound, left_slope, right_slope (Tensor[C]): the other parameters.
 
     Returns:
-        ``(slopes, intercepts, left, right_eff, inv_d)``: ``slopes`` and ``intercepts`` are
-        ``Tensor[C, N+2]`` (entry 0: ``x < B_L``; entry ``k`` in ``1..N``: interval ``k-1``;
-        entry ``N+1``: ``x >= B_R``), the others ``Tensor[C]``. Differentiable.
+        ``(slopes, intercepts, left, right_eff, inv_d, shift)``: ``slopes`` and
+        ``intercepts`` are ``Tensor[C, N+2]`` (entry 0: ``x < B_L``; entry ``k`` in ``1..N``:
+        interval ``k-1``; entry ``N+1``: ``x >= B_R``), the others ``Tensor[C]``.
+        Differentiable.
     """
     n = points.shape[-1] - 1
     right_eff, width, inv_d = effective_bounds(left_bound, right_bound, n)
+    shift = torch.minimum(torch.maximum(torch.zeros_like(left_bound), left_bound), right_eff)
     steps = torch.arange(n, device=points.device, dtype=points.dtype)
-    # breakpoint B_i = B_L + i * d for i = 0 .. N-1
-    starts = left_bound.unsqueeze(-1) + steps * (width / n).unsqueeze(-1)
-    # K_i = (Y[i+1] - Y[i]) / d
+    # K_i = (Y[i+1] - Y[i]) / d for the intervals i = 0 .. N-1
     inner_slopes = (points[..., 1:] - points[..., :-1]) * inv_d.unsqueeze(-1)
-    inner_intercepts = points[..., :-1] - starts * inner_slopes
+    # every intercept is the value of its piece at x = shift; shift - B_i is formed as
+    # (shift - B_L) - i * d so that no rounded breakpoint B_i multiplies a steep slope
+    to_shift = (shift - left_bound).unsqueeze(-1) - steps * (width / n).unsqueeze(-1)
+    inner_intercepts = points[..., :-1] + to_shift * inner_slopes
     slopes = torch.cat([left_slope.unsqueeze(-1), inner_slopes, right_slope.unsqueeze(-1)], -1)
     intercepts = torch.cat(
         [
-            (points[..., 0] - left_bound * left_slope).unsqueeze(-1),
+            (points[..., 0] + (shift - left_bound) * left_slope).unsqueeze(-1),
             inner_intercepts,
-            (points[..., -1] - right_eff * right_slope).unsqueeze(-1),
+            (points[..., -1] + (shift - right_eff) * right_slope).unsqueeze(-1),
         ],
         -1,
     )
-    return slopes, intercepts, left_bound, right_eff, inv_d
+    return slopes, intercepts, left_bound, right_eff, inv_d, shift
 
 
 def param_grads_from_histogram(

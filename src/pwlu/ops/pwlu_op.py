@@ -7,8 +7,6 @@ regions from them (no per-element index or fraction tensors are kept).
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -33,11 +31,11 @@ def pwlu_op(
     right_bound: Tensor,
     left_slope: Tensor,
     right_slope: Tensor,
-    channel_dim: Optional[int],
+    channel_dim: int | None,
 ) -> Tensor:
     params = _channel_form(points, left_bound, right_bound, left_slope, right_slope, compute_dtype(x.dtype))
-    slopes, intercepts, left, right, inv_d = fold_tables(*params)
-    return dispatch.select(x.device).forward(x, slopes, intercepts, left, right, inv_d, channel_dim)
+    slopes, intercepts, left, right, inv_d, shift = fold_tables(*params)
+    return dispatch.select(x.device).forward(x, slopes, intercepts, left, right, inv_d, channel_dim, shift)
 
 
 @pwlu_op.register_fake
@@ -54,14 +52,15 @@ def pwlu_backward_op(
     right_bound: Tensor,
     left_slope: Tensor,
     right_slope: Tensor,
-    channel_dim: Optional[int],
+    channel_dim: int | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     originals = (points, left_bound, right_bound, left_slope, right_slope)
     params = _channel_form(*originals, compute_dtype(x.dtype))
-    slopes, _, left, right, inv_d = fold_tables(*params)
+    slopes, _, left, right, inv_d, _ = fold_tables(*params)
     dx, hist = dispatch.select(x.device).backward(grad, x, slopes, left, right, inv_d, channel_dim)
     grads = param_grads_from_histogram(hist, *params, slopes)
-    return (dx, *(g.reshape(p.shape).to(p.dtype) for g, p in zip(grads, originals)))
+    # copy=True: the small gradients are views of one histogram and must not alias each other
+    return (dx, *(g.reshape(p.shape).to(p.dtype, copy=True) for g, p in zip(grads, originals)))
 
 
 @pwlu_backward_op.register_fake

@@ -2,8 +2,13 @@
 
 Every backend implements the same two functions on the folded tables (see ``common.py``):
 
-``forward(x, slopes, intercepts, left, right, inv_d, channel_dim) -> y``
+``forward(x, slopes, intercepts, left, right, inv_d, channel_dim, shift) -> y``
 ``backward(grad, x, slopes, left, right, inv_d, channel_dim) -> (dx, hist)``
+
+Per element of channel ``c``: region ``k`` is 0 if ``x < left``, ``N+1`` if ``x >= right``,
+else ``i + 1`` with ``i = clamp(floor((x - left) * inv_d), 0, N-1)`` (NaN: ``i = 0``);
+``y = slopes[k] * (x - shift) + intercepts[k]`` (``shift`` is per channel, see
+``common.fold_tables``), except ``y = intercepts[k]`` where ``x`` is ±inf and ``slopes[k] == 0``.
 
 Tables are in the compute dtype with a leading channel axis ``C`` (``C = 1`` and
 ``channel_dim = None`` for layer-wise); ``hist`` is ``Tensor[C, N+2, 2]``.
@@ -41,14 +46,15 @@ def _flat_index(k: Tensor, num_channels: int, n: int, channel_dim: int | None) -
     return k + _view(channel, k.dim(), channel_dim) * (n + 2)
 
 
-def forward(x, slopes, intercepts, left, right, inv_d, channel_dim):
+def forward(x, slopes, intercepts, left, right, inv_d, channel_dim, shift):
     n = slopes.shape[-1] - 2
     xc = x.to(slopes.dtype)
     k, *_ = _regions(xc, left, right, inv_d, n, channel_dim)
     flat = _flat_index(k, slopes.shape[0], n, channel_dim)
     a = slopes.reshape(-1)[flat]
     b = intercepts.reshape(-1)[flat]
-    y = torch.addcmul(b, a, xc)
+    # one multiply-add (on x - shift; shift is 0 whenever the range contains 0)
+    y = torch.addcmul(b, a, xc - _view(shift, x.dim(), channel_dim))
     # inf * 0 would be NaN: a flat piece maps ±inf to its constant value
     y = torch.where(torch.isinf(xc) & (a == 0), b, y)
     return y.to(x.dtype)
