@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: install
-	$(PY) -m pwlu.demo
+	$(PY) -m pwlu.fit_demo
 
 test: install
 	$(PY) -m pytest -q -n 2 tests

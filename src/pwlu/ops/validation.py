@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 _PARAM_NAMES = ("left_bound", "right_bound", "left_slope", "right_slope")
