@@ -15,3 +15,20 @@ __all__ = [
     "pwlu_reference",
     "use_backend",
 ]
+
+from .baselines import ACTIVATIONS, APL, PAU, FReLU, PReLU, Swish, get_activation  # noqa: E402
+from .convert import ConversionError, LazyPWLU, TimmPWLU, convert_activations  # noqa: E402
+
+__all__ += [
+    "ACTIVATIONS",
+    "APL",
+    "ConversionError",
+    "FReLU",
+    "LazyPWLU",
+    "PAU",
+    "PReLU",
+    "Swish",
+    "TimmPWLU",
+    "convert_activations",
+    "get_activation",
+]

@@ -1,0 +1,480 @@
+"""Model surgery: put PWLU (or a baseline) in place of every activation of a model.
+
+:func:`convert_activations` works on any ``nn.Module``. It runs one forward pass with an example
+input to see every activation *call site* and the shape of its input, so channel counts are
+measured, never guessed. :class:`LazyPWLU` (alias ``TimmPWLU``) is the other route: a PWLU that
+takes its channel count from its first input, usable as timm's ``act_layer=``.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import math
+import weakref
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
+from torch.nn.modules.instancenorm import _InstanceNorm
+from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.parameter import UninitializedParameter
+
+from .baselines import call_factory, get_activation
+from .modules import PWLU
+
+__all__ = [
+    "ACTIVATION_TYPES",
+    "SE_CLASS_NAMES",
+    "ConversionError",
+    "LazyPWLU",
+    "TimmPWLU",
+    "convert_activations",
+    "is_activation",
+]
+
+# Activations that are replaced. Gates (Sigmoid, Hardsigmoid, Tanh, Softmax) never are.
+ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.RReLU,
+    nn.SiLU,
+    nn.Hardswish,
+    nn.GELU,
+    nn.ELU,
+    nn.CELU,
+    nn.SELU,
+    nn.Mish,
+    nn.Softplus,
+)
+# timm's own activation classes (timm.layers.activations*), matched by name so that timm is
+# not imported here.
+_TIMM_ACTIVATION_NAMES = frozenset(
+    {"Swish", "SwishMe", "Mish", "MishMe", "HardSwish", "HardSwishMe", "HardMish", "HardMishMe",
+     "GELU", "GELUTanh", "QuickGELU", "PReLU"}
+)  # fmt: skip
+# Squeeze-and-excitation style blocks: activations inside them stay as they are (SPEC section 7).
+SE_CLASS_NAMES = frozenset(
+    {"SqueezeExcitation", "SqueezeExcite", "SEModule", "EffectiveSEModule", "EffectiveSqueezeExcite",
+     "SqueezeExcite2d", "SELayer", "SEBlock", "GatherExcite", "EcaModule", "CecaModule"}
+)  # fmt: skip
+_CHANNEL_FIRST_PRODUCERS = (_ConvNd, _BatchNorm, nn.GroupNorm, _InstanceNorm, nn.LocalResponseNorm)
+_CHANNEL_LAST_PRODUCERS = (nn.Linear, nn.LayerNorm, nn.Bilinear)
+
+
+class ConversionError(RuntimeError):
+    """A model whose activations :func:`convert_activations` cannot convert safely."""
+
+
+def is_activation(module: nn.Module) -> bool:
+    """Whether ``module`` is an activation that :func:`convert_activations` replaces."""
+    if isinstance(module, ACTIVATION_TYPES):
+        return True
+    cls = type(module)
+    return cls.__module__.startswith("timm.") and cls.__name__ in _TIMM_ACTIVATION_NAMES
+
+
+# ----------------------------------------------------------------------------- profiling
+
+
+@dataclass(frozen=True)
+class _Call:
+    shape: tuple[int, ...] | None  # None: the first argument was not a tensor
+    producer: type | None  # class of the module whose output is the input, if known
+
+    def channel_dim(self, forced: int | None) -> int:
+        """Channel axis: forced, else from the producing layer, else 1 for 2-D/4-D/5-D, -1 for 3-D."""
+        if forced is not None:
+            return forced
+        assert self.shape is not None
+        if self.producer is not None and issubclass(self.producer, _CHANNEL_LAST_PRODUCERS):
+            return -1
+        if self.producer is not None and issubclass(self.producer, _CHANNEL_FIRST_PRODUCERS):
+            return 1
+        return -1 if len(self.shape) == 3 else 1
+
+
+def _run(model: nn.Module, example_input: Any) -> Any:
+    if isinstance(example_input, tuple):
+        return model(*example_input)
+    if isinstance(example_input, dict):
+        return model(**example_input)
+    return model(example_input)
+
+
+def _profile(model: nn.Module, example_input: Any) -> tuple[dict[int, list[_Call]], dict[int, int]]:
+    """One forward pass, side-effect free: the calls of every activation (by ``id``) and the
+    number of calls of every module. Buffers (batch-norm statistics) and the RNG are restored."""
+    modules = {id(m): m for m in model.modules()}
+    calls: dict[int, list[_Call]] = {i: [] for i, m in modules.items() if is_activation(m)}
+    counts: dict[int, int] = dict.fromkeys(modules, 0)
+    producers: dict[int, tuple[weakref.ref, type]] = {}
+
+    def pre_hook(module: nn.Module, args: tuple) -> None:
+        counts[id(module)] += 1
+        if id(module) in calls:
+            x = args[0] if args else None
+            if isinstance(x, Tensor):
+                entry = producers.get(id(x))
+                producer = entry[1] if entry is not None and entry[0]() is x else None
+                calls[id(module)].append(_Call(tuple(x.shape), producer))
+            else:
+                calls[id(module)].append(_Call(None, None))
+
+    def post_hook(module: nn.Module, args: tuple, output: Any) -> None:
+        if isinstance(output, Tensor) and not is_activation(module):
+            entry = producers.get(id(output))
+            if entry is None or entry[0]() is not output:  # innermost module wins
+                producers[id(output)] = (weakref.ref(output), type(module))
+
+    handles = []
+    for m in modules.values():
+        handles.append(m.register_forward_pre_hook(pre_hook))
+        handles.append(m.register_forward_hook(post_hook))
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            _run(model, example_input)
+    except ConversionError:
+        raise
+    except Exception as e:
+        raise ConversionError(
+            f"convert_activations: the forward pass with example_input failed ({type(e).__name__}: {e}); "
+            "pass an example_input that the model accepts in its current train/eval mode"
+        ) from e
+    finally:
+        for h in handles:
+            h.remove()
+        with torch.no_grad():
+            for b, value in saved:
+                b.copy_(value)
+    return calls, counts
+
+
+def _default_input(model: nn.Module) -> Tensor:
+    param = next(model.parameters(), None)
+    kw = dict(device=param.device, dtype=param.dtype) if param is not None and param.is_floating_point() else {}
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    if isinstance(cfg, dict) and len(cfg.get("input_size", ())) == 3:
+        size = tuple(cfg["input_size"])
+    else:
+        conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+        if conv is None:
+            raise ValueError(
+                "convert_activations: cannot derive an example input for a model without a timm "
+                "pretrained_cfg or a Conv2d; pass example_input="
+            )
+        size = (conv.in_channels, 224, 224)
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(1, *size, generator=generator).to(**kw)
+
+
+# ----------------------------------------------------------------------------- surgery
+
+
+class _ShallowTracer(fx.Tracer):
+    """Traces only the root's own forward: every submodule call is one opaque node."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return True
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    parent, _, attr = name.rpartition(".")
+    return parent, attr
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, attr = _split_name(name)
+    setattr(root.get_submodule(parent) if parent else root, attr, module)
+
+
+def _free_attr(owner: nn.Module, base: str) -> str:
+    i = 1
+    while hasattr(owner, f"{base}_{i}"):
+        i += 1
+    return f"{base}_{i}"
+
+
+def _split_call_sites(root: nn.Module, name: str, num_calls: int, owner_calls: int) -> nn.Module:
+    """Give every call site of the activation ``name`` in its owner's forward its own copy, by an
+    fx rewrite of the owner. Returns the (possibly new) root."""
+    owner_name, attr = _split_name(name)
+    owner = root.get_submodule(owner_name) if owner_name else root
+    where = f"{type(owner).__name__} {owner_name or '(the model itself)'}"
+    try:
+        graph = _ShallowTracer().trace(owner)
+    except Exception as e:
+        raise ConversionError(
+            f"convert_activations: activation {name!r} is called {num_calls} times per forward pass but "
+            f"its owner {where} only {owner_calls} times, so it is reused at several call sites; torch.fx "
+            f"cannot trace {where} to separate them ({type(e).__name__}: {e}). Give each call site its own "
+            f"module, or exclude {name!r}"
+        ) from e
+    nodes = [n for n in graph.nodes if n.op == "call_module" and n.target == attr]
+    if len(nodes) < 2:
+        raise ConversionError(
+            f"convert_activations: activation {name!r} is called {num_calls} times per forward pass but its "
+            f"owner {where} only {owner_calls} times, and the owner's forward has {len(nodes)} call site(s) "
+            f"of it; it is called from elsewhere. Give each call site its own module, or exclude {name!r}"
+        )
+    act = owner.get_submodule(attr)
+    for node in nodes[1:]:
+        new_attr = _free_attr(owner, attr)
+        owner.add_module(new_attr, copy.deepcopy(act))
+        node.target = new_attr
+    rewritten = fx.GraphModule(owner, graph, class_name=type(owner).__name__)
+    rewritten.train(owner.training)
+    if not owner_name:
+        return rewritten
+    _set_submodule(root, owner_name, rewritten)
+    return root
+
+
+def _ancestors(name: str) -> list[str]:
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+
+def _excluded(name: str, patterns: list[str]) -> bool:
+    return any(fnmatch.fnmatchcase(a, p) for a in _ancestors(name) for p in patterns)
+
+
+def _untie(root: nn.Module, patterns: list[str]) -> None:
+    """An activation object registered under several names gets one copy per name."""
+    seen: set[int] = set()
+    for name, m in list(root.named_modules(remove_duplicate=False)):
+        if not is_activation(m):
+            continue
+        if id(m) in seen and not _excluded(name, patterns):
+            _set_submodule(root, name, copy.deepcopy(m))
+        seen.add(id(m))
+
+
+def _inside_se(root: nn.Module, name: str) -> bool:
+    return any(type(root.get_submodule(a)).__name__ in SE_CLASS_NAMES for a in _ancestors(name)[:-1])
+
+
+def _is_spatially_1x1(calls: list[_Call], channel_dims: list[int]) -> bool:
+    return all(
+        c.shape is not None and len(c.shape) >= 3 and cd % len(c.shape) == 1 and math.prod(c.shape[2:]) == 1
+        for c, cd in zip(calls, channel_dims, strict=True)
+    )
+
+
+def convert_activations(
+    model: nn.Module,
+    activation: str | Callable[..., nn.Module] = "pwlu",
+    num_intervals: int = 16,
+    mode: str = "channel",
+    exclude: str | Iterable[str] | None = None,
+    example_input: Any = None,
+    *,
+    channel_dim: int | None = None,
+    activation_kwargs: dict[str, Any] | None = None,
+) -> nn.Module:
+    """Replace every activation of ``model`` by PWLU or a baseline, one new module per call site.
+
+    Paper: https://arxiv.org/abs/2104.03693 (section 4.1: every activation except those on tiny
+    feature maps such as inside squeeze-and-excitation blocks).
+
+    Replaced: :data:`ACTIVATION_TYPES` (ReLU, ReLU6, LeakyReLU, PReLU, RReLU, SiLU, Hardswish,
+    GELU, ELU, CELU, SELU, Mish, Softplus) and timm's own activation classes. Never replaced:
+    gates (Sigmoid, Hardsigmoid, Tanh, ...); activations inside a block whose class is in
+    :data:`SE_CLASS_NAMES` (torchvision ``SqueezeExcitation``, timm ``SqueezeExcite``,
+    ``SEModule``, ...); any activation whose input was spatially 1x1 (channel axis 1, product of
+    the dimensions after it equal to 1); activations the example forward pass never called (a
+    warning names them).
+
+    How it works: one forward pass with ``example_input``, in the model's current train/eval
+    mode, under ``no_grad``, with hooks that record the input shape of every activation call
+    (buffers such as batch-norm statistics and the RNG state are restored afterwards). An
+    activation called more often than its owner (torchvision's ResNet blocks call ``self.relu``
+    two or three times, at different channel counts in ``Bottleneck``) is split by a torch.fx
+    rewrite of the owner: each call site gets its own copy (``relu``, ``relu_1``, ``relu_2``) and
+    the owner becomes an ``fx.GraphModule`` with the same class name and the same state-dict keys
+    plus the new ones. An owner that fx cannot trace raises :class:`ConversionError`. Then every
+    activation gets its replacement, built from the measured channel count.
+
+    The example input must have a realistic spatial size: with 32x32 images a ResNet's last
+    stage is 1x1, and its activations would be treated like those of an SE block.
+
+    Channel axis (``channel_dim=None``): -1 when the input comes from ``nn.Linear`` or
+    ``nn.LayerNorm`` (transformer MLPs, ConvNeXt's NHWC MLP), 1 when it comes from a
+    convolution or a norm over channels; otherwise 1 for 2-D, 4-D and 5-D inputs and -1 for
+    3-D inputs ``(B, T, C)``. Pass an int to force it.
+
+    Args:
+        model (nn.Module): modified in place.
+        activation (str or callable): a name from :data:`pwlu.baselines.ACTIVATIONS` (``"relu"``,
+            ``"swish"``, ``"prelu"``, ``"apl"``, ``"pau"``, ``"frelu"``, ``"pwlu"``) or a factory
+            called as ``factory(num_channels)``, with ``channel_dim=`` too when it has a parameter of
+            that name. ``num_channels`` is ``None`` in layer mode.
+        num_intervals (int): ``N`` for PWLU (ignored by the other activations).
+        mode (str): ``"channel"`` (one set of parameters per channel) or ``"layer"``.
+        exclude (str or iterable of str): ``fnmatch`` patterns of module names; an activation is
+            left alone when its name or the name of one of its ancestors matches, e.g.
+            ``"layer4.*"`` or ``"*.downsample"``. Names are those after splitting (``relu_1``...).
+        example_input: passed to the model as ``model(*example_input)`` for a tuple,
+            ``model(**example_input)`` for a dict, ``model(example_input)`` otherwise (a tensor, or
+            the list of images of a torchvision detection model). Default: a random
+            ``(1, *pretrained_cfg["input_size"])`` tensor for timm models, else
+            ``(1, C, 224, 224)`` with ``C`` the input channels of the first ``Conv2d``.
+        channel_dim (int, optional): force the channel axis, see above.
+        activation_kwargs (dict, optional): extra keyword arguments for the factory (for PWLU e.g.
+            ``bound`` or ``init``).
+
+    Returns:
+        nn.Module: ``model``, converted (a new ``fx.GraphModule`` only in the rare case where the
+        model's own top-level forward reuses an activation, so use the return value).
+
+    Raises:
+        ValueError: unknown activation name, bad mode or num_intervals, a model without a
+            derivable example input.
+        ConversionError: the example forward pass fails, an activation is reused in a way that
+            cannot be split, or one call site sees different channel counts.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert_activations: model must be an nn.Module, but got {type(model).__name__}")
+    factory = get_activation(activation)
+    if mode not in ("channel", "layer"):
+        raise ValueError(f"convert_activations: mode must be 'channel' or 'layer', but got {mode!r}")
+    if isinstance(num_intervals, bool) or not isinstance(num_intervals, int) or num_intervals < 1:
+        raise ValueError(f"convert_activations: num_intervals must be an int >= 1, but got {num_intervals!r}")
+    if channel_dim is not None and (isinstance(channel_dim, bool) or not isinstance(channel_dim, int)):
+        raise TypeError(f"convert_activations: channel_dim must be None or an int, but got {channel_dim!r}")
+    patterns = [exclude] if isinstance(exclude, str) else list(exclude or [])
+    if not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"convert_activations: exclude must be a pattern or a list of patterns, but got {exclude!r}")
+    kwargs = dict(activation_kwargs or {})
+    if factory is get_activation("pwlu"):
+        kwargs.setdefault("num_intervals", num_intervals)
+    if example_input is None:
+        example_input = _default_input(model)
+
+    # 1. one module per name, then one module per call site.
+    _untie(model, patterns)
+    calls, counts = _profile(model, example_input)
+    modules = dict(model.named_modules())
+    reused = []
+    for name, m in modules.items():
+        if id(m) not in calls or _excluded(name, patterns):
+            continue
+        owner = modules[_split_name(name)[0]]
+        if len(calls[id(m)]) > counts[id(owner)]:
+            reused.append((name, len(calls[id(m)]), counts[id(owner)]))
+    for name, num_calls, owner_calls in reused:
+        model = _split_call_sites(model, name, num_calls, owner_calls)
+    if reused:
+        calls, counts = _profile(model, example_input)
+
+    # 2. plan every replacement before changing anything.
+    param = next(model.parameters(), None)
+    to_kw = dict(device=param.device, dtype=param.dtype) if param is not None and param.is_floating_point() else {}
+    plan: list[tuple[str, nn.Module]] = []
+    never_called: list[str] = []
+    for name, m in model.named_modules():
+        if id(m) not in calls or _excluded(name, patterns) or _inside_se(model, name):
+            continue
+        site_calls = calls[id(m)]
+        if not site_calls:
+            never_called.append(name)
+            continue
+        if any(c.shape is None or len(c.shape) == 0 for c in site_calls):
+            raise ConversionError(f"convert_activations: activation {name!r} was called without a tensor input")
+        dims = [c.channel_dim(channel_dim) for c in site_calls]
+        if _is_spatially_1x1(site_calls, dims):
+            continue
+        specs = {(cd % len(c.shape), c.shape[cd % len(c.shape)]) if mode == "channel" else None
+                 for c, cd in zip(site_calls, dims, strict=True)}  # fmt: skip
+        if len(specs) > 1:
+            raise ConversionError(
+                f"convert_activations: activation {name!r} sees inputs of shapes "
+                f"{sorted({c.shape for c in site_calls})} at one call site, so no single channel count fits it"
+            )
+        num_channels = site_calls[0].shape[dims[0]] if mode == "channel" else None
+        new = call_factory(factory, num_channels, dims[0], **kwargs)
+        new.to(**to_kw).train(m.training)
+        plan.append((name, new))
+    if never_called:
+        import warnings
+
+        warnings.warn(
+            f"convert_activations: {len(never_called)} activation(s) were not called by the example forward "
+            f"pass and are left unchanged: {never_called}",
+            stacklevel=2,
+        )
+    for name, new in plan:
+        _set_submodule(model, name, new)
+    return model
+
+
+# ----------------------------------------------------------------------------- lazy PWLU
+
+
+class LazyPWLU(LazyModuleMixin, PWLU):
+    """A channel-wise PWLU that takes ``num_channels`` from its first input
+    (https://arxiv.org/abs/2104.03693); it becomes a plain :class:`~pwlu.PWLU` after that.
+
+    Made to be timm's ``act_layer``: timm calls ``act_layer()`` or ``act_layer(inplace=True)``,
+    and ``inplace`` is accepted and ignored. For example
+    ``timm.create_model("resnet18", act_layer=pwlu.TimmPWLU)`` or, with options,
+    ``act_layer=functools.partial(pwlu.TimmPWLU, num_intervals=8)``. As with every lazy module,
+    run one forward pass before creating the optimizer (or loading a state dict, which also
+    materialises the parameters).
+
+    Args:
+        num_intervals (int): ``N``.
+        channel_dim (int, optional): channel axis; default 1 for 2-D, 4-D and 5-D inputs, -1 for
+            3-D ``(B, T, C)`` inputs. Use ``-1`` for NHWC models such as timm's ConvNeXt MLPs.
+        inplace (bool): ignored (timm's calling convention).
+        **kwargs: ``bound``, ``init`` as for :class:`~pwlu.PWLU`.
+    """
+
+    cls_to_become = PWLU
+
+    def __init__(
+        self, num_intervals: int = 16, channel_dim: int | None = None, inplace: bool = False, **kwargs: Any
+    ) -> None:
+        super().__init__(None, num_intervals=num_intervals, channel_dim=1 if channel_dim is None else channel_dim,
+                         **kwargs)  # fmt: skip
+        self._auto_channel_dim = channel_dim is None
+        for pname in ("points", "left_bound", "right_bound", "left_slope", "right_slope"):
+            setattr(self, pname, UninitializedParameter())
+
+    def reset_parameters(self) -> None:
+        if not self.has_uninitialized_params():
+            super().reset_parameters()
+
+    def initialize_parameters(self, x: Tensor, *args: Any, **kwargs: Any) -> None:
+        if not self.has_uninitialized_params():  # materialised by load_state_dict
+            self.num_channels = self.points.shape[0] if self.points.dim() == 2 else None
+            return
+        if not isinstance(x, Tensor) or x.dim() < 2:
+            raise ValueError(f"LazyPWLU: needs a tensor with a channel axis, but got {x!r}")
+        if self._auto_channel_dim:
+            self.channel_dim = -1 if x.dim() == 3 else 1
+        channels = x.shape[self.channel_dim]
+        with torch.no_grad():
+            kw = dict(device=x.device, dtype=x.dtype if x.is_floating_point() else None)
+            self.points.materialize((channels, self.num_intervals + 1), **kw)
+            for pname in ("left_bound", "right_bound", "left_slope", "right_slope"):
+                getattr(self, pname).materialize((channels,), **kw)
+        self.num_channels = channels
+        self.reset_parameters()
+
+    def extra_repr(self) -> str:
+        if self.has_uninitialized_params():
+            return f"num_intervals={self.num_intervals}, num_channels=<lazy>"
+        return super().extra_repr()
+
+
+TimmPWLU = LazyPWLU
+"""Alias of :class:`LazyPWLU`, the name to pass as timm's ``act_layer=``."""
