@@ -16,6 +16,27 @@ __all__ = [
     "use_backend",
 ]
 
+from .realign import (  # noqa: E402
+    DEFAULT_MIN_WIDTH,
+    BoundaryRealigner,
+    boundary_iou,
+    fix_init,
+    interval_iou,
+    parameter_groups,
+    pwlu_modules,
+    realign_boundaries,
+)
+
+__all__ += [
+    "DEFAULT_MIN_WIDTH",
+    "BoundaryRealigner",
+    "boundary_iou",
+    "fix_init",
+    "interval_iou",
+    "parameter_groups",
+    "pwlu_modules",
+    "realign_boundaries",
+]
 from .baselines import ACTIVATIONS, APL, PAU, FReLU, PReLU, Swish, get_activation  # noqa: E402
 from .convert import ConversionError, LazyPWLU, TimmPWLU, convert_activations  # noqa: E402
 

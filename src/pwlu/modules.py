@@ -104,6 +104,7 @@ class PWLU(nn.Module):
         self.register_buffer("running_std", torch.ones(shape))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
         self.register_buffer("collecting", torch.tensor(False))
+        self._collecting = False  # host mirror of the buffer: no device sync per forward
         self.reset_parameters()
 
     @property
@@ -154,7 +155,7 @@ class PWLU(nn.Module):
                     f"PWLU: input has {x.shape[cd]} channels on axis {self.channel_dim} "
                     f"(shape {tuple(x.shape)}), but the module has num_channels={self.num_channels}"
                 )
-        if self.training and bool(self.collecting):
+        if self.training and self._collecting:
             self._update_statistics(x)
         return pwlu(
             x, self.points, self.left_bound, self.right_bound, self.left_slope, self.right_slope, self.channel_dim
@@ -170,7 +171,8 @@ class PWLU(nn.Module):
 
     def set_collecting(self, collecting: bool) -> None:
         """Switch the running-statistics update of training forward passes on or off."""
-        self.collecting.fill_(bool(collecting))
+        self._collecting = bool(collecting)
+        self.collecting.fill_(self._collecting)
 
     @torch.no_grad()
     def reset_running_stats(self) -> None:
@@ -186,6 +188,7 @@ class PWLU(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        self._collecting = bool(self.collecting)
 
     def inference_tables(self) -> tuple[Tensor, Tensor]:
         """Folded ``(slopes, intercepts)``, each ``Tensor[N+2]`` (layer-wise) or ``Tensor[C, N+2]``.
