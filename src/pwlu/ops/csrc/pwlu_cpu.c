@@ -1,0 +1,510 @@
+/* PWLU forward/backward on folded tables: plain C + OpenMP, AVX-512 where the compiler
+ * targets it. No torch headers: compiled on first use by pwlu/ops/cpu_backend.py and
+ * called through ctypes with raw pointers.
+ *
+ * x is viewed as (outer, C, inner), dense. Per element of channel c (tables have N+2
+ * entries per channel, in the compute dtype):
+ *   u = (x - left[c]) * inv_d[c]                 (sub, then multiply: bit-exact regions)
+ *   i = clamp(floor(u), 0, N-1), NaN -> 0
+ *   k = 0 if x < left, N+1 if x >= right, else i + 1
+ *   y = slopes[k] * (x - shift[c]) + intercepts[k]   (shift: see common.fold_tables)
+ *       = intercepts[k] where x is +-inf and slopes[k] == 0
+ * Backward: dx = g * slopes[k]; hist[c, k] += (g, g * r) with r = x - left (k = 0),
+ * x - right (k = N+1), u - i (inner). Each thread owns partial histograms over a static
+ * partition of the elements; they are reduced in a fixed order, so the result is
+ * bit-identical run to run for a fixed thread count. The AVX-512 channel-segment path keeps
+ * lane-private accumulators (one compare and two masked adds per region and 16 elements,
+ * float for at most 256 terms per lane, then double); the other paths scatter each element
+ * into double bins (NCOPY copies break store-to-load dependency chains).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define PWLU_AVX512 1
+#include <immintrin.h>
+#else
+#define PWLU_AVX512 0
+#endif
+
+enum { PWLU_F32 = 0, PWLU_F64 = 1, PWLU_F16 = 2, PWLU_BF16 = 3 };
+#define NCOPY 4
+#define ALIGN_ELEMS 16
+
+int pwlu_cpu_abi_version(void) { return 2; }
+int pwlu_cpu_has_avx512(void) { return PWLU_AVX512; }
+#ifdef __FLT16_MAX__
+int pwlu_cpu_has_f16(void) { return 1; }
+#else
+int pwlu_cpu_has_f16(void) { return 0; }
+#endif
+
+/* ---- scalar loads/stores (any storage dtype, compute float) ---- */
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if (f != f) return 0x7FC0; /* NaN, as torch */
+    u += 0x7FFFu + ((u >> 16) & 1u); /* round to nearest even */
+    return (uint16_t)(u >> 16);
+}
+static inline float load_s(const void *p, int64_t i, int dt) {
+    switch (dt) {
+    case PWLU_F32: return ((const float *)p)[i];
+#ifdef __FLT16_MAX__
+    case PWLU_F16: return (float)((const _Float16 *)p)[i];
+#endif
+    default: return bf16_to_f32(((const uint16_t *)p)[i]);
+    }
+}
+static inline void store_s(void *p, int64_t i, float v, int dt) {
+    switch (dt) {
+    case PWLU_F32: ((float *)p)[i] = v; break;
+#ifdef __FLT16_MAX__
+    case PWLU_F16: ((_Float16 *)p)[i] = (_Float16)v; break;
+#endif
+    default: ((uint16_t *)p)[i] = f32_to_bf16(v); break;
+    }
+}
+
+/* ---- scalar element kernels, float and double ---- */
+#define DEFINE_SCALAR(T, SUF, FLOOR)                                                                        \
+    static inline int64_t region_##SUF(T xv, T lo, T hi, T inv, int64_t n, T *u_out, T *i_out) {            \
+        T u = (xv - lo) * inv;                                                                              \
+        T fi = FLOOR(u);                                                                                    \
+        if (!(fi >= (T)0)) fi = (T)0; /* also NaN */                                                        \
+        if (fi > (T)(n - 1)) fi = (T)(n - 1);                                                               \
+        *u_out = u;                                                                                         \
+        *i_out = fi;                                                                                        \
+        return xv < lo ? 0 : (xv >= hi ? n + 1 : (int64_t)fi + 1);                                          \
+    }                                                                                                       \
+    static inline T fwd_elem_##SUF(T xv, const T *sl, const T *ic, T lo, T hi, T inv, T sh, int64_t n) {    \
+        T u, fi;                                                                                            \
+        int64_t k = region_##SUF(xv, lo, hi, inv, n, &u, &fi);                                              \
+        T a = sl[k], b = ic[k];                                                                             \
+        return (a == (T)0 && isinf(xv)) ? b : a * (xv - sh) + b;                                            \
+    }                                                                                                       \
+    static inline T bwd_elem_##SUF(T xv, T g, const T *sl, T lo, T hi, T inv, int64_t n, double *h) {       \
+        T u, fi;                                                                                            \
+        int64_t k = region_##SUF(xv, lo, hi, inv, n, &u, &fi);                                              \
+        T r = k == 0 ? xv - lo : (k == n + 1 ? xv - hi : u - fi);                                           \
+        T gr = g * r;                                                                                       \
+        h[2 * k] += (double)g;                                                                              \
+        h[2 * k + 1] += (double)gr;                                                                         \
+        return g * sl[k];                                                                                   \
+    }
+DEFINE_SCALAR(float, f, floorf)
+DEFINE_SCALAR(double, d, floor)
+
+/* ---- static partitions ---- */
+static inline void split(int64_t total, int t, int nth, int64_t align, int64_t *b, int64_t *e) {
+    int64_t lo = total * t / nth, hi = total * (t + 1) / nth;
+    if (align > 1) {
+        lo = t == 0 ? 0 : lo / align * align;
+        hi = t == nth - 1 ? total : hi / align * align;
+    }
+    *b = lo;
+    *e = hi;
+}
+
+#if PWLU_AVX512
+/* ---- AVX-512, float compute ---- */
+static inline __m512 ld16(const void *p, int64_t i, __mmask16 m, int dt) {
+    switch (dt) {
+    case PWLU_F32: return _mm512_maskz_loadu_ps(m, (const float *)p + i);
+    case PWLU_F16: return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, (const uint16_t *)p + i));
+    default:
+        return _mm512_castsi512_ps(
+            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, (const uint16_t *)p + i)), 16));
+    }
+}
+static inline void st16(void *p, int64_t i, __m512 v, __mmask16 m, int dt) {
+    switch (dt) {
+    case PWLU_F32: _mm512_mask_storeu_ps((float *)p + i, m, v); break;
+    case PWLU_F16:
+        _mm256_mask_storeu_epi16((uint16_t *)p + i, m, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        break;
+    default: {
+        __m512i u = _mm512_castps_si512(v);
+        __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+        __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+        r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+        _mm256_mask_storeu_epi16((uint16_t *)p + i, m, _mm512_cvtepi32_epi16(r));
+    }
+    }
+}
+static inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u); }
+
+/* Region index k (int32) and the offsets x - lo, u and i of 16 elements. */
+static inline __m512i region16(__m512 x, __m512 lo, __m512 hi, __m512 inv, __m512 nm1, __m512i np1, __m512 *xl,
+                               __m512 *u, __m512 *fi) {
+    *xl = _mm512_sub_ps(x, lo);
+    *u = _mm512_mul_ps(*xl, inv);
+    __m512 f = _mm512_roundscale_ps(*u, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    f = _mm512_min_ps(_mm512_max_ps(f, _mm512_setzero_ps()), nm1); /* max(NaN, 0) = 0 */
+    *fi = f;
+    __m512i k = _mm512_add_epi32(_mm512_cvttps_epi32(f), _mm512_set1_epi32(1));
+    k = _mm512_mask_mov_epi32(k, _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ), _mm512_setzero_si512());
+    return _mm512_mask_mov_epi32(k, _mm512_cmp_ps_mask(x, hi, _CMP_GE_OQ), np1);
+}
+static inline __m512 finish16(__m512 x, __m512 sh, __m512 a, __m512 b) {
+    __m512 y = _mm512_fmadd_ps(a, _mm512_sub_ps(x, sh), b);
+    __mmask16 flat_inf = _mm512_cmp_ps_mask(_mm512_abs_ps(x), _mm512_set1_ps(INFINITY), _CMP_EQ_OQ) &
+                         _mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_EQ_OQ);
+    return _mm512_mask_mov_ps(y, flat_inf, b);
+}
+
+/* Tables of one channel, padded to 32 entries, for the in-register lookup (N+2 <= 32). */
+typedef struct {
+    __m512 a0, a1, b0, b1;
+} table32;
+static inline table32 load_table32(const float *sl, const float *ic, int64_t m) {
+    float a[32] = {0}, b[32] = {0};
+    memcpy(a, sl, (size_t)m * 4);
+    if (ic) memcpy(b, ic, (size_t)m * 4);
+    table32 t = {_mm512_loadu_ps(a), _mm512_loadu_ps(a + 16), _mm512_loadu_ps(b), _mm512_loadu_ps(b + 16)};
+    return t;
+}
+
+/* One segment of one channel (x[b:e], all of channel c). */
+static inline void fwd_seg_f(const void *x, void *y, int64_t b, int64_t e, int dt, const float *sl, const float *ic,
+                             float lo_s, float hi_s, float inv_s, float sh_s, int64_t n) {
+    const __m512 lo = _mm512_set1_ps(lo_s), hi = _mm512_set1_ps(hi_s), inv = _mm512_set1_ps(inv_s);
+    const __m512 sh = _mm512_set1_ps(sh_s);
+    const __m512 nm1 = _mm512_set1_ps((float)(n - 1));
+    const __m512i np1 = _mm512_set1_epi32((int)(n + 1));
+    if (n + 2 <= 32) {
+        table32 t = load_table32(sl, ic, n + 2);
+        for (int64_t i = b; i < e; i += 16) {
+            __mmask16 m = tail_mask(e - i);
+            __m512 xv = ld16(x, i, m, dt), xl, u, fi;
+            __m512i k = region16(xv, lo, hi, inv, nm1, np1, &xl, &u, &fi);
+            __m512 a = _mm512_permutex2var_ps(t.a0, k, t.a1);
+            __m512 bb = _mm512_permutex2var_ps(t.b0, k, t.b1);
+            st16(y, i, finish16(xv, sh, a, bb), m, dt);
+        }
+    } else {
+        for (int64_t i = b; i < e; i += 16) {
+            __mmask16 m = tail_mask(e - i);
+            __m512 xv = ld16(x, i, m, dt), xl, u, fi;
+            __m512i k = region16(xv, lo, hi, inv, nm1, np1, &xl, &u, &fi);
+            __m512 a = _mm512_i32gather_ps(k, sl, 4);
+            __m512 bb = _mm512_i32gather_ps(k, ic, 4);
+            st16(y, i, finish16(xv, sh, a, bb), m, dt);
+        }
+    }
+}
+
+/* Histogram of 16 lanes: lane j adds (g, g*r) to hist copy (j % NCOPY) at region base + k. */
+static inline void scatter16(double *h, int64_t copy_stride, const int32_t *base, const int32_t *k, const float *g,
+                             const float *gr, int cnt) {
+    for (int j = 0; j < cnt; j++) {
+        double *p = h + (j % NCOPY) * copy_stride + 2 * (int64_t)(base[j] + k[j]);
+        p[0] += (double)g[j];
+        p[1] += (double)gr[j];
+    }
+}
+
+/* Histogram of one channel segment, vectorised: lane-private accumulators acc[k][s][lane]
+ * (s = 0: g, s = 1: g*r); region j is added with one compare and two masked adds per 16
+ * elements, 6 regions at a time so that their 12 accumulators stay in registers. float
+ * accumulators hold at most FLUSH_BLOCKS * SEG_BLOCK / 16 terms per lane before they are
+ * added into double ones. */
+#define SEG_BLOCK 256
+#define REGION_GROUP 6
+#define FLUSH_BLOCKS 16
+
+static inline void hist_block(const int32_t *kbuf, const float *gbuf, const float *rbuf, int64_t nvec, float *accf,
+                              int64_t m) {
+    for (int64_t j0 = 0; j0 < m; j0 += REGION_GROUP) {
+        __m512 ag[REGION_GROUP], ar[REGION_GROUP];
+        for (int jj = 0; jj < REGION_GROUP; jj++) {
+            ag[jj] = _mm512_loadu_ps(accf + ((j0 + jj) * 2) * 16);
+            ar[jj] = _mm512_loadu_ps(accf + ((j0 + jj) * 2 + 1) * 16);
+        }
+        for (int64_t v = 0; v < nvec; v++) {
+            __m512i k = _mm512_loadu_si512(kbuf + 16 * v);
+            __m512 g = _mm512_loadu_ps(gbuf + 16 * v), gr = _mm512_loadu_ps(rbuf + 16 * v);
+            for (int jj = 0; jj < REGION_GROUP; jj++) {
+                __mmask16 in_j = _mm512_cmpeq_epi32_mask(k, _mm512_set1_epi32((int)(j0 + jj)));
+                ag[jj] = _mm512_mask_add_ps(ag[jj], in_j, ag[jj], g);
+                ar[jj] = _mm512_mask_add_ps(ar[jj], in_j, ar[jj], gr);
+            }
+        }
+        for (int jj = 0; jj < REGION_GROUP; jj++) {
+            _mm512_storeu_ps(accf + ((j0 + jj) * 2) * 16, ag[jj]);
+            _mm512_storeu_ps(accf + ((j0 + jj) * 2 + 1) * 16, ar[jj]);
+        }
+    }
+}
+
+static inline void flush_acc(float *accf, double *accd, int64_t m) {
+    for (int64_t j = 0; j < 2 * m; j++) {
+        __m512 f = _mm512_loadu_ps(accf + 16 * j);
+        _mm512_storeu_pd(accd + 16 * j, _mm512_add_pd(_mm512_loadu_pd(accd + 16 * j), _mm512_cvtps_pd(_mm512_castps512_ps256(f))));
+        _mm512_storeu_pd(accd + 16 * j + 8,
+                         _mm512_add_pd(_mm512_loadu_pd(accd + 16 * j + 8), _mm512_cvtps_pd(_mm512_extractf32x8_ps(f, 1))));
+        _mm512_storeu_ps(accf + 16 * j, _mm512_setzero_ps());
+    }
+}
+
+static inline void bwd_seg_f(const void *gp, const void *x, void *dx, int64_t b, int64_t e, int dt, const float *sl,
+                             float lo_s, float hi_s, float inv_s, int64_t n, double *h) {
+    const __m512 lo = _mm512_set1_ps(lo_s), hi = _mm512_set1_ps(hi_s), inv = _mm512_set1_ps(inv_s);
+    const __m512 nm1 = _mm512_set1_ps((float)(n - 1));
+    const __m512i np1 = _mm512_set1_epi32((int)(n + 1));
+    const int64_t m = n + 2, mg = (m + REGION_GROUP - 1) / REGION_GROUP * REGION_GROUP;
+    /* accumulators: float then double, [region][s][lane], regions padded to a whole group */
+    float *accf = (float *)aligned_alloc(64, (size_t)mg * 2 * 16 * sizeof(float));
+    double *accd = (double *)aligned_alloc(64, (size_t)mg * 2 * 16 * sizeof(double));
+    if (!accf || !accd) abort();
+    memset(accf, 0, (size_t)mg * 2 * 16 * sizeof(float));
+    memset(accd, 0, (size_t)mg * 2 * 16 * sizeof(double));
+    table32 t = load_table32(sl, NULL, m <= 32 ? m : 32);
+    int32_t kbuf[SEG_BLOCK] __attribute__((aligned(64)));
+    float gbuf[SEG_BLOCK] __attribute__((aligned(64))), rbuf[SEG_BLOCK] __attribute__((aligned(64)));
+    int blocks = 0;
+    for (int64_t bb = b; bb < e; bb += SEG_BLOCK) {
+        const int64_t be = bb + SEG_BLOCK < e ? bb + SEG_BLOCK : e;
+        for (int64_t i = bb; i < be; i += 16) {
+            __mmask16 msk = tail_mask(be - i);
+            /* masked-off lanes load x = 0, g = 0 and add nothing */
+            __m512 xv = ld16(x, i, msk, dt), g = ld16(gp, i, msk, dt), xl, u, fi;
+            __m512i k = region16(xv, lo, hi, inv, nm1, np1, &xl, &u, &fi);
+            __m512 a = m <= 32 ? _mm512_permutex2var_ps(t.a0, k, t.a1) : _mm512_i32gather_ps(k, sl, 4);
+            /* dy/dx = slope of region k */
+            st16(dx, i, _mm512_mul_ps(g, a), msk, dt);
+            /* r = x - lo (k = 0), x - hi (k = N+1), u - i (inner) */
+            __m512 r = _mm512_sub_ps(u, fi);
+            r = _mm512_mask_mov_ps(r, _mm512_cmp_ps_mask(xv, lo, _CMP_LT_OQ), xl);
+            r = _mm512_mask_mov_ps(r, _mm512_cmp_ps_mask(xv, hi, _CMP_GE_OQ), _mm512_sub_ps(xv, hi));
+            _mm512_store_si512(kbuf + (i - bb), k);
+            _mm512_store_ps(gbuf + (i - bb), g);
+            _mm512_store_ps(rbuf + (i - bb), _mm512_mul_ps(g, r));
+        }
+        hist_block(kbuf, gbuf, rbuf, (be - bb + 15) / 16, accf, m);
+        if (++blocks == FLUSH_BLOCKS) {
+            flush_acc(accf, accd, m);
+            blocks = 0;
+        }
+    }
+    flush_acc(accf, accd, m);
+    /* lanes into the thread's histogram of this channel, in a fixed order */
+    for (int64_t k = 0; k < m; k++)
+        for (int s = 0; s < 2; s++) {
+            double acc = 0.0;
+            for (int l = 0; l < 16; l++) acc += accd[(k * 2 + s) * 16 + l];
+            h[2 * k + s] += acc;
+        }
+    free(accf);
+    free(accd);
+}
+
+/* Channels fastest (inner == 1): a row of C channels, per-lane tables by gather. */
+static inline void fwd_row_f(const void *x, void *y, int64_t off, int64_t C, int dt, const float *sl,
+                             const float *ic, const float *left, const float *right, const float *invd,
+                             const float *shift, int64_t n) {
+    const __m512 nm1 = _mm512_set1_ps((float)(n - 1));
+    const __m512i np1 = _mm512_set1_epi32((int)(n + 1));
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    for (int64_t c = 0; c < C; c += 16) {
+        __mmask16 m = tail_mask(C - c);
+        __m512 lo = _mm512_maskz_loadu_ps(m, left + c), hi = _mm512_maskz_loadu_ps(m, right + c);
+        __m512 inv = _mm512_maskz_loadu_ps(m, invd + c), sh = _mm512_maskz_loadu_ps(m, shift + c);
+        __m512 xv = ld16(x, off + c, m, dt), xl, u, fi;
+        __m512i k = region16(xv, lo, hi, inv, nm1, np1, &xl, &u, &fi);
+        __m512i idx = _mm512_add_epi32(k, _mm512_mullo_epi32(_mm512_add_epi32(lane, _mm512_set1_epi32((int)c)),
+                                                             _mm512_set1_epi32((int)(n + 2))));
+        __m512 a = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, sl, 4);
+        __m512 bb = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, ic, 4);
+        st16(y, off + c, finish16(xv, sh, a, bb), m, dt);
+    }
+}
+static inline void bwd_row_f(const void *gp, const void *x, void *dx, int64_t off, int64_t C, int dt, const float *sl,
+                             const float *left, const float *right, const float *invd, int64_t n, double *h,
+                             int64_t copy_stride) {
+    const __m512 nm1 = _mm512_set1_ps((float)(n - 1));
+    const __m512i np1 = _mm512_set1_epi32((int)(n + 1));
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    int32_t kb[16], bb[16];
+    float gb[16], grb[16];
+    for (int64_t c = 0; c < C; c += 16) {
+        __mmask16 m = tail_mask(C - c);
+        __m512 lo = _mm512_maskz_loadu_ps(m, left + c), hi = _mm512_maskz_loadu_ps(m, right + c);
+        __m512 inv = _mm512_maskz_loadu_ps(m, invd + c);
+        __m512 xv = ld16(x, off + c, m, dt), g = ld16(gp, off + c, m, dt), xl, u, fi;
+        __m512i k = region16(xv, lo, hi, inv, nm1, np1, &xl, &u, &fi);
+        __m512i base = _mm512_mullo_epi32(_mm512_add_epi32(lane, _mm512_set1_epi32((int)c)),
+                                          _mm512_set1_epi32((int)(n + 2)));
+        __m512 a = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, _mm512_add_epi32(base, k), sl, 4);
+        st16(dx, off + c, _mm512_mul_ps(g, a), m, dt);
+        __m512 r = _mm512_sub_ps(u, fi);
+        r = _mm512_mask_mov_ps(r, _mm512_cmp_ps_mask(xv, lo, _CMP_LT_OQ), xl);
+        r = _mm512_mask_mov_ps(r, _mm512_cmp_ps_mask(xv, hi, _CMP_GE_OQ), _mm512_sub_ps(xv, hi));
+        _mm512_storeu_si512(kb, k);
+        _mm512_storeu_si512(bb, base);
+        _mm512_storeu_ps(gb, g);
+        _mm512_storeu_ps(grb, _mm512_mul_ps(g, r));
+        scatter16(h, copy_stride, bb, kb, gb, grb, C - c >= 16 ? 16 : (int)(C - c));
+    }
+}
+#endif /* PWLU_AVX512 */
+
+/* ---- generic (portable) segment/row kernels ---- */
+static inline void fwd_seg_generic_f(const void *x, void *y, int64_t b, int64_t e, int dt, const float *sl,
+                                     const float *ic, float lo, float hi, float inv, float sh, int64_t n) {
+    for (int64_t i = b; i < e; i++) store_s(y, i, fwd_elem_f(load_s(x, i, dt), sl, ic, lo, hi, inv, sh, n), dt);
+}
+static inline void bwd_seg_generic_f(const void *gp, const void *x, void *dx, int64_t b, int64_t e, int dt,
+                                     const float *sl, float lo, float hi, float inv, int64_t n, double *h,
+                                     int64_t copy_stride) {
+    for (int64_t i = b; i < e; i++)
+        store_s(dx, i,
+                bwd_elem_f(load_s(x, i, dt), load_s(gp, i, dt), sl, lo, hi, inv, n, h + ((i - b) % NCOPY) * copy_stride),
+                dt);
+}
+
+/* ---- drivers ---- */
+static int clamp_threads(int nthreads) { return nthreads < 1 ? 1 : nthreads; }
+
+/* Reduce per-thread, per-copy histograms in a fixed order. */
+static void reduce_hist(const double *parts, int nparts, int64_t size, double *out) {
+    for (int64_t j = 0; j < size; j++) {
+        double s = 0.0;
+        for (int p = 0; p < nparts; p++) s += parts[(int64_t)p * size + j];
+        out[j] = s;
+    }
+}
+
+#define FWD_DRIVER(T, SUF, SEG_FN, ROW_FN)                                                             \
+    int pwlu_forward_##SUF(const void *x, void *y, int dt, int64_t outer, int64_t C, int64_t inner, const T *sl, \
+                           const T *ic, const T *left, const T *right, const T *invd, const T *shift, int64_t n,     \
+                           int nthreads) {                                                                  \
+        const int64_t m = n + 2;                                                                                \
+        (void)dt;                                                                                               \
+        nthreads = clamp_threads(nthreads);                                                                     \
+        if (inner == 1 && C > 1) {                                                                              \
+            _Pragma("omp parallel num_threads(nthreads)") {                                                     \
+                int t = 0, nth = 1;                                                                             \
+                PWLU_TID(t, nth);                                                                               \
+                int64_t rb, re;                                                                                 \
+                split(outer, t, nth, 1, &rb, &re);                                                              \
+                for (int64_t r = rb; r < re; r++) ROW_FN;                                                       \
+            }                                                                                                   \
+        } else {                                                                                                \
+            const int64_t total = outer * C * inner;                                                            \
+            _Pragma("omp parallel num_threads(nthreads)") {                                                     \
+                int t = 0, nth = 1;                                                                             \
+                PWLU_TID(t, nth);                                                                               \
+                int64_t pb, pe;                                                                                 \
+                split(total, t, nth, ALIGN_ELEMS, &pb, &pe);                                                    \
+                while (pb < pe) {                                                                               \
+                    int64_t row = pb / inner, se = (row + 1) * inner;                                           \
+                    if (se > pe) se = pe;                                                                       \
+                    int64_t c = row % C;                                                                        \
+                    SEG_FN;                                                                                     \
+                    pb = se;                                                                                    \
+                }                                                                                               \
+            }                                                                                                   \
+        }                                                                                                       \
+        (void)m;                                                                                                \
+        return 0;                                                                                               \
+    }
+
+#ifdef _OPENMP
+#define PWLU_TID(t, nth) (t = omp_get_thread_num(), nth = omp_get_num_threads())
+#else
+#define PWLU_TID(t, nth) ((void)0)
+#endif
+
+#if PWLU_AVX512
+#define F_SEG fwd_seg_f(x, y, pb, se, dt, sl + c * m, ic + c * m, left[c], right[c], invd[c], shift[c], n)
+#define F_ROW fwd_row_f(x, y, r * C, C, dt, sl, ic, left, right, invd, shift, n)
+#else
+#define F_SEG fwd_seg_generic_f(x, y, pb, se, dt, sl + c * m, ic + c * m, left[c], right[c], invd[c], shift[c], n)
+#define F_ROW                                                                                                    \
+    for (int64_t c = 0; c < C; c++)                                                                              \
+        store_s(y, r * C + c, fwd_elem_f(load_s(x, r * C + c, dt), sl + c * m, ic + c * m, left[c], right[c], invd[c], shift[c], n), dt)
+#endif
+FWD_DRIVER(float, f32c, F_SEG, F_ROW)
+
+#define D_SEG                                                                                                    \
+    for (int64_t i = pb; i < se; i++)                                                                            \
+        ((double *)y)[i] = fwd_elem_d(((const double *)x)[i], sl + c * m, ic + c * m, left[c], right[c], invd[c], shift[c], n)
+#define D_ROW                                                                                                    \
+    for (int64_t c = 0; c < C; c++)                                                                              \
+        ((double *)y)[r * C + c] =                                                                               \
+            fwd_elem_d(((const double *)x)[r * C + c], sl + c * m, ic + c * m, left[c], right[c], invd[c], shift[c], n)
+FWD_DRIVER(double, f64, D_SEG, D_ROW)
+
+#define BWD_DRIVER(T, SUF, SEG_FN, ROW_FN)                                                                        \
+    int pwlu_backward_##SUF(const void *gp, const void *x, void *dx, int dt, int64_t outer, int64_t C,             \
+                            int64_t inner, const T *sl, const T *left, const T *right, const T *invd, int64_t n,  \
+                            int nthreads, double *hist_out) {                                                     \
+        const int64_t m = n + 2, hsize = C * m * 2;                                                               \
+        (void)dt;                                                                                                 \
+        nthreads = clamp_threads(nthreads);                                                                       \
+        double *parts = (double *)calloc((size_t)nthreads * NCOPY * hsize, sizeof(double));                       \
+        if (!parts) return 1;                                                                                     \
+        int used = 1;                                                                                             \
+        const int rows_mode = inner == 1 && C > 1;                                                                \
+        const int64_t total = outer * C * inner;                                                                  \
+        _Pragma("omp parallel num_threads(nthreads)") {                                                           \
+            int t = 0, nth = 1;                                                                                   \
+            PWLU_TID(t, nth);                                                                                     \
+            if (t == 0) used = nth;                                                                               \
+            double *h = parts + (int64_t)t * NCOPY * hsize;                                                       \
+            if (rows_mode) {                                                                                      \
+                int64_t rb, re;                                                                                   \
+                split(outer, t, nth, 1, &rb, &re);                                                                \
+                for (int64_t r = rb; r < re; r++) ROW_FN;                                                         \
+            } else {                                                                                              \
+                int64_t pb, pe;                                                                                   \
+                split(total, t, nth, ALIGN_ELEMS, &pb, &pe);                                                      \
+                while (pb < pe) {                                                                                 \
+                    int64_t row = pb / inner, se = (row + 1) * inner;                                             \
+                    if (se > pe) se = pe;                                                                         \
+                    int64_t c = row % C;                                                                          \
+                    SEG_FN;                                                                                       \
+                    pb = se;                                                                                      \
+                }                                                                                                 \
+            }                                                                                                     \
+        }                                                                                                         \
+        reduce_hist(parts, used * NCOPY, hsize, hist_out);                                                        \
+        free(parts);                                                                                              \
+        return 0;                                                                                                 \
+    }
+
+#if PWLU_AVX512
+#define FB_SEG bwd_seg_f(gp, x, dx, pb, se, dt, sl + c * m, left[c], right[c], invd[c], n, h + c * m * 2)
+#define FB_ROW bwd_row_f(gp, x, dx, r * C, C, dt, sl, left, right, invd, n, h, hsize)
+#else
+#define FB_SEG bwd_seg_generic_f(gp, x, dx, pb, se, dt, sl + c * m, left[c], right[c], invd[c], n, h + c * m * 2, hsize)
+#define FB_ROW                                                                                                   \
+    for (int64_t c = 0; c < C; c++)                                                                              \
+        store_s(dx, r * C + c,                                                                                   \
+                bwd_elem_f(load_s(x, r * C + c, dt), load_s(gp, r * C + c, dt), sl + c * m, left[c], right[c],   \
+                           invd[c], n, h + (c % NCOPY) * hsize + c * m * 2),                                      \
+                dt)
+#endif
+BWD_DRIVER(float, f32c, FB_SEG, FB_ROW)
+
+#define DB_SEG                                                                                                   \
+    for (int64_t i = pb; i < se; i++)                                                                            \
+        ((double *)dx)[i] = bwd_elem_d(((const double *)x)[i], ((const double *)gp)[i], sl + c * m, left[c],      \
+                                       right[c], invd[c], n, h + ((i - pb) % NCOPY) * hsize + c * m * 2)
+#define DB_ROW                                                                                                   \
+    for (int64_t c = 0; c < C; c++)                                                                              \
+        ((double *)dx)[r * C + c] =                                                                              \
+            bwd_elem_d(((const double *)x)[r * C + c], ((const double *)gp)[r * C + c], sl + c * m, left[c],     \
+                       right[c], invd[c], n, h + (c % NCOPY) * hsize + c * m * 2)
+BWD_DRIVER(double, f64, DB_SEG, DB_ROW)
