@@ -175,8 +175,6 @@ def _pwlu_backward_kernel(
         tl.store(dx_ptr + offs, (g * a).to(dx_ptr.dtype.element_ty), mask=mask)
         # local coordinate r: x - B_L (left), x - B_R (right), t = u - i (inner intervals)
         r = tl.where(is_left, x - left, tl.where(is_right, x - right, u - i_f))
-        # a flat outer piece is constant at ±inf: no slope or bound gradient from it
-        r = tl.where((tl.abs(x) == float("inf")) & (a == 0.0), 0.0, r)
         g = tl.where(mask, g, 0.0)
         gr = tl.where(mask, g * r, 0.0)
         # histogram over regions: masked column sums, accumulated into row j

@@ -1,0 +1,246 @@
+"""Triton kernels against pwlu_reference: on the CPU in the Triton interpreter, natively on CUDA.
+
+Every case runs twice: ``interpreter`` (CPU tensors, ``TRITON_INTERPRET=1``) and ``cuda``
+(skipped without a GPU). Triton fixes interpreter mode when it is first imported, so a
+process that imported it without the variable (``make test``) cannot interpret kernels:
+there, :func:`test_interpreter_cases_in_fresh_process` reruns this file's interpreter cases
+in a fresh process with ``TRITON_INTERPRET=1``. To run them directly:
+``TRITON_INTERPRET=1 pytest tests/test_triton_backend.py``.
+
+Every result goes through the op (``pwlu.use_backend("triton")`` + autograd) and is
+compared with the reference's autograd, output by output with labels.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import pwlu
+from helpers import PARAM_NAMES, max_err, random_params
+
+pytest.importorskip("triton")
+from pwlu.ops import dispatch, torch_backend, triton_backend  # noqa: E402
+from pwlu.ops.common import fold_tables  # noqa: E402
+
+INTERPRETED = triton_backend._INTERPRETED
+KEYS = ("y", "dx") + tuple(f"d{name}" for name in PARAM_NAMES)
+
+
+@pytest.fixture(params=["interpreter", "cuda"])
+def device(request):
+    if request.param == "cuda":
+        if not torch.cuda.is_available():
+            pytest.skip("no CUDA device")
+        return torch.device("cuda")
+    if not INTERPRETED:
+        pytest.skip("needs TRITON_INTERPRET=1 before triton is imported: run by test_interpreter_cases_in_fresh_process")
+    return torch.device("cpu")
+
+
+def run(fn, x, params, channel_dim, grad=None, backend="triton", seed=123):
+    """Output and all six gradients of ``fn``, forward and backward under ``backend``."""
+    x = x.detach().clone().requires_grad_(True)
+    params = [p.detach().clone().to(x.device).requires_grad_(True) for p in params]
+    if grad is None:
+        grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
+    with pwlu.use_backend(backend):
+        if backend == "triton":
+            assert dispatch.select(x.device) is triton_backend
+        y = fn(x, *params, channel_dim=channel_dim)
+        y.backward(grad.to(device=x.device, dtype=y.dtype))
+    grads = {f"d{name}": p.grad for name, p in zip(PARAM_NAMES, params)}
+    return {"y": y.detach(), "dx": x.grad, **grads}
+
+
+def assert_outputs_close(got, want, keys=KEYS, **tol):
+    for key in keys:
+        assert got[key].dtype == want[key].dtype, key
+        assert got[key].shape == want[key].shape, key
+        torch.testing.assert_close(got[key], want[key], equal_nan=True, msg=lambda m, key=key: f"{key}: {m}", **tol)
+
+
+def inputs(shape, device, dtype=torch.float32, seed=4, scale=3.0):
+    """Normal inputs, scaled so that every region, the outer ones included, gets elements."""
+    return (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * scale).to(device=device, dtype=dtype)
+
+
+# ---------------------------------------------------------------- fast path vs reference
+
+CASES = [
+    # (num_channels, shape, channel_dim)
+    (None, (1, 1, 1023), 1),  # layer-wise, odd length
+    (None, (3, 7, 33), 1),
+    (7, (3, 7, 33), 1),  # NCL, inner 33 (masked inner block)
+    (5, (2, 5, 3, 7), 1),  # NCHW
+    (1, (2, 1, 9), 1),  # a single channel
+    (6, (2, 3, 6), -1),  # (B, T, C): channel axis innermost
+    (70, (3, 70), -1),  # more channels than one channel block
+    (4, (4, 3, 5, 2), 0),  # channel axis outermost
+]
+
+
+@pytest.mark.parametrize("num_channels,shape,channel_dim", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_matches_reference(device, num_channels, shape, channel_dim, dtype):
+    params = random_params(num_channels, n=16, dtype=dtype, seed=3)
+    x = inputs(shape, device, dtype)
+    tol = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    assert_outputs_close(run(pwlu.pwlu, x, params, channel_dim), run(pwlu.pwlu_reference, x, params, channel_dim), **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "num_channels,shape,channel_dim,channels_last",
+    [(None, (3, 7, 33), 1, False), (7, (3, 7, 33), 1, False), (5, (2, 5, 3, 7), 1, True), (6, (2, 9, 6), -1, False)],
+)
+def test_low_precision_rule(device, dtype, num_channels, shape, channel_dim, channels_last):
+    """err(triton lowp vs fp32 reference) <= 2 * err(lowp reference vs fp32 reference) + atol."""
+    params = random_params(num_channels, n=16, seed=2)
+    x32 = inputs(shape, device, seed=5)
+    if channels_last:
+        x32 = x32.to(memory_format=torch.channels_last)
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(7)).to(dtype).float()
+    ref32 = run(pwlu.pwlu_reference, x32, params, channel_dim, grad, backend="reference")
+    ref_lp = run(pwlu.pwlu_reference, x32.to(dtype), params, channel_dim, grad, backend="reference")
+    fast_lp = run(pwlu.pwlu, x32.to(dtype), params, channel_dim, grad)
+    for key in KEYS:
+        assert fast_lp[key].dtype == ref_lp[key].dtype, key
+        scale = ref32[key].abs().max().item() + 1.0
+        e_fast, e_ref = max_err(fast_lp[key], ref32[key]), max_err(ref_lp[key], ref32[key])
+        assert e_fast <= 2 * e_ref + 1e-3 * scale, f"{key}: triton err {e_fast} vs reference err {e_ref}"
+
+
+@pytest.mark.parametrize("num_channels", [None, 6])
+def test_channels_last(device, num_channels):
+    params = random_params(num_channels, n=8, seed=1)
+    x = inputs((2, 6, 5, 3), device).to(memory_format=torch.channels_last)
+    got = run(pwlu.pwlu, x, params, 1)
+    assert_outputs_close(got, run(pwlu.pwlu_reference, x, params, 1), rtol=1e-5, atol=1e-4)
+    for key in ("y", "dx"):
+        assert got[key].is_contiguous(memory_format=torch.channels_last), key
+
+
+def test_non_dense_input_and_expanded_grad(device):
+    """A strided view is copied once; the output has the layout torch.empty_like gives it
+    (as the fake kernel says); ``y.sum().backward()`` sends an expanded (stride 0) gradient."""
+    params = random_params(4, n=8, seed=6)
+    x = inputs((3, 4, 10), device)[:, :, ::2]
+    got = run(pwlu.pwlu, x, params, 1, grad=torch.ones(()).expand(x.shape))
+    want = run(pwlu.pwlu_reference, x, params, 1, grad=torch.ones(()).expand(x.shape))
+    assert_outputs_close(got, want, rtol=1e-5, atol=1e-4)
+    assert got["y"].stride() == torch.empty_like(x).stride()
+
+
+def test_breakpoints_and_outside_points(device):
+    """B_L = -2, B_R = 2, N = 8: every breakpoint exactly, points just beside them, far outside."""
+    n = 8
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(3, n + 1, generator=g), torch.full((3,), -2.0), torch.full((3,), 2.0)]
+    params += [torch.randn(3, generator=g), torch.randn(3, generator=g)]
+    points = torch.linspace(-2, 2, n + 1)
+    beside = torch.cat([points - 1e-3, points + 1e-3])
+    far = torch.tensor([-1e4, -5.0, -2.5, 2.5, 5.0, 1e4])
+    row = torch.cat([points, beside, far])
+    x = row.expand(2, 3, -1).contiguous().to(device)
+    assert_outputs_close(run(pwlu.pwlu, x, params, 1), run(pwlu.pwlu_reference, x, params, 1), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("init", ["relu", "leaky_relu"])
+def test_nan_and_inf(device, init):
+    """NaN gives NaN, ±inf the limits (a flat outer piece its constant). The reference's
+    autograd turns parameter gradients NaN around non-finite inputs, so those are checked
+    against the torch backend, whose per-region sums define the fast-path convention."""
+    module = pwlu.PWLU(3, num_intervals=8, init=init)
+    params = [p.detach() for p in module.parameters()]
+    x = inputs((2, 3, 7), device)
+    x[0, 0, 0], x[0, 1, 1], x[1, 2, 2], x[1, 0, 3] = float("nan"), float("-inf"), float("inf"), float("-inf")
+    got = run(pwlu.pwlu, x, params, 1)
+    assert_outputs_close(got, run(pwlu.pwlu_reference, x, params, 1), keys=("y", "dx"), rtol=1e-5, atol=1e-5)
+    assert torch.isnan(got["y"]).sum() == 1
+    assert_outputs_close(got, run(pwlu.pwlu, x, params, 1, backend="torch"), keys=KEYS[2:], rtol=1e-5, atol=1e-5)
+
+
+def test_empty_input(device):
+    params = random_params(3, n=4)
+    x = torch.empty(0, 3, 5, device=device)
+    got = run(pwlu.pwlu, x, params, 1)
+    assert got["y"].shape == x.shape
+    for name in PARAM_NAMES:
+        assert torch.all(got[f"d{name}"] == 0), name
+
+
+# ---------------------------------------------------------------- kernels directly
+
+
+@pytest.mark.parametrize(
+    "num_channels,shape,channel_dim,channels_last",
+    [(None, (2, 3, 40, 40), None, False), (3, (2, 3, 40, 40), 1, False), (70, (2, 70, 3, 3), 1, True)],
+)
+def test_kernels_match_torch_backend(device, num_channels, shape, channel_dim, channels_last):
+    """Forward and backward (dx, histogram) on the folded tables; several tiles per program."""
+    params = random_params(num_channels, n=16, seed=8)
+    two_d = [params[0].reshape(-1, 17).to(device)] + [p.reshape(-1).to(device) for p in params[1:]]
+    slopes, intercepts, left, right, inv_d, shift = fold_tables(*two_d)
+    x = inputs(shape, device)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    grad = inputs(shape, device, seed=9, scale=1.0)
+    y = triton_backend.forward(x, slopes, intercepts, left, right, inv_d, channel_dim, shift)
+    y_want = torch_backend.forward(x, slopes, intercepts, left, right, inv_d, channel_dim, shift)
+    dx, hist = triton_backend.backward(grad, x, slopes, left, right, inv_d, channel_dim)
+    dx_want, hist_want = torch_backend.backward(grad, x, slopes, left, right, inv_d, channel_dim)
+    torch.testing.assert_close(y, y_want, rtol=1e-5, atol=1e-5, msg=lambda m: f"y: {m}")
+    torch.testing.assert_close(dx, dx_want, rtol=0, atol=0, msg=lambda m: f"dx: {m}")
+    torch.testing.assert_close(hist, hist_want, rtol=1e-5, atol=1e-4, msg=lambda m: f"hist: {m}")
+    assert y.stride() == x.stride() and dx.stride() == x.stride()
+
+
+@pytest.mark.parametrize(
+    "make,channel_dim,expected",
+    [
+        (lambda: torch.empty(2, 3, 4, 5), 1, (2, 3, 20)),
+        (lambda: torch.empty(2, 3, 4, 5).to(memory_format=torch.channels_last), 1, (40, 3, 1)),
+        (lambda: torch.empty(2, 7, 3), 2, (14, 3, 1)),
+        (lambda: torch.empty(2, 7, 3), None, (1, 1, 42)),
+        (lambda: torch.empty(2, 1, 3), 1, (1, 1, 6)),
+    ],
+)
+def test_layout_without_copies(make, channel_dim, expected):
+    """NCHW, channels-last and (B, T, C) are read in place as (outer, C, inner)."""
+    x = make()
+    y = torch.empty_like(x)
+    assert triton_backend._as_dense(x, y) is x
+    assert triton_backend._layout(y, channel_dim) == expected
+
+
+def test_parameter_gradients_deterministic(device):
+    """Partial histograms are summed in a fixed order: bit-identical gradients run to run."""
+    params = random_params(3, n=16, seed=10)
+    x = inputs((4, 3, 50), device)
+    first, second = run(pwlu.pwlu, x, params, 1), run(pwlu.pwlu, x, params, 1)
+    for key in KEYS[1:]:
+        assert torch.equal(first[key], second[key]), key
+
+
+def test_is_available():
+    assert triton_backend.is_available(torch.device("cpu")) == INTERPRETED
+    assert triton_backend.is_available(torch.device("cuda"))
+
+
+@pytest.mark.skipif(INTERPRETED, reason="the interpreter cases run in this process")
+def test_interpreter_cases_in_fresh_process():
+    """Run this file's ``interpreter`` cases where TRITON_INTERPRET=1 precedes ``import triton``."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env.pop("PYTEST_XDIST_WORKER", None)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", __file__, "-k", "interpreter"]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    assert " passed" in out and " failed" not in out, out[-6000:]
