@@ -502,3 +502,19 @@ def test_boundary_iou_memory_bounded_reservoir_estimate() -> None:
     narrow = pwlu.boundary_iou(module, batches, lower=0.25, upper=0.75, reservoir_size=4096)
     # quartiles: channel 0 [0.75, 2.25] -> 1.5 / 6; channel 1 [-3, 3] -> 1
     np.testing.assert_allclose(narrow[""].numpy(), [0.25, 1.0], atol=0.05)
+
+
+def test_readme_training_with_realignment_snippet_runs(monkeypatch) -> None:
+    import pathlib
+    import re
+
+    readme = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+    if not readme.exists():
+        pytest.skip("no README.md")
+    section = readme.read_text().split("## Training with realignment", 1)[1]
+    snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert "BoundaryRealigner" in snippet and "torchrun" in section
+    monkeypatch.delenv("RANK", raising=False)
+    scope: dict = {}
+    exec(compile(snippet, str(readme), "exec"), scope)
+    assert scope["realigner"].phase == "learning"

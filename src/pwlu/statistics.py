@@ -1,6 +1,6 @@
 """Running input statistics of a PWLU (SPEC section 4, Eq. 5), distributed-aware.
 
-Conventions (documented in ``docs/realignment.md``):
+Conventions (also in the README, "Training with realignment"):
 
 * **Batch moments.** ``mean(x)`` and ``std(x)`` of one batch are taken over every element
   of the layer (layer-wise) or every element of one channel (channel-wise). ``std`` is the
