@@ -49,6 +49,10 @@ def batch(step: int, rows: int = 12) -> torch.Tensor:
 def make_optimizer(kind: str, model: nn.Module) -> torch.optim.Optimizer:
     if kind == "sgd":
         return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    if kind == "sgd-foreach":
+        return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4, foreach=True)
+    if kind == "adamw-fused":
+        return torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=1e-2, fused=True)
     return torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=1e-2)
 
 
@@ -88,7 +92,7 @@ def snapshot(module: PWLU) -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+@pytest.mark.parametrize("kind", ["sgd", "adamw", "sgd-foreach", "adamw-fused"])
 def test_phase1_pwlu_parameters_bit_identical(kind: str) -> None:
     model = make_net()
     opt = make_optimizer(kind, model)
@@ -423,6 +427,19 @@ def test_from_epochs_and_argument_errors() -> None:
         pwlu.realign_boundaries(model, min_width=1e-5)
 
 
+def test_dropping_the_realigner_unfreezes_the_pwlus() -> None:
+    import gc
+
+    model = make_net()
+    opt = make_optimizer("sgd", model)
+    realigner = pwlu.BoundaryRealigner(model, warmup_steps=100)
+    del realigner
+    gc.collect()
+    before = snapshot(model.act1)
+    train_step(model, opt, None, 0)
+    assert not torch.equal(model.act1.points, before["points"])
+
+
 def test_warmup_zero_means_learning_from_the_start() -> None:
     model = make_net()
     opt = make_optimizer("sgd", model)
@@ -473,7 +490,7 @@ def test_boundary_iou_exact_quantiles_when_all_inputs_fit() -> None:
     pwlu.BoundaryRealigner(model, warmup_steps=5)  # collecting: eval passes must not count
     inputs1 = record_inputs(model.act1)
     inputs2 = record_inputs(model.act2)
-    batches = [batch(s, rows=4) for s in range(3)]
+    batches = [(batch(s, rows=4), torch.zeros(4)) for s in range(3)]  # (input, target), as a DataLoader
     ious = pwlu.boundary_iou(model, batches, reservoir_size=10_000)
     assert model.training and model.act1.training  # mode restored
     assert int(model.act1.num_batches_tracked) == 0  # evaluated in eval mode
@@ -499,7 +516,7 @@ def test_boundary_iou_memory_bounded_reservoir_estimate() -> None:
     batches = [b - torch.tensor([0.0, 6.0]).view(1, 2, 1) for b in batches]
     ious = pwlu.boundary_iou(module, batches, reservoir_size=4096)
     np.testing.assert_allclose(ious[""].numpy(), [0.5, 0.5], atol=0.01)
-    narrow = pwlu.boundary_iou(module, batches, lower=0.25, upper=0.75, reservoir_size=4096)
+    narrow = pwlu.boundary_iou(module, batches, 0.25, 0.75, reservoir_size=4096, forward=lambda m, b: m(b))
     # quartiles: channel 0 [0.75, 2.25] -> 1.5 / 6; channel 1 [-3, 3] -> 1
     np.testing.assert_allclose(narrow[""].numpy(), [0.25, 1.0], atol=0.05)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import warnings
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -601,11 +601,11 @@ def boundary_iou(
     upper: float = 0.999,
     reservoir_size: int = 16384,
     seed: int = 0,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
 ) -> dict[str, Tensor]:
     """Input-boundary alignment of every PWLU (SPEC section 6, paper Eq. 7 and Fig. 6).
 
-    Runs ``model`` in eval mode over ``batches`` (each passed as ``model(batch)``, or
-    ``model(*batch)`` for a tuple or list), estimates each PWLU's per-channel input range
+    Runs ``model`` in eval mode (under ``torch.no_grad``) over ``batches``, estimates each PWLU's per-channel input range
     ``[lo, hi]`` as the ``lower`` / ``upper`` quantiles of its inputs, and returns the IOU
     of ``[B_L, B_R]`` with it. The quantiles come from a uniform random sample of at most
     ``reservoir_size`` inputs per channel (a priority reservoir; exact when fewer inputs
@@ -614,11 +614,14 @@ def boundary_iou(
 
     Args:
         model (nn.Module): a model containing PWLU modules.
-        batches (Iterable): the evaluation inputs.
+        batches (Iterable): the evaluation batches: input tensors, or ``(input, target, ...)``
+            tuples/lists as a ``DataLoader`` yields them (only ``batch[0]`` is fed).
         lower, upper (float): quantile levels, ``0 <= lower < upper <= 1`` (default the
             0.1% and 99.9% quantiles).
         reservoir_size (int): samples kept per channel.
         seed (int): seed of the reservoir's random keys.
+        forward (callable, optional): ``forward(model, batch)`` runs one batch, for models
+            that take several inputs (default: the rule above).
 
     Returns:
         dict[str, Tensor[C]]: module name to per-channel IOU (``Tensor[1]`` layer-wise).
@@ -650,7 +653,10 @@ def boundary_iou(
     try:
         model.eval()
         for batch in batches:
-            model(*batch) if isinstance(batch, (tuple, list)) else model(batch)
+            if forward is not None:
+                forward(model, batch)
+            else:
+                model(batch[0] if isinstance(batch, (tuple, list)) else batch)
     finally:
         for h in handles:
             h.remove()
