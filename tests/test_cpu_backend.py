@@ -1,0 +1,312 @@
+"""The compiled CPU backend against pwlu_reference and the torch backend.
+
+Expectations come from the reference differentiated by autograd (in float64 where sums
+over many elements are compared) and from the vectorised-torch backend, never from the
+CPU backend itself.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import pwlu
+from helpers import PARAM_NAMES, assert_low_precision_rule, max_err, random_params
+from pwlu.ops import cpu_backend, dispatch, torch_backend
+
+pytestmark = pytest.mark.skipif(not cpu_backend.is_available(torch.device("cpu")), reason="no C compiler")
+
+KEYS = ("y", "dx") + tuple(f"d{n}" for n in PARAM_NAMES)
+
+
+def run_backend(backend, x, params, channel_dim, grad_out):
+    """Forward and all six gradients, forward and backward both inside ``use_backend``."""
+    x = x.detach().clone().requires_grad_(True)
+    params = [p.detach().clone().requires_grad_(True) for p in params]
+    with pwlu.use_backend(backend):
+        y = pwlu.pwlu(x, *params, channel_dim=channel_dim)
+        y.backward(grad_out)
+    return {"y": y.detach(), "dx": x.grad, **{f"d{n}": p.grad for n, p in zip(PARAM_NAMES, params)}}
+
+
+def run_reference64(x, params, channel_dim, grad_out):
+    """The reference in float64 (the truth for sums over many elements)."""
+    return run_backend("reference", x.double(), [p.double() for p in params], channel_dim, grad_out.double())
+
+
+def spread_input(shape, dtype, seed=0):
+    """Mostly N(0, 3^2): many points left of B_L and right of B_R, all regions populated."""
+    g = torch.Generator().manual_seed(seed)
+    return (3 * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype)
+
+
+def grad_like(x, seed=123):
+    return torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(x.dtype)
+
+
+def assert_all_close(got, want, rtol, atol, keys=KEYS):
+    for key in keys:
+        assert got[key].dtype == want[key].dtype or want[key].dtype == torch.float64, key
+        assert got[key].shape == want[key].shape, key
+        finite = want[key].double()[torch.isfinite(want[key])]
+        scale = finite.abs().max().item() + 1.0 if finite.numel() else 1.0
+        torch.testing.assert_close(
+            got[key].double(),
+            want[key].double(),
+            rtol=rtol,
+            atol=atol * scale,
+            equal_nan=True,
+            msg=lambda m, key=key: f"{key}: {m}",
+        )
+
+
+# (shape, channel_dim, channel-wise?)
+CASES = [
+    ((1, 1, 1023), 1, True),
+    ((3, 7, 256), 1, True),
+    ((3, 7, 256), 1, False),
+    ((5, 40), 1, True),  # 2-D: channels fastest
+    ((37,), 0, False),
+    ((2, 6, 9, 11), 1, True),  # NCHW, odd sizes
+    ((2, 9, 20), -1, True),  # (B, T, C)
+    ((4, 5, 17), -1, False),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape,channel_dim,channel_wise", CASES)
+def test_matches_reference_and_torch_backend(shape, channel_dim, channel_wise, dtype):
+    num_channels = shape[channel_dim] if channel_wise else None
+    params = random_params(num_channels, 16, dtype=dtype, seed=len(shape))
+    x = spread_input(shape, dtype)
+    g = grad_like(x)
+    got = run_backend("cpu", x, params, channel_dim, g)
+    tight = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    # elementwise outputs against the reference in the same dtype
+    want = run_backend("reference", x, params, channel_dim, g)
+    assert_all_close(got, want, keys=("y", "dx"), **tight)
+    for key in KEYS:
+        assert got[key].dtype == want[key].dtype, key
+    # every gradient against the float64 reference
+    assert_all_close(got, run_reference64(x, params, channel_dim, g), **tight)
+    # and against the torch backend (same tables, same regions)
+    assert_all_close(got, run_backend("torch", x, params, channel_dim, g), **tight)
+
+
+@pytest.mark.parametrize("n", [1, 3, 30, 40, 64])
+def test_any_number_of_intervals(n):
+    """N + 2 <= 32 looks tables up in registers, larger N gathers: both paths."""
+    params = random_params(6, n, seed=n)
+    for shape, cd in (((2, 6, 50), 1), ((9, 6), 1)):
+        x = spread_input(shape, torch.float32, seed=n)
+        g = grad_like(x)
+        got = run_backend("cpu", x, params, cd, g)
+        # fp32 rounding of the folded tables grows with N: loose against float64, tight against torch
+        assert_all_close(got, run_reference64(x, params, cd, g), rtol=1e-4, atol=1e-5)
+        assert_all_close(got, run_backend("torch", x, params, cd, g), rtol=1e-5, atol=1e-6)
+
+
+def exact_params(num_channels, dtype):
+    """B_L = -2, B_R = 2, N = 8: d = 0.5 and every breakpoint is exact in every dtype."""
+    shape = () if num_channels is None else (num_channels,)
+    g = torch.Generator().manual_seed(5)
+    points = torch.randn(*shape, 9, generator=g, dtype=torch.float64).to(dtype)
+    left = torch.full(shape, -2.0, dtype=dtype)
+    right = torch.full(shape, 2.0, dtype=dtype)
+    slopes = [torch.randn(shape, generator=g, dtype=torch.float64).to(dtype) for _ in range(2)]
+    return [points, left, right, *slopes]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("channel_wise", [True, False])
+def test_exact_breakpoints_and_bounds(dtype, channel_wise):
+    """x exactly on every breakpoint, on B_L and B_R and just around them: same regions as the reference."""
+    grid = torch.arange(-12, 13, dtype=torch.float64) * 0.25  # -3 .. 3, every breakpoint and midpoint
+    x = grid.repeat(3, 4, 1).to(dtype)  # (3, 4, 25), channels on axis 1
+    cdt = torch.float64 if dtype == torch.float64 else torch.float32
+    params = exact_params(4 if channel_wise else None, cdt)
+    g = grad_like(x)
+    got = run_backend("cpu", x, params, 1, g)
+    ref = run_backend("reference", x, params, 1, g)
+    tb = run_backend("torch", x, params, 1, g)
+    # one-sided values: a region mismatch at a breakpoint would change y only by rounding,
+    # but dx (the slope of the chosen region) by O(1)
+    assert_all_close(got, ref, keys=("y", "dx"), rtol=1e-5, atol=1e-6)
+    assert torch.equal(got["dx"], tb["dx"]), "dx: region differs from the torch backend"
+    assert_all_close(got, tb, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nan_and_inf(dtype):
+    params = exact_params(3, dtype)
+    params[3] = torch.tensor([0.0, 0.5, -1.0], dtype=dtype)  # K_L: flat in channel 0
+    params[4] = torch.tensor([1.0, 0.0, 2.0], dtype=dtype)  # K_R: flat in channel 1
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -2.0, 2.0], dtype=dtype)
+    x = special.repeat(2, 3, 1)
+    g = torch.ones_like(x)
+    got = run_backend("cpu", x, params, 1, g)
+    ref = run_backend("reference", x, params, 1, g)
+    tb = run_backend("torch", x, params, 1, g)
+    assert torch.isnan(got["y"][:, :, 0]).all(), "NaN input must give NaN output"
+    assert_all_close(got, ref, keys=("y", "dx"), rtol=1e-6, atol=1e-6)
+    assert_all_close(got, tb, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "shape,channel_dim,channel_wise",
+    [((3, 7, 256), 1, True), ((1, 1, 1023), 1, False), ((4, 9, 24), -1, True), ((6, 24), 1, True)],
+)
+def test_low_precision_rule(dtype, shape, channel_dim, channel_wise):
+    num_channels = shape[channel_dim] if channel_wise else None
+    params = random_params(num_channels, 16, seed=3)
+
+    def fast(x, *p, channel_dim):
+        with pwlu.use_backend("cpu"):
+            return pwlu.pwlu(x, *p, channel_dim=channel_dim)
+
+    # the backward also runs on the cpu backend: auto selects it for CPU tensors
+    assert dispatch.select(torch.device("cpu")) is cpu_backend
+    assert_low_precision_rule(fast, spread_input(shape, torch.float32), params, channel_dim, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_output_dtype_and_rounding(dtype):
+    """Storage in the input dtype, rounded to nearest from the fp32 result of the torch backend."""
+    x = spread_input((2, 5, 333), dtype)
+    params = random_params(5, 16, seed=1)
+    got = run_backend("cpu", x, params, 1, grad_like(x))
+    tb = run_backend("torch", x, params, 1, grad_like(x))
+    assert got["y"].dtype == dtype and got["dx"].dtype == dtype
+    assert max_err(got["y"], tb["y"]) == 0.0
+    assert max_err(got["dx"], tb["dx"]) == 0.0
+
+
+def test_channels_last_and_memory_format():
+    x = spread_input((2, 12, 7, 9), torch.float32).contiguous(memory_format=torch.channels_last)
+    params = random_params(12, 16, seed=2)
+    g = grad_like(x)
+    got = run_backend("cpu", x, params, 1, g)
+    assert got["y"].is_contiguous(memory_format=torch.channels_last)
+    assert got["dx"].is_contiguous(memory_format=torch.channels_last)
+    assert_all_close(got, run_reference64(x, params, 1, g), rtol=1e-5, atol=1e-6)
+    # a contiguous gradient for a channels-last input
+    got2 = run_backend("cpu", x, params, 1, g.contiguous())
+    assert_all_close(got2, got, rtol=1e-6, atol=1e-7)
+
+
+def test_non_dense_input_and_broadcast_grad():
+    base = spread_input((4, 10, 30), torch.float32)
+    x = base[:, :, ::3].transpose(0, 2)  # (10, 10, 4), strided, channels on axis 1
+    params = random_params(10, 8, seed=4)
+    g = torch.ones(()).expand(x.shape)
+    got = run_backend("cpu", x, params, 1, g)
+    assert_all_close(got, run_reference64(x, params, 1, g), rtol=1e-5, atol=1e-6)
+
+
+def test_empty_input():
+    x = torch.empty(0, 3, 4)
+    params = random_params(3, 4)
+    got = run_backend("cpu", x, params, 1, torch.empty(0, 3, 4))
+    assert got["y"].shape == (0, 3, 4)
+    assert all(float(got[f"d{n}"].abs().sum()) == 0.0 for n in PARAM_NAMES)
+
+
+def test_backend_functions_directly_match_torch_backend():
+    """The interface itself: forward(..., shift) and backward() -> (dx, hist) in the compute dtype."""
+    from pwlu.ops.common import fold_tables
+
+    x = spread_input((3, 5, 77), torch.float32)
+    g = grad_like(x)
+    params = random_params(5, 16, seed=9)
+    slopes, intercepts, left, right, inv_d, shift = fold_tables(*params)
+    y = cpu_backend.forward(x, slopes, intercepts, left, right, inv_d, 1, shift)
+    y_t = torch_backend.forward(x, slopes, intercepts, left, right, inv_d, 1, shift)
+    torch.testing.assert_close(y, y_t, rtol=1e-6, atol=1e-6)
+    dx, hist = cpu_backend.backward(g, x, slopes, left, right, inv_d, 1)
+    dx_t, hist_t = torch_backend.backward(g, x, slopes, left, right, inv_d, 1)
+    assert hist.dtype == torch.float32 and hist.shape == (5, 18, 2)
+    torch.testing.assert_close(dx, dx_t, rtol=0, atol=0)
+    torch.testing.assert_close(hist, hist_t, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape,channel_dim", [((8, 16, 40, 40), 1), ((64, 50, 32), -1), ((200000,), 0)])
+def test_parameter_gradients_are_deterministic(shape, channel_dim):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        channel_wise = len(shape) > 1
+        params = random_params(shape[channel_dim] if channel_wise else None, 16, seed=6)
+        x = spread_input(shape, torch.float32)
+        g = grad_like(x)
+        first = run_backend("cpu", x, params, channel_dim, g)
+        second = run_backend("cpu", x, params, channel_dim, g)
+    finally:
+        torch.set_num_threads(previous)
+    for key in KEYS:
+        assert torch.equal(first[key], second[key]), f"{key} differs between two identical runs"
+
+
+def test_large_sums_are_accurate():
+    """Histograms accumulate in double: parameter gradients over 1M elements match float64."""
+    x = spread_input((4, 2, 131072), torch.float32)
+    params = random_params(2, 16, seed=8)
+    g = grad_like(x)
+    got = run_backend("cpu", x, params, 1, g)
+    assert_all_close(got, run_reference64(x, params, 1, g), rtol=2e-6, atol=1e-6)
+
+
+@pytest.fixture
+def fresh_build(tmp_path, monkeypatch):
+    """A fresh cache directory and no loaded library; restores the real one afterwards."""
+    monkeypatch.setenv("PWLU_CPU_BUILD_DIR", str(tmp_path))
+    cpu_backend._reset_for_tests()
+    yield tmp_path
+    monkeypatch.undo()
+    cpu_backend._reset_for_tests()
+
+
+def test_missing_compiler_falls_back_with_one_warning(fresh_build, monkeypatch):
+    monkeypatch.setenv("CC", str(fresh_build / "no-such-compiler"))
+    cpu = torch.device("cpu")
+    with pytest.warns(RuntimeWarning, match="falling back to the slower torch backend"):
+        assert not cpu_backend.is_available(cpu)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning
+        assert not cpu_backend.is_available(cpu)
+        assert dispatch.select(cpu) is torch_backend
+        x = spread_input((2, 3, 50), torch.float32)
+        params = random_params(3, 8)
+        g = grad_like(x)
+        got = run_backend("auto", x, params, 1, g)
+    assert_all_close(got, run_reference64(x, params, 1, g), rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match="not available"), pwlu.use_backend("cpu"):
+        pwlu.pwlu(x, *params, channel_dim=1)
+    assert not list(fresh_build.glob("*.so"))
+
+
+def test_build_is_cached_in_build_dir(fresh_build):
+    assert cpu_backend.is_available(torch.device("cpu"))
+    built = list(fresh_build.glob("pwlu_cpu_*.so"))
+    assert len(built) == 1 and not list(fresh_build.glob("*.tmp*"))
+    mtime = built[0].stat().st_mtime_ns
+    cpu_backend._reset_for_tests()
+    assert cpu_backend.is_available(torch.device("cpu"))
+    assert built[0].stat().st_mtime_ns == mtime, "a cached build must be reused, not rebuilt"
+
+
+def test_portable_path_without_avx512(fresh_build, monkeypatch):
+    """The scalar C path (what a machine without AVX-512 runs), built without -march=native."""
+    monkeypatch.setattr(cpu_backend, "_FLAG_SETS", (("-O2", "-fopenmp", "-shared", "-fPIC"),))
+    lib = cpu_backend.library()
+    assert lib is not None and not lib.pwlu_cpu_has_avx512()
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for shape, cd in (((2, 5, 61), 1), ((7, 5), 1), ((3, 4, 5), -1)):
+            x = spread_input(shape, dtype)
+            params = random_params(5, 16, seed=11)
+            g = grad_like(x)
+            got = run_backend("cpu", x, params, cd, g)
+            tb = run_backend("torch", x, params, cd, g)
+            assert_all_close(got, tb, rtol=1e-5, atol=1e-5)
