@@ -14,8 +14,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+FASHION := /usr/share/datasets/fashion-mnist
+
 demo: install
-	$(PY) -m pwlu.fit_demo
+	@test -f $(FASHION)/train-images-idx3-ubyte.gz || ! command -v apt-get >/dev/null || \
+	  { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; } || \
+	  echo "could not install dataset-fashion-mnist; the demo will try torchvision's downloader"
+	$(PY) -m pwlu.demo
 
 test: install
 	$(PY) -m pytest -q -n 2 tests

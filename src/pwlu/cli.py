@@ -1,0 +1,238 @@
+"""The ``pwlu`` command line: train, compare, ablate, plot (also ``python -m pwlu``)."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import pathlib
+import statistics
+import sys
+
+from .data import DataError
+from .train import ConfigError, TrainConfig
+
+TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def _add_train_options(p: argparse.ArgumentParser, single: bool = True) -> None:
+    d = TrainConfig()
+    if single:
+        p.add_argument("--model", default=d.model, help="cnn, resnet, mobilenet_v2 or mobilenet_v3")
+        p.add_argument("--activation", default=d.activation, help="relu, swish, prelu, apl, pau, frelu or pwlu")
+        p.add_argument("--seed", type=int, default=d.seed)
+        p.add_argument("--mode", default=d.mode, help="PWLU mode: channel or layer")
+        p.add_argument("--intervals", type=int, default=d.intervals, help="PWLU intervals N")
+        p.add_argument("--fix-init", type=float, default=None, metavar="X", help="fix-init-X: range [-X, X], no phase I")
+        p.add_argument("--rebound-every", type=int, default=None, help="function-preserving re-bound every k steps")
+        p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+        p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--dataset", default=d.dataset, help="fashion-mnist, cifar10, synthetic or imagefolder:PATH")
+    p.add_argument("--data-dir", default=None, help="directory holding the dataset files")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs, help="phase I length (paper: 5 of 100)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate of the one-cycle cosine schedule")
+    p.add_argument("--weight-decay", type=float, default=None, help="default: per architecture (SPEC section 7)")
+    p.add_argument("--train-subset", type=int, default=None, help="use this many training images")
+    p.add_argument("--test-subset", type=int, default=None, help="use this many test images")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bars")
+
+
+def _config(args: argparse.Namespace, **overrides) -> TrainConfig:
+    values = {k: v for k, v in vars(args).items() if k in TRAIN_FIELDS}
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def _run_or_reuse(cfg: TrainConfig, data=None) -> dict:
+    """Train ``cfg`` unless ``cfg.out`` already holds a finished run with the same config."""
+    from .train import train
+
+    metrics = pathlib.Path(cfg.out) / "metrics.json"
+    if metrics.exists():
+        old = json.loads(metrics.read_text())
+        if old.get("finished") and old.get("config") == dataclasses.asdict(cfg):
+            print(f"reusing finished run {cfg.out}", file=sys.stderr)
+            return old
+    return train(cfg, data=data, resume=True)
+
+
+def _write_table(rows: list[dict], group_keys: list[str], out: pathlib.Path, title: str) -> str:
+    """Per group: mean ± std of the final test accuracy over seeds. Writes CSV and Markdown."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "runs.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    groups: dict[tuple, list[float]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in group_keys), []).append(100 * r["final_test_acc"])
+    lines = [f"# {title}", "", "| " + " | ".join(group_keys) + " | top-1 (%) mean ± std | seeds |",
+             "|" + "---|" * (len(group_keys) + 2)]  # fmt: skip
+    summary = []
+    for key, accs in groups.items():
+        sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        mean = statistics.mean(accs)
+        lines.append("| " + " | ".join(str(k) for k in key) + f" | {mean:.2f} ± {sd:.2f} | {len(accs)} |")
+        summary.append({**dict(zip(group_keys, key)), "mean": round(mean, 3), "std": round(sd, 3), "n": len(accs)})
+    text = "\n".join(lines) + "\n"
+    (out / "table.md").write_text(text)
+    with open(out / "table.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(summary[0]))
+        writer.writeheader()
+        writer.writerows(summary)
+    return text
+
+
+def cmd_train(args) -> int:
+    from .train import train
+
+    result = train(_config(args, out=args.out), resume=args.resume)
+    if "final_test_acc" in result:
+        print(f"final test accuracy {100 * result['final_test_acc']:.2f}% ({args.out}/metrics.json)")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .train import prepare_data
+
+    configs = [
+        _config(args, model=model, activation=act, seed=seed, out=f"{args.out}/runs/{model}_{act}_s{seed}")
+        for model in args.models
+        for act in args.activations
+        for seed in args.seeds
+    ]
+    for cfg in configs:  # every bad value is reported before any run starts
+        cfg.validate()
+    data = prepare_data(configs[0])
+    rows = []
+    for cfg in configs:
+        res = _run_or_reuse(cfg, data)
+        rows.append({"model": cfg.model, "activation": cfg.activation, "seed": cfg.seed, "final_test_acc": res["final_test_acc"]})
+    print(_write_table(rows, ["model", "activation"], pathlib.Path(args.out), "Activation comparison"))
+    return 0
+
+
+ABLATIONS = {
+    "fix-init-3": dict(fix_init=3.0),
+    "fix-init-6": dict(fix_init=6.0),
+    "fix-init-10": dict(fix_init=10.0),
+    "stat-realign (channel)": dict(),
+    "stat-realign (layer)": dict(mode="layer"),
+    "N=4": dict(intervals=4),
+    "N=8": dict(intervals=8),
+    "N=12": dict(intervals=12),
+    "N=16": dict(intervals=16),
+    "N=20": dict(intervals=20),
+}
+
+
+def cmd_ablate(args) -> int:
+    from .train import prepare_data
+
+    for name in args.variants:
+        if name not in ABLATIONS:
+            raise ConfigError(f"unknown ablation {name!r}; expected one of {', '.join(ABLATIONS)}")
+    runs = []
+    for name in args.variants:
+        for seed in args.seeds:
+            slug = name.replace(" ", "_").replace("(", "").replace(")", "").replace("=", "")
+            cfg = _config(args, model=args.model, activation="pwlu", seed=seed, out=f"{args.out}/runs/{slug}_s{seed}",
+                          **ABLATIONS[name])  # fmt: skip
+            cfg.validate()
+            runs.append((name, cfg))
+    data = prepare_data(runs[0][1])
+    rows = []
+    for name, cfg in runs:
+        res = _run_or_reuse(cfg, data)
+        rows.append({"variant": name, "seed": cfg.seed, "final_test_acc": res["final_test_acc"]})
+    print(_write_table(rows, ["variant"], pathlib.Path(args.out), f"PWLU ablations ({args.model})"))
+    return 0
+
+
+def cmd_plot(args) -> int:
+    import torch
+
+    from .plotting import collect_inputs, plot_iou, plot_shapes
+    from .realign import boundary_iou
+    from .train import build, load_checkpoint, prepare_data
+
+    runs = []
+    for path in [args.checkpoint] + ([args.compare] if args.compare else []):
+        ckpt = load_checkpoint(path)
+        cfg = TrainConfig(**{k: v for k, v in ckpt["config"].items() if k in TRAIN_FIELDS})
+        if args.data_dir:
+            cfg.data_dir = args.data_dir
+        data = prepare_data(cfg)
+        model = build(cfg, data)
+        model.load_state_dict(ckpt["model"])
+        mean, std = ckpt["normalisation"]
+        from .data import normalise
+
+        batches = [normalise(data.test_x[i : i + 256], mean, std) for i in range(0, min(len(data.test_y), 256 * args.batches), 256)]
+        runs.append((pathlib.Path(path).parent.name or str(path), model, batches))
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    label, model, batches = runs[0]
+    with torch.no_grad():
+        plot_shapes(model, collect_inputs(model, batches), out / "shapes.png")
+    ious = {lbl: boundary_iou(m, b) for lbl, m, b in runs}
+    plot_iou(ious, out / "iou.png")
+    for lbl, per_module in ious.items():
+        values = torch.cat([v.reshape(-1) for v in per_module.values()])
+        print(f"{lbl}: mean IOU {values.mean():.3f} over {values.numel()} channels")
+    print(f"wrote {out / 'shapes.png'} and {out / 'iou.png'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pwlu", description="PWLU training and experiments")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train one model")
+    _add_train_options(p)
+    p.add_argument("--out", default="runs/train", help="output directory (checkpoint, metrics)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("compare", help="activations x architectures x seeds; Markdown + CSV table")
+    _add_train_options(p, single=False)
+    p.add_argument("--models", nargs="+", default=["cnn", "resnet", "mobilenet_v3"])
+    p.add_argument("--activations", nargs="+", default=["relu", "swish", "prelu", "apl", "pau", "frelu", "pwlu"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--out", default="experiments/compare")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("ablate", help="fix-init-{3,6,10} vs stat-realign (layer, channel) and the N sweep")
+    _add_train_options(p, single=False)
+    p.add_argument("--model", default="cnn")
+    p.add_argument("--variants", nargs="+", default=list(ABLATIONS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--out", default="experiments/ablate")
+    p.set_defaults(func=cmd_ablate)
+
+    p = sub.add_parser("plot", help="learned shapes and IOU distributions of a checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("--compare", default=None, help="a second checkpoint for the IOU comparison (e.g. fix-init-10)")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--batches", type=int, default=4, help="test batches of 256 used for histograms and IOUs")
+    p.add_argument("--out", default="plots")
+    p.set_defaults(func=cmd_plot)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (DataError, ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"pwlu: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pwlu: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""Training with the paper's recipe at CPU scale: SGD + one-cycle cosine, realignment, checkpoints."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import TensorData, augment, channel_stats, load_dataset, normalise
+from .models import ARCHITECTURES, WEIGHT_DECAY, build_model
+from .modules import PWLU
+
+CHECKPOINT = "checkpoint.pt"
+
+
+class ConfigError(ValueError):
+    """A bad command-line or config value (the CLI prints it as a one-line error)."""
+
+
+@dataclass
+class TrainConfig:
+    model: str = "cnn"
+    activation: str = "pwlu"
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None
+    epochs: int = 5
+    warmup_epochs: int = 1
+    batch_size: int = 128
+    lr: float = 0.1
+    weight_decay: float | None = None  # None: the per-architecture default (SPEC section 7)
+    intervals: int = 16
+    mode: str = "channel"
+    fix_init: float | None = None
+    rebound_every: int | None = None
+    seed: int = 0
+    train_subset: int | None = None
+    test_subset: int | None = None
+    out: str = "runs/default"
+    progress: bool = True
+    stop_after: int | None = None  # stop (as if killed) after this many epochs; for resume tests
+
+    def validate(self) -> None:
+        from .baselines import ACTIVATIONS
+
+        if self.model not in ARCHITECTURES:
+            raise ConfigError(f"unknown model {self.model!r}; expected one of {', '.join(ARCHITECTURES)}")
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"unknown activation {self.activation!r}; expected one of {', '.join(ACTIVATIONS)}")
+        if self.mode not in ("channel", "layer"):
+            raise ConfigError(f"--mode must be 'channel' or 'layer', but got {self.mode!r}")
+        for name in ("epochs", "batch_size", "intervals"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, but got {getattr(self, name)}")
+        if not 0 <= self.warmup_epochs < self.epochs:
+            raise ConfigError(f"--warmup-epochs must be in [0, epochs), but got {self.warmup_epochs}")
+        if self.fix_init is not None and self.fix_init <= 0:
+            raise ConfigError(f"--fix-init must be > 0, but got {self.fix_init}")
+        if self.lr <= 0:
+            raise ConfigError(f"--lr must be > 0, but got {self.lr}")
+
+    @property
+    def uses_realignment(self) -> bool:
+        return self.activation == "pwlu" and self.fix_init is None and self.warmup_epochs > 0
+
+
+def make_activation_factory(cfg: TrainConfig):
+    """``act(num_channels) -> nn.Module`` for the configured activation."""
+    from .baselines import call_factory, get_activation
+
+    factory = get_activation(cfg.activation)
+    if cfg.activation == "pwlu":
+        return lambda c: PWLU(None if cfg.mode == "layer" else c, num_intervals=cfg.intervals, channel_dim=1)
+    return lambda c: call_factory(factory, c, 1)
+
+
+def build(cfg: TrainConfig, data: TensorData) -> nn.Module:
+    return build_model(cfg.model, make_activation_factory(cfg), data.in_channels, data.num_classes)
+
+
+def prepare_data(cfg: TrainConfig) -> TensorData:
+    data = load_dataset(cfg.dataset, cfg.data_dir)
+    g = torch.Generator().manual_seed(1234)  # the subset does not depend on the run's seed
+    if cfg.train_subset:
+        idx = torch.randperm(len(data.train_y), generator=g)[: cfg.train_subset]
+        data.train_x, data.train_y = data.train_x[idx], data.train_y[idx]
+    if cfg.test_subset:
+        idx = torch.randperm(len(data.test_y), generator=g)[: cfg.test_subset]
+        data.test_x, data.test_y = data.test_x[idx], data.test_y[idx]
+    return data
+
+
+def _dist_info() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _maybe_init_distributed() -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mean, std, batch_size: int = 512) -> tuple[float, float]:
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for i in range(0, len(y), batch_size):
+        logits = model(normalise(x[i : i + batch_size], mean, std))
+        loss_sum += F.cross_entropy(logits, y[i : i + batch_size], reduction="sum").item()
+        correct += (logits.argmax(1) == y[i : i + batch_size]).sum().item()
+    model.train()
+    return loss_sum / len(y), correct / len(y)
+
+
+def _atomic_save(obj: Any, path: pathlib.Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _write_metrics(out: pathlib.Path, cfg: TrainConfig, history: list[dict], done: bool) -> None:
+    summary = {"config": dataclasses.asdict(cfg), "history": history, "finished": done}
+    if history:
+        summary["final_test_acc"] = history[-1]["test_acc"]
+        summary["best_test_acc"] = max(h["test_acc"] for h in history)
+    tmp = out / "metrics.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, out / "metrics.json")
+    with open(out / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(history[0]) if history else ["epoch"])
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Load a checkpoint written by :func:`train`, with a clear error for a corrupt file."""
+    p = pathlib.Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint {p} does not exist")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - unpickling errors have many types
+        raise ConfigError(f"checkpoint {p} is corrupt or not a pwlu checkpoint ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
+        raise ConfigError(f"checkpoint {p} is not a pwlu checkpoint (missing config/model)")
+    return ckpt
+
+
+def train(cfg: TrainConfig, data: TensorData | None = None, resume: bool = False) -> dict:
+    """Train one model; returns the metrics summary (also written to ``cfg.out/metrics.json``)."""
+    from .realign import BoundaryRealigner, fix_init, parameter_groups
+
+    cfg.validate()
+    _maybe_init_distributed()
+    rank, world = _dist_info()
+    data = data if data is not None else prepare_data(cfg)  # fails before anything is written
+    out = pathlib.Path(cfg.out)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    mean, std = channel_stats(data.train_x)
+
+    torch.manual_seed(cfg.seed)
+    model = build(cfg, data)
+    if cfg.activation == "pwlu" and cfg.fix_init is not None:
+        fix_init(model, cfg.fix_init)
+    steps_per_epoch = math.ceil(len(data.train_y) / (cfg.batch_size * world))
+    total_steps = cfg.epochs * steps_per_epoch
+    wd = WEIGHT_DECAY[cfg.model] if cfg.weight_decay is None else cfg.weight_decay
+    optimizer = torch.optim.SGD(parameter_groups(model, wd), lr=cfg.lr, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=cfg.lr, total_steps=total_steps, anneal_strategy="cos", pct_start=0.15
+    )
+    realigner = None
+    if cfg.uses_realignment:
+        realigner = BoundaryRealigner(model, cfg.warmup_epochs * steps_per_epoch, rebound_every=cfg.rebound_every)
+    ddp_model = model
+    if world > 1:
+        ddp_model = nn.parallel.DistributedDataParallel(model)
+
+    history: list[dict] = []
+    start_epoch = 0
+    ckpt_path = out / CHECKPOINT
+    if resume and ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if realigner is not None:
+            realigner.load_state_dict(ckpt["realigner"])
+        history = ckpt["history"]
+        start_epoch = ckpt["epoch"] + 1
+
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm is optional
+        tqdm = None
+
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        # data order and augmentation depend only on (seed, epoch): a resumed run sees the same batches
+        g = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
+        perm = torch.randperm(len(data.train_y), generator=g)[rank::world]
+        batches = range(0, len(perm), cfg.batch_size)
+        if tqdm is not None and cfg.progress and rank == 0:
+            batches = tqdm(batches, desc=f"{cfg.model}/{cfg.activation} epoch {epoch + 1}/{cfg.epochs}", leave=False)
+        loss_sum, correct, seen = 0.0, 0, 0
+        model.train()
+        for i in batches:
+            idx = perm[i : i + cfg.batch_size]
+            x = normalise(augment(data.train_x[idx], g), mean, std)
+            y = data.train_y[idx]
+            logits = ddp_model(x)
+            loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            if realigner is not None:
+                realigner.step()
+            loss_sum += loss.item() * len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+            seen += len(y)
+        test_loss, test_acc = evaluate(model, data.test_x, data.test_y, mean, std)
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "train_loss": round(loss_sum / seen, 6),
+                "train_acc": round(correct / seen, 6),
+                "test_loss": round(test_loss, 6),
+                "test_acc": round(test_acc, 6),
+                "lr": scheduler.get_last_lr()[0],
+                "seconds": round(time.perf_counter() - t0, 2),
+            }
+        )
+        if rank == 0:
+            state = {
+                "config": dataclasses.asdict(cfg),
+                "epoch": epoch,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "realigner": realigner.state_dict() if realigner is not None else None,
+                "history": history,
+                "normalisation": (mean, std),
+            }
+            _atomic_save(state, ckpt_path)
+            _write_metrics(out, cfg, history, done=epoch + 1 == cfg.epochs)
+        if cfg.stop_after is not None and epoch + 1 >= cfg.stop_after and epoch + 1 < cfg.epochs:
+            break
+    return json.loads((out / "metrics.json").read_text()) if rank == 0 else {"history": history}
