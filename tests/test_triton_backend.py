@@ -228,6 +228,39 @@ def test_parameter_gradients_deterministic(device):
         assert torch.equal(first[key], second[key]), key
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided", "channels_innermost"])
+def test_opcheck(device, layout):
+    """Fake kernels agree with the Triton outputs (shapes, strides), autograd registration holds."""
+    x = inputs((2, 3, 4, 6), device)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = x[..., ::2]
+    cd = 3 if layout == "channels_innermost" else 1
+    params = [p.to(device) for p in random_params(x.shape[cd], n=8, seed=11)]
+    with pwlu.use_backend("triton"):
+        torch.library.opcheck(torch.ops.pwlu.pwlu.default, (x.requires_grad_(True), *(p.requires_grad_(True) for p in params), cd))
+        grad = torch.randn_like(x)
+        torch.library.opcheck(torch.ops.pwlu.pwlu_backward.default, (grad, x.detach(), *(p.detach() for p in params), cd))
+
+
+def test_compile_fullgraph(device):
+    """The op with Triton kernels inside a torch.compile(fullgraph=True) graph, training step."""
+    module = pwlu.PWLU(4, num_intervals=8, channel_dim=-1)
+    with torch.no_grad():
+        module.points.add_(0.1 * torch.randn(module.points.shape, generator=torch.Generator().manual_seed(0)))
+    module = module.to(device)
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    x = inputs((3, 5, 4), device)
+    with pwlu.use_backend("triton"):
+        y = compiled(x)
+        y.square().sum().backward()
+    got = {"y": y.detach(), **{f"d{name}": getattr(module, name).grad for name in PARAM_NAMES}}
+    params = [getattr(module, name).detach() for name in PARAM_NAMES]
+    want = run(pwlu.pwlu_reference, x, params, -1, grad=2 * got["y"], backend="reference")
+    assert_outputs_close(got, want, keys=("y",) + KEYS[2:], rtol=1e-5, atol=1e-4)
+
+
 def test_is_available():
     assert triton_backend.is_available(torch.device("cpu")) == INTERPRETED
     assert triton_backend.is_available(torch.device("cuda"))
