@@ -268,6 +268,22 @@ def test_timm_resnet18_converts():
     assert [m.num_channels for _, m in pwlus(model)] == resnet_expected_channels((2, 2, 2, 2), False)
 
 
+@pytest.mark.parametrize("arch,se_class", [("seresnet18", "SEModule"), ("efficientnet_b0", "SqueezeExcite")])
+def test_timm_se_blocks_untouched(arch, se_class):
+    timm = pytest.importorskip("timm")
+    model = timm.create_model(arch, pretrained=False).eval()
+    se_names = [n for n, m in model.named_modules() if type(m).__name__ == se_class]
+    se_acts = {
+        n: m for n, m in model.named_modules() if pwlu.convert.is_activation(m) and n.rpartition(".")[0] in se_names
+    }
+    acts = [n for n, m in model.named_modules() if pwlu.convert.is_activation(m)]
+    assert len(se_acts) == len(se_names) > 0
+    pwlu.convert_activations(model, example_input=X64)
+    assert all(model.get_submodule(n) is m for n, m in se_acts.items())
+    # no reuse in timm blocks: every other activation module is one call site
+    assert sorted(n for n, _ in pwlus(model)) == sorted(set(acts) - set(se_acts))
+
+
 def test_timm_vit_and_convnext_channels_last():
     timm = pytest.importorskip("timm")
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32).eval()

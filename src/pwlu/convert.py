@@ -291,7 +291,11 @@ def convert_activations(
     :data:`SE_CLASS_NAMES` (torchvision ``SqueezeExcitation``, timm ``SqueezeExcite``,
     ``SEModule``, ...); any activation whose input was spatially 1x1 (channel axis 1, product of
     the dimensions after it equal to 1); activations the example forward pass never called (a
-    warning names them).
+    warning names them). Activations called as functions inside a ``forward`` (``F.relu(x)``, as
+    in torchvision's ``TwoMLPHead`` and ``LastLevelP6P7``) are not modules and are not seen.
+    A 2-D ``(B, C)`` input (a classifier MLP, e.g. MobileNetV3's ``Linear -> Hardswish``) is
+    converted; the same layer written as a 1x1 convolution after global pooling (timm's
+    ``conv_head``) has a spatially 1x1 input and is kept.
 
     How it works: one forward pass with ``example_input``, in the model's current train/eval
     mode, under ``no_grad``, with hooks that record the input shape of every activation call
