@@ -24,7 +24,8 @@ two compares and looks the slope and intercept up in registers (``vpermt2ps`` ov
 and computed in fp32 (F16C conversion; bf16 by bit shifts, round to nearest even). The
 parameter-gradient histogram is a scalar scatter into double-precision per-thread,
 per-copy bins over a static partition, reduced in a fixed order, so parameter gradients
-are bit-identical run to run for a fixed thread count (``torch.get_num_threads()``).
+are bit-identical run to run for a fixed thread count (``torch.get_num_threads()``, or one
+thread below :data:`GRAIN_SIZE` elements).
 Without AVX-512 a portable scalar loop is used; fp64 always uses it.
 
 Alternatives measured (2 cores, NCHW (32, 64, 56, 56) fp32, N = 16, ratios to ReLU; see
@@ -59,6 +60,9 @@ _FLAG_SETS = (
 )
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 _ABI_VERSION = 2
+#: Below this many elements one thread runs the kernel (as ATen's grain size): waking a
+#: second thread costs more than it saves, and on a busy machine it can cost a time slice.
+GRAIN_SIZE = 65536
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "lib": ctypes.CDLL, or "error": str once a build failed
@@ -180,6 +184,8 @@ def is_available(device: torch.device) -> bool:
 
 def _dense_order(x: Tensor) -> list[int] | None:
     """A permutation ``p`` with ``x.permute(p)`` contiguous (memory order, outermost first), else ``None``."""
+    if x.is_contiguous():
+        return list(range(x.dim()))
     order = sorted(range(x.dim()), key=lambda d: (-x.stride(d), d))
     return order if x.permute(order).is_contiguous() else None
 
@@ -206,7 +212,7 @@ def _layout(x: Tensor, channel_dim: int | None) -> tuple[Tensor, list[int], tupl
 def _like(x: Tensor, order: list[int]) -> Tensor:
     """An uninitialised tensor shaped like x with the same memory order."""
     out = torch.empty_like(x)
-    if not out.permute(order).is_contiguous():
+    if not (out.is_contiguous() if order == sorted(order) else out.permute(order).is_contiguous()):
         perm_shape = [x.shape[d] for d in order]
         out = torch.empty(perm_shape, dtype=x.dtype, device=x.device).permute(_inverse(order))
     return out
@@ -224,6 +230,10 @@ def _in_order(t: Tensor, order: list[int]) -> Tensor:
     if t.permute(order).is_contiguous():
         return t
     return t.permute(order).contiguous().permute(_inverse(order))
+
+
+def _num_threads(numel: int) -> int:
+    return 1 if numel < GRAIN_SIZE else torch.get_num_threads()
 
 
 def _tables(*tables: Tensor) -> list[Tensor]:
@@ -252,7 +262,7 @@ def forward(x, slopes, intercepts, left, right, inv_d, channel_dim, shift):
     rc = fn(
         x.data_ptr(), y.data_ptr(), _kernel_dtype(x, lib), outer, channels, inner,
         slopes.data_ptr(), intercepts.data_ptr(), left.data_ptr(), right.data_ptr(), inv_d.data_ptr(),
-        shift.data_ptr(), n, torch.get_num_threads(),
+        shift.data_ptr(), n, _num_threads(x.numel()),
     )  # fmt: skip
     assert rc == 0
     return y
@@ -276,7 +286,7 @@ def backward(grad, x, slopes, left, right, inv_d, channel_dim):
         rc = fn(
             grad.data_ptr(), x.data_ptr(), dx.data_ptr(), _kernel_dtype(x, lib), outer, channels, inner,
             slopes.data_ptr(), left.data_ptr(), right.data_ptr(), inv_d.data_ptr(),
-            n, torch.get_num_threads(), hist.data_ptr(),
+            n, _num_threads(x.numel()), hist.data_ptr(),
         )  # fmt: skip
         if rc != 0:
             raise MemoryError("pwlu cpu backend: could not allocate the histogram buffers")
