@@ -31,7 +31,7 @@ def _add_train_options(p: argparse.ArgumentParser, single: bool = True) -> None:
     p.add_argument("--dataset", default=d.dataset, help="fashion-mnist, cifar10, synthetic or imagefolder:PATH")
     p.add_argument("--data-dir", default=None, help="directory holding the dataset files")
     p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs, help="phase I length (paper: 5 of 100)")
+    p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs, help="phase I length in epochs, may be fractional (paper: 5 of 100)")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate of the one-cycle cosine schedule")
     p.add_argument("--weight-decay", type=float, default=None, help="default: per architecture (SPEC section 7)")

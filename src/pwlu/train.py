@@ -34,7 +34,7 @@ class TrainConfig:
     dataset: str = "fashion-mnist"
     data_dir: str | None = None
     epochs: int = 5
-    warmup_epochs: int = 1
+    warmup_epochs: float = 1  # may be fractional: warmup_steps = round(warmup_epochs * steps_per_epoch)
     batch_size: int = 128
     lr: float = 0.1
     weight_decay: float | None = None  # None: the per-architecture default (SPEC section 7)
@@ -182,7 +182,8 @@ def train(cfg: TrainConfig, data: TensorData | None = None, resume: bool = False
     )
     realigner = None
     if cfg.uses_realignment:
-        realigner = BoundaryRealigner(model, cfg.warmup_epochs * steps_per_epoch, rebound_every=cfg.rebound_every)
+        warmup_steps = max(1, round(cfg.warmup_epochs * steps_per_epoch))
+        realigner = BoundaryRealigner(model, warmup_steps, rebound_every=cfg.rebound_every)
     ddp_model = model
     if world > 1:
         ddp_model = nn.parallel.DistributedDataParallel(model)
