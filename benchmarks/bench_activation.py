@@ -253,6 +253,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 7, quick 3)")
     parser.add_argument("--no-peers", action="store_true", help="skip torchpwl, DeepSplines and PAU")
     parser.add_argument("--no-save", action="store_true", help="print only; write no result files")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU; default: torch's)")
+    parser.add_argument("--case", default=None, help="run only the cases whose name contains this text, e.g. NCHW")
     args = parser.parse_args()
     device, dtype = args.device, getattr(torch, args.dtype)
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -272,6 +274,10 @@ def main() -> None:
             Case("channels_last (16, 64, 32, 32)", "channels_last", (16, 64, 32, 32), 1),
             Case("BTC (16, 256, 256)", "BTC", (16, 256, 256), -1),
         ]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.case:
+        cases = [c for c in cases if args.case in c.name]
     dev = torch.device(device)
     backends = [b for b in ("torch", "cpu", "triton") if dispatch.is_available(b, dev)]
     threads = torch.get_num_threads()

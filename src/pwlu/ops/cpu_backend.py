@@ -20,20 +20,24 @@ channels-last, ``(B, T, C)`` with ``channel_dim=-1``; other strides are copied o
 (read x, write y) and one pass backward (read x and g, write dx), the same traffic as
 ReLU. With AVX-512 the 16-lane loop finds the region with one subtract, one multiply and
 two compares and looks the slope and intercept up in registers (``vpermt2ps`` over the
-``N + 2 <= 32`` entries of the channel); fp16/bf16 are loaded and stored in their dtype
-and computed in fp32 (F16C conversion; bf16 by bit shifts, round to nearest even). The
-parameter-gradient histogram is a scalar scatter into double-precision per-thread,
-per-copy bins over a static partition, reduced in a fixed order, so parameter gradients
-are bit-identical run to run for a fixed thread count (``torch.get_num_threads()``, or one
-thread below :data:`GRAIN_SIZE` elements).
-Without AVX-512 a portable scalar loop is used; fp64 always uses it.
+``N + 2 <= 32`` entries of the channel; a gather beyond that); fp16/bf16 are loaded and
+stored in their dtype and computed in fp32 (F16C conversion; bf16 by bit shifts, round to
+nearest even). The parameter-gradient histogram uses lane-private accumulators, one
+compare and two masked adds per region and 16 elements (float for at most 256 terms per
+lane, then double), per thread over a static partition, reduced in a fixed order: the
+parameter gradients are bit-identical run to run for a fixed thread count
+(``torch.get_num_threads()``, or one thread below :data:`GRAIN_SIZE` elements). Without
+AVX-512, and for fp64, a portable scalar loop is used; channels-fastest layouts gather the
+per-lane tables and scatter the histogram element by element (slower, still one pass).
 
-Alternatives measured (2 cores, NCHW (32, 64, 56, 56) fp32, N = 16, ratios to ReLU; see
-``benchmarks/results/cpu_backend_choice.md``): the vectorised-torch backend makes ~15
-full-size passes (about 10x ReLU forward, 8x forward+backward); ``torch.compile`` of the
-same torch code (inductor C++) fuses the forward well but the histogram becomes an
-atomic scatter or a one-hot reduction over N + 2 regions, and it needs a compiler too, with
-a far slower first call; the plain-C kernel reaches ReLU's memory traffic.
+Alternatives measured (2 cores, NCHW (32, 64, 56, 56) fp32, N = 16, interleaved with ReLU
+in the same run; details in ``benchmarks/results/cpu_backend_choice.md``): the eager
+vectorised-torch backend is ~54x ReLU forward and ~59x ReLU backward; ``torch.compile``
+(inductor C++) of the same code is 5.6x forward and 29.5x backward (the histogram stays an
+``index_add_`` scatter), needs a compiler as well and takes ~8 s on first call; this kernel
+is 1.07x forward and 2.3x ReLU's ``threshold_backward``. For the histogram, a scalar
+scatter into double bins (4 or 8 copies, blocked or not) cost 4-5x the rest of the
+backward; the vectorised compare-and-masked-add form costs 1.5x.
 """
 
 from __future__ import annotations
