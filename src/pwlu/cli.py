@@ -187,6 +187,18 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import ExportError, export_checkpoint
+
+    try:
+        res = export_checkpoint(args.checkpoint, args.format, args.out, image_size=args.image_size)
+    except ExportError as e:
+        raise ValueError(str(e)) from None
+    print(f"wrote {res['path']} ({res['format']}, {res['method']}); verified on input {tuple(res['input_shape'])}: "
+          f"max relative error {res['max_rel_err']:.3g} vs PyTorch")  # fmt: skip
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pwlu", description="PWLU training and experiments")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -218,6 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", type=int, default=4, help="test batches of 256 used for histograms and IOUs")
     p.add_argument("--out", default="plots")
     p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("export", help="export a checkpoint to ONNX or TorchScript and verify it against PyTorch")
+    p.add_argument("checkpoint")
+    p.add_argument("--format", required=True, choices=["onnx", "torchscript"])
+    p.add_argument("--out", default=None, help="output file (default: model.onnx / model.pt next to the checkpoint)")
+    p.add_argument("--image-size", type=int, default=None, help="image side (needed for imagefolder datasets)")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from .functional import pwlu
 from .ops.common import fold_tables
+from .ops.folded import pwlu_folded
 from .ops.validation import check_input, normalize_channel_dim
 from .statistics import update_running_stats
 
@@ -147,6 +148,24 @@ class PWLU(nn.Module):
         self.right_slope.copy_(slope_r.detach())
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return self._forward_folded(x)
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            return self._forward_folded(x)
+        return self._forward_op(x)
+
+    def _forward_folded(self, x: Tensor) -> Tensor:
+        """Pure-torch folded forward, the path taken under ``torch.jit.script``/``trace`` and
+        ONNX export, where the custom op cannot go (no running-statistics update)."""
+        cd: int | None = None
+        if self.num_channels is not None:
+            cd = self.channel_dim % x.dim()
+        return pwlu_folded(
+            x, self.points, self.left_bound, self.right_bound, self.left_slope, self.right_slope, cd
+        )
+
+    @torch.jit.unused
+    def _forward_op(self, x: Tensor) -> Tensor:
         check_input(x)
         if self.channel_wise:
             cd = normalize_channel_dim(self.channel_dim, x.dim())

@@ -27,7 +27,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def effective_bounds(
-    left_bound: Tensor, right_bound: Tensor, num_intervals: int
+    left_bound: Tensor, right_bound: Tensor, num_intervals: int, min_width: float = MIN_WIDTH
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Return ``(right_eff, width, inv_d)`` with the minimum width applied.
 
@@ -35,9 +35,10 @@ def effective_bounds(
     Differentiable (used by the reference as well as by the fast path).
     """
     raw = right_bound - left_bound
-    ok = raw >= MIN_WIDTH
-    width = torch.where(ok, raw, torch.full_like(raw, MIN_WIDTH))
-    right_eff = torch.where(ok, right_bound, left_bound + MIN_WIDTH)
+    # min_width is an argument (not the global) so that TorchScript can compile this
+    ok = raw >= min_width
+    width = torch.where(ok, raw, torch.full_like(raw, min_width))
+    right_eff = torch.where(ok, right_bound, left_bound + min_width)
     inv_d = num_intervals / width
     return right_eff, width, inv_d
 
