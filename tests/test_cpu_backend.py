@@ -249,10 +249,14 @@ def test_parameter_gradients_are_deterministic(shape, channel_dim):
         assert torch.equal(first[key], second[key]), f"{key} differs between two identical runs"
 
 
-def test_large_sums_are_accurate():
-    """Histograms accumulate in double: parameter gradients over 1M elements match float64."""
-    x = spread_input((4, 2, 131072), torch.float32)
-    params = random_params(2, 16, seed=8)
+@pytest.mark.parametrize("shape", [(4, 2, 131072), (40000, 24)])
+def test_large_sums_are_accurate(shape):
+    """Histograms end in double: parameter gradients over ~1M elements match float64.
+
+    (4, 2, 131072) runs the channel-segment path, (40000, 24) the channels-fastest one.
+    """
+    x = spread_input(shape, torch.float32)
+    params = random_params(shape[1], 16, seed=8)
     g = grad_like(x)
     got = run_backend("cpu", x, params, 1, g)
     assert_all_close(got, run_reference64(x, params, 1, g), rtol=2e-6, atol=1e-6)

@@ -26,9 +26,10 @@ nearest even). The parameter-gradient histogram uses lane-private accumulators, 
 compare and two masked adds per region and 16 elements (float for at most 256 terms per
 lane, then double), per thread over a static partition, reduced in a fixed order: the
 parameter gradients are bit-identical run to run for a fixed thread count
-(``torch.get_num_threads()``, or one thread below :data:`GRAIN_SIZE` elements). Without
-AVX-512, and for fp64, a portable scalar loop is used; channels-fastest layouts gather the
-per-lane tables and scatter the histogram element by element (slower, still one pass).
+(``torch.get_num_threads()``, or one thread below :data:`GRAIN_SIZE` elements). Where the
+channels are the fastest axis (channels-last, ``(B, T, C)``) lanes are channels: the
+histogram is the same lane-private one, the tables are gathered per lane. Without AVX-512,
+and for fp64, a portable scalar loop is used.
 
 Alternatives measured (2 cores, NCHW (32, 64, 56, 56) fp32, N = 16, interleaved with ReLU
 in the same run; details in ``benchmarks/results/cpu_backend_choice.md``): the eager

@@ -12,10 +12,10 @@
  * Backward: dx = g * slopes[k]; hist[c, k] += (g, g * r) with r = x - left (k = 0),
  * x - right (k = N+1), u - i (inner). Each thread owns partial histograms over a static
  * partition of the elements; they are reduced in a fixed order, so the result is
- * bit-identical run to run for a fixed thread count. The AVX-512 channel-segment path keeps
- * lane-private accumulators (one compare and two masked adds per region and 16 elements,
- * float for at most 256 terms per lane, then double); the other paths scatter each element
- * into double bins (NCOPY copies break store-to-load dependency chains).
+ * bit-identical run to run for a fixed thread count. The AVX-512 paths keep lane-private
+ * accumulators (one compare and two masked adds per region and 16 elements, float for at
+ * most 256 terms per lane, then double); the portable paths scatter each element into
+ * double bins (NCOPY copies break store-to-load dependency chains).
  */
 #include <math.h>
 #include <stdint.h>
@@ -204,16 +204,6 @@ static inline void fwd_seg_f(const void *x, void *y, int64_t b, int64_t e, int d
     }
 }
 
-/* Histogram of 16 lanes: lane j adds (g, g*r) to hist copy (j % NCOPY) at region base + k. */
-static inline void scatter16(double *h, int64_t copy_stride, const int32_t *base, const int32_t *k, const float *g,
-                             const float *gr, int cnt) {
-    for (int j = 0; j < cnt; j++) {
-        double *p = h + (j % NCOPY) * copy_stride + 2 * (int64_t)(base[j] + k[j]);
-        p[0] += (double)g[j];
-        p[1] += (double)gr[j];
-    }
-}
-
 /* Histogram of one channel segment, vectorised: lane-private accumulators acc[k][s][lane]
  * (s = 0: g, s = 1: g*r); region j is added with one compare and two masked adds per 16
  * elements, 6 regions at a time so that their 12 accumulators stay in registers. float
@@ -329,33 +319,74 @@ static inline void fwd_row_f(const void *x, void *y, int64_t off, int64_t C, int
         st16(y, off + c, finish16(xv, sh, a, bb), m, dt);
     }
 }
-static inline void bwd_row_f(const void *gp, const void *x, void *dx, int64_t off, int64_t C, int dt, const float *sl,
-                             const float *left, const float *right, const float *invd, int64_t n, double *h,
-                             int64_t copy_stride) {
+/* Rows [rb, re) of C channels each. Lane l of channel block cb is channel 16 cb + l, so the
+ * lane-private accumulators acc[cb][k][s][lane] of bwd_seg_f work here too: a vector pass
+ * over ROW_CHUNK rows writes k, g and g*r per channel block to L1 buffers, then hist_block
+ * adds them up block by block (float for at most 256 rows, then double). */
+#define ROW_CHUNK 16
+static inline void bwd_rows_f(const void *gp, const void *x, void *dx, int64_t rb, int64_t re, int64_t C, int dt,
+                              const float *sl, const float *left, const float *right, const float *invd, int64_t n,
+                              double *h) {
     const __m512 nm1 = _mm512_set1_ps((float)(n - 1));
     const __m512i np1 = _mm512_set1_epi32((int)(n + 1));
     const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-    int32_t kb[16], bb[16];
-    float gb[16], grb[16];
-    for (int64_t c = 0; c < C; c += 16) {
-        __mmask16 m = tail_mask(C - c);
-        __m512 lo = _mm512_maskz_loadu_ps(m, left + c), hi = _mm512_maskz_loadu_ps(m, right + c);
-        __m512 inv = _mm512_maskz_loadu_ps(m, invd + c);
-        __m512 xv = ld16(x, off + c, m, dt), g = ld16(gp, off + c, m, dt), xl, u, fi;
-        __m512i k = region16(xv, lo, hi, inv, nm1, np1, &xl, &u, &fi);
-        __m512i base = _mm512_mullo_epi32(_mm512_add_epi32(lane, _mm512_set1_epi32((int)c)),
-                                          _mm512_set1_epi32((int)(n + 2)));
-        __m512 a = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, _mm512_add_epi32(base, k), sl, 4);
-        st16(dx, off + c, _mm512_mul_ps(g, a), m, dt);
-        __m512 r = _mm512_sub_ps(u, fi);
-        r = _mm512_mask_mov_ps(r, _mm512_cmp_ps_mask(xv, lo, _CMP_LT_OQ), xl);
-        r = _mm512_mask_mov_ps(r, _mm512_cmp_ps_mask(xv, hi, _CMP_GE_OQ), _mm512_sub_ps(xv, hi));
-        _mm512_storeu_si512(kb, k);
-        _mm512_storeu_si512(bb, base);
-        _mm512_storeu_ps(gb, g);
-        _mm512_storeu_ps(grb, _mm512_mul_ps(g, r));
-        scatter16(h, copy_stride, bb, kb, gb, grb, C - c >= 16 ? 16 : (int)(C - c));
+    const int64_t m = n + 2, mg = (m + REGION_GROUP - 1) / REGION_GROUP * REGION_GROUP;
+    const int64_t nb = (C + 15) / 16, asize = nb * mg * 2 * 16, bsize = nb * ROW_CHUNK * 16;
+    float *accf = (float *)aligned_alloc(64, (size_t)asize * sizeof(float));
+    double *accd = (double *)aligned_alloc(64, (size_t)asize * sizeof(double));
+    int32_t *kbuf = (int32_t *)aligned_alloc(64, (size_t)bsize * sizeof(int32_t));
+    float *gbuf = (float *)aligned_alloc(64, (size_t)bsize * sizeof(float));
+    float *rbuf = (float *)aligned_alloc(64, (size_t)bsize * sizeof(float));
+    if (!accf || !accd || !kbuf || !gbuf || !rbuf) abort();
+    memset(accf, 0, (size_t)asize * sizeof(float));
+    memset(accd, 0, (size_t)asize * sizeof(double));
+    int chunks = 0;
+    for (int64_t r0 = rb; r0 < re; r0 += ROW_CHUNK) {
+        const int64_t r1 = r0 + ROW_CHUNK < re ? r0 + ROW_CHUNK : re;
+        for (int64_t row = r0; row < r1; row++) {
+            const int64_t off = row * C;
+            for (int64_t cb = 0; cb < nb; cb++) {
+                const int64_t c = 16 * cb, slot = (cb * ROW_CHUNK + (row - r0)) * 16;
+                __mmask16 msk = tail_mask(C - c);
+                __m512 lo = _mm512_maskz_loadu_ps(msk, left + c), hi = _mm512_maskz_loadu_ps(msk, right + c);
+                __m512 inv = _mm512_maskz_loadu_ps(msk, invd + c);
+                /* masked-off lanes load x = 0, g = 0 and add nothing */
+                __m512 xv = ld16(x, off + c, msk, dt), g = ld16(gp, off + c, msk, dt), xl, u, fi;
+                __m512i k = region16(xv, lo, hi, inv, nm1, np1, &xl, &u, &fi);
+                __m512i base = _mm512_mullo_epi32(_mm512_add_epi32(lane, _mm512_set1_epi32((int)c)),
+                                                  _mm512_set1_epi32((int)(n + 2)));
+                __m512 a = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), msk, _mm512_add_epi32(base, k), sl, 4);
+                /* dy/dx = slope of region k */
+                st16(dx, off + c, _mm512_mul_ps(g, a), msk, dt);
+                __m512 r = _mm512_sub_ps(u, fi);
+                r = _mm512_mask_mov_ps(r, _mm512_cmp_ps_mask(xv, lo, _CMP_LT_OQ), xl);
+                r = _mm512_mask_mov_ps(r, _mm512_cmp_ps_mask(xv, hi, _CMP_GE_OQ), _mm512_sub_ps(xv, hi));
+                _mm512_store_si512(kbuf + slot, k);
+                _mm512_store_ps(gbuf + slot, g);
+                _mm512_store_ps(rbuf + slot, _mm512_mul_ps(g, r));
+            }
+        }
+        for (int64_t cb = 0; cb < nb; cb++) {
+            const int64_t slot = cb * ROW_CHUNK * 16;
+            hist_block(kbuf + slot, gbuf + slot, rbuf + slot, r1 - r0, accf + cb * mg * 32, m);
+        }
+        if (++chunks == 256 / ROW_CHUNK) {
+            flush_acc(accf, accd, nb * mg);
+            chunks = 0;
+        }
     }
+    flush_acc(accf, accd, nb * mg);
+    /* lanes are channels: acc[cb][k][s][l] belongs to channel 16 cb + l */
+    for (int64_t cb = 0; cb < nb; cb++)
+        for (int l = 0; l < 16 && 16 * cb + l < C; l++)
+            for (int64_t k = 0; k < m; k++)
+                for (int s2 = 0; s2 < 2; s2++)
+                    h[((16 * cb + l) * m + k) * 2 + s2] += accd[((cb * mg + k) * 2 + s2) * 16 + l];
+    free(accf);
+    free(accd);
+    free(kbuf);
+    free(gbuf);
+    free(rbuf);
 }
 #endif /* PWLU_AVX512 */
 
@@ -446,7 +477,7 @@ FWD_DRIVER(float, f32c, F_SEG, F_ROW)
             fwd_elem_d(((const double *)x)[r * C + c], sl + c * m, ic + c * m, left[c], right[c], invd[c], shift[c], n)
 FWD_DRIVER(double, f64, D_SEG, D_ROW)
 
-#define BWD_DRIVER(T, SUF, SEG_FN, ROW_FN)                                                                        \
+#define BWD_DRIVER(T, SUF, SEG_FN, ROWS_FN)                                                                        \
     int pwlu_backward_##SUF(const void *gp, const void *x, void *dx, int dt, int64_t outer, int64_t C,             \
                             int64_t inner, const T *sl, const T *left, const T *right, const T *invd, int64_t n,  \
                             int nthreads, double *hist_out) {                                                     \
@@ -466,7 +497,7 @@ FWD_DRIVER(double, f64, D_SEG, D_ROW)
             if (rows_mode) {                                                                                      \
                 int64_t rb, re;                                                                                   \
                 split(outer, t, nth, 1, &rb, &re);                                                                \
-                for (int64_t r = rb; r < re; r++) ROW_FN;                                                         \
+                ROWS_FN;                                                                                          \
             } else {                                                                                              \
                 int64_t pb, pe;                                                                                   \
                 split(total, t, nth, ALIGN_ELEMS, &pb, &pe);                                                      \
@@ -486,25 +517,27 @@ FWD_DRIVER(double, f64, D_SEG, D_ROW)
 
 #if PWLU_AVX512
 #define FB_SEG bwd_seg_f(gp, x, dx, pb, se, dt, sl + c * m, left[c], right[c], invd[c], n, h + c * m * 2)
-#define FB_ROW bwd_row_f(gp, x, dx, r * C, C, dt, sl, left, right, invd, n, h, hsize)
+#define FB_ROWS bwd_rows_f(gp, x, dx, rb, re, C, dt, sl, left, right, invd, n, h)
 #else
 #define FB_SEG bwd_seg_generic_f(gp, x, dx, pb, se, dt, sl + c * m, left[c], right[c], invd[c], n, h + c * m * 2, hsize)
-#define FB_ROW                                                                                                   \
+#define FB_ROWS                                                                                                  \
+    for (int64_t r = rb; r < re; r++)                                                                            \
     for (int64_t c = 0; c < C; c++)                                                                              \
         store_s(dx, r * C + c,                                                                                   \
                 bwd_elem_f(load_s(x, r * C + c, dt), load_s(gp, r * C + c, dt), sl + c * m, left[c], right[c],   \
                            invd[c], n, h + (c % NCOPY) * hsize + c * m * 2),                                      \
                 dt)
 #endif
-BWD_DRIVER(float, f32c, FB_SEG, FB_ROW)
+BWD_DRIVER(float, f32c, FB_SEG, FB_ROWS)
 
 #define DB_SEG                                                                                                   \
     for (int64_t i = pb; i < se; i++)                                                                            \
         ((double *)dx)[i] = bwd_elem_d(((const double *)x)[i], ((const double *)gp)[i], sl + c * m, left[c],      \
                                        right[c], invd[c], n, h + ((i - pb) % NCOPY) * hsize + c * m * 2)
-#define DB_ROW                                                                                                   \
+#define DB_ROWS                                                                                                  \
+    for (int64_t r = rb; r < re; r++)                                                                            \
     for (int64_t c = 0; c < C; c++)                                                                              \
         ((double *)dx)[r * C + c] =                                                                              \
             bwd_elem_d(((const double *)x)[r * C + c], ((const double *)gp)[r * C + c], sl + c * m, left[c],     \
                        right[c], invd[c], n, h + (c % NCOPY) * hsize + c * m * 2)
-BWD_DRIVER(double, f64, DB_SEG, DB_ROW)
+BWD_DRIVER(double, f64, DB_SEG, DB_ROWS)
