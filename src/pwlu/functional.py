@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from .ops import dispatch
-from .ops.pwlu_op import pwlu_op
+from .ops.pwlu_op import pwlu_apply
 from .ops.reference import pwlu_reference
 from .ops.validation import check_params
 
@@ -25,7 +25,9 @@ def pwlu(
 
     Paper: https://arxiv.org/abs/2104.03693. The forward is the folded one-multiply-add
     form (SPEC section 5); the backward returns the exact gradients of SPEC section 3 for
-    x and all five parameters and saves only x and the parameters. The backend is chosen
+    x and all five parameters and saves only x and the parameters. Eager calls use a
+    ``torch.autograd.Function``; under ``torch.compile``/``torch.export`` the same code runs as
+    the custom op ``torch.ops.pwlu.pwlu``. The backend is chosen
     in ``pwlu.ops.dispatch`` (see :func:`pwlu.use_backend`).
 
     Args:
@@ -40,4 +42,4 @@ def pwlu(
     cd = check_params(x, points, left_bound, right_bound, left_slope, right_slope, channel_dim)
     if dispatch.get_backend_name() == "reference":
         return pwlu_reference(x, points, left_bound, right_bound, left_slope, right_slope, channel_dim)
-    return pwlu_op(x, points, left_bound, right_bound, left_slope, right_slope, cd)
+    return pwlu_apply(x, points, left_bound, right_bound, left_slope, right_slope, cd)

@@ -57,6 +57,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from . import common
+
 _SOURCE = Path(__file__).with_name("csrc") / "pwlu_cpu.c"
 _FLAG_SETS = (
     ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"),
@@ -131,6 +133,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     for name in ("pwlu_backward_f32c", "pwlu_backward_f64"):
         fn = getattr(lib, name)
         fn.argtypes = [p, p, p, i32, i64, i64, i64, p, p, p, p, i64, i32, p]
+        fn.restype = i32
+    for name in ("pwlu_fold_f32", "pwlu_fold_f64"):
+        fn = getattr(lib, name)
+        fn.argtypes = [p, p, p, p, p, i64, i64, ctypes.c_double, p]
         fn.restype = i32
     for name in ("pwlu_cpu_abi_version", "pwlu_cpu_has_avx512", "pwlu_cpu_has_f16"):
         getattr(lib, name).restype = i32
@@ -249,6 +255,23 @@ def _kernel_dtype(x: Tensor, lib: ctypes.CDLL) -> int:
     if x.dtype not in _DTYPE_CODES:
         raise TypeError(f"pwlu cpu backend: unsupported dtype {x.dtype}")
     return _DTYPE_CODES[x.dtype]
+
+
+def fold_tables(points, left_bound, right_bound, left_slope, right_slope):
+    """:func:`pwlu.ops.common.fold_tables` in C (not differentiable): one call instead of ~20
+    small torch ops, which dominate the cost of a PWLU on small tensors."""
+    if points.dtype not in (torch.float32, torch.float64):
+        return common.fold_tables(points, left_bound, right_bound, left_slope, right_slope)
+    lib = library()
+    num_channels, n = points.shape[0], points.shape[1] - 1
+    params = [t.detach().contiguous() for t in (points, left_bound, right_bound, left_slope, right_slope)]
+    out = torch.empty(2 * num_channels * (n + 2) + 4 * num_channels, dtype=points.dtype)
+    fn = lib.pwlu_fold_f64 if points.dtype == torch.float64 else lib.pwlu_fold_f32
+    rc = fn(*(t.data_ptr() for t in params), num_channels, n, common.MIN_WIDTH, out.data_ptr())
+    assert rc == 0
+    size = num_channels * (n + 2)
+    rest = out[2 * size :].view(4, num_channels)
+    return out[:size].view(num_channels, n + 2), out[size : 2 * size].view(num_channels, n + 2), *rest.unbind(0)
 
 
 def forward(x, slopes, intercepts, left, right, inv_d, channel_dim, shift):

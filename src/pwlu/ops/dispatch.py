@@ -11,6 +11,7 @@ debugging.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import os
 from collections.abc import Iterator
@@ -51,6 +52,7 @@ def use_backend(name: str) -> Iterator[None]:
         _backend = previous
 
 
+@functools.lru_cache(maxsize=None)
 def _load(name: str) -> ModuleType | None:
     try:
         module = importlib.import_module(_MODULES[name])
