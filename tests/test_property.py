@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
-from helpers import run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pwlu
+from helpers import run
 
 
 @st.composite

@@ -52,7 +52,7 @@ def use_backend(name: str) -> Iterator[None]:
         _backend = previous
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load(name: str) -> ModuleType | None:
     try:
         module = importlib.import_module(_MODULES[name])
