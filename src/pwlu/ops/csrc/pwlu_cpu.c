@@ -581,5 +581,9 @@ BWD_DRIVER(double, f64, DB_SEG, DB_ROWS)
         }                                                                                           \
         return 0;                                                                                   \
     }
+/* no fused multiply-adds here: the tables equal common.fold_tables' bit for bit */
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
 PWLU_FOLD(float, pwlu_fold_f32)
 PWLU_FOLD(double, pwlu_fold_f64)
+#pragma GCC pop_options
