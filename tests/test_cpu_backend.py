@@ -340,3 +340,43 @@ def test_c_fold_matches_torch_fold(dtype):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
         else:
             assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("channel_wise", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_fused_entry_points_match_the_table_path(channel_wise, dtype):
+    """forward_from_params / backward_from_params (fold, kernel and gradient epilogue in one C
+    call, what pwlu.pwlu runs on CPU) against the torch folding + the same kernels + the torch
+    epilogue, including channels whose range collapsed below MIN_WIDTH."""
+    from pwlu.ops import common
+
+    c, n = (6, 8) if channel_wise else (1, 8)
+    g = torch.Generator().manual_seed(3)
+    points = torch.randn(c, n + 1, generator=g)
+    left = torch.randn(c, generator=g)
+    right = left + torch.rand(c, generator=g) * 4 + 0.5
+    right[0] = left[0] - 0.5  # collapsed: the effective B_R is B_L + MIN_WIDTH, dB_R goes to B_L
+    kl, kr = torch.randn(2, c, generator=g)
+    params = [points, left, right, kl, kr] if channel_wise else [points[0], left[0], right[0], kl[0], kr[0]]
+    cd = 1 if channel_wise else None
+    x = spread_input((3, c, 37), dtype)
+    x[0, 0, :3] = left[0]  # exactly on the collapsed range
+    gy = grad_like(x)
+    y = cpu_backend.forward_from_params(x, *params, cd)
+    dx, grads = cpu_backend.backward_from_params(gy, x, *params, cd)
+
+    cdt = common.compute_dtype(dtype)
+    two_d = [p.to(cdt).reshape(-1, n + 1) if i == 0 else p.to(cdt).reshape(-1) for i, p in enumerate(params)]
+    slopes, intercepts, lo, hi, inv_d, shift = common.fold_tables(*two_d)
+    assert torch.equal(y, cpu_backend.forward(x, slopes, intercepts, lo, hi, inv_d, cd, shift))
+    dx_t, hist = torch_backend.backward(gy, x, slopes, lo, hi, inv_d, cd)
+    torch.testing.assert_close(dx, dx_t, rtol=0, atol=0)
+    want = common.param_grads_from_histogram(
+        hist.double(), *(p.double() for p in two_d), slopes.double()
+    )
+    assert len(grads) == 5
+    for name, got, w, p in zip(PARAM_NAMES, grads, want, params):
+        assert got.shape == p.shape and got.dtype == p.dtype, name
+        tol = 1e-4 if dtype == torch.bfloat16 else 1e-5
+        torch.testing.assert_close(got.double(), w.reshape(p.shape), rtol=tol, atol=tol * (w.abs().max().item() + 1), msg=name)
+    assert grads[2].reshape(-1)[0] == 0 and grads[1].reshape(-1)[0] != 0  # collapsed: dB_R moved to B_L

@@ -40,6 +40,20 @@ def pwlu(
         Tensor: same shape and dtype as x.
     """
     cd = check_params(x, points, left_bound, right_bound, left_slope, right_slope, channel_dim)
+    return pwlu_checked(x, points, left_bound, right_bound, left_slope, right_slope, cd)
+
+
+def pwlu_checked(
+    x: Tensor,
+    points: Tensor,
+    left_bound: Tensor,
+    right_bound: Tensor,
+    left_slope: Tensor,
+    right_slope: Tensor,
+    channel_dim: int | None,
+) -> Tensor:
+    """:func:`pwlu` after :func:`pwlu.ops.validation.check_params` (internal: ``channel_dim`` is
+    its result, non-negative or ``None`` for layer-wise parameters)."""
     if dispatch.get_backend_name() == "reference":
-        return pwlu_reference(x, points, left_bound, right_bound, left_slope, right_slope, channel_dim)
-    return pwlu_apply(x, points, left_bound, right_bound, left_slope, right_slope, cd)
+        return pwlu_reference(x, points, left_bound, right_bound, left_slope, right_slope, channel_dim or 0)
+    return pwlu_apply(x, points, left_bound, right_bound, left_slope, right_slope, channel_dim)

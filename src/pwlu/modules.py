@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .functional import pwlu
+from .functional import pwlu_checked
 from .ops.common import fold_tables
 from .ops.folded import pwlu_folded
-from .ops.validation import check_input, normalize_channel_dim
+from .ops.validation import check_params
 from .statistics import update_running_stats
 
 INITS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -166,26 +166,17 @@ class PWLU(nn.Module):
 
     @torch.jit.unused
     def _forward_op(self, x: Tensor) -> Tensor:
-        check_input(x)
-        if self.channel_wise:
-            cd = normalize_channel_dim(self.channel_dim, x.dim())
-            if x.shape[cd] != self.num_channels:
-                raise ValueError(
-                    f"PWLU: input has {x.shape[cd]} channels on axis {self.channel_dim} "
-                    f"(shape {tuple(x.shape)}), but the module has num_channels={self.num_channels}"
-                )
+        params = (self.points, self.left_bound, self.right_bound, self.left_slope, self.right_slope)
+        cd = check_params(x, *params, self.channel_dim)  # dtype, parameter shapes, channel count
         if self.training and self._collecting:
-            self._update_statistics(x)
-        return pwlu(
-            x, self.points, self.left_bound, self.right_bound, self.left_slope, self.right_slope, self.channel_dim
-        )
+            self._update_statistics(x, cd)
+        return pwlu_checked(x, *params, cd)
 
-    def _update_statistics(self, x: Tensor) -> None:
+    def _update_statistics(self, x: Tensor, channel_dim: int | None) -> None:
         """Fold batch ``x`` into ``running_mean``/``running_std`` (all-reduced under DDP)."""
-        cd = normalize_channel_dim(self.channel_dim, x.dim()) if self.channel_wise else None
         group = getattr(self, "stats_process_group", None)
         update_running_stats(
-            self.running_mean, self.running_std, self.num_batches_tracked, x, cd, self.stats_momentum, group
+            self.running_mean, self.running_std, self.num_batches_tracked, x, channel_dim, self.stats_momentum, group
         )
 
     def set_collecting(self, collecting: bool) -> None:

@@ -66,7 +66,7 @@ _FLAG_SETS = (
     ("-O3", "-shared", "-fPIC"),
 )
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
-_ABI_VERSION = 2
+_ABI_VERSION = 3
 #: Below this many elements one thread runs the kernel (as ATen's grain size): waking a
 #: second thread costs more than it saves, and on a busy machine it can cost a time slice.
 GRAIN_SIZE = 65536
@@ -137,6 +137,14 @@ def _declare(lib: ctypes.CDLL) -> None:
     for name in ("pwlu_fold_f32", "pwlu_fold_f64"):
         fn = getattr(lib, name)
         fn.argtypes = [p, p, p, p, p, i64, i64, ctypes.c_double, p]
+        fn.restype = i32
+    for name in ("pwlu_fold_forward_f32c", "pwlu_fold_forward_f64"):
+        fn = getattr(lib, name)
+        fn.argtypes = [p, p, p, p, p, ctypes.c_double, p, p, i32, i64, i64, i64, i64, i32]
+        fn.restype = i32
+    for name in ("pwlu_fold_backward_f32c", "pwlu_fold_backward_f64"):
+        fn = getattr(lib, name)
+        fn.argtypes = [p, p, p, p, p, ctypes.c_double, p, p, p, i32, i64, i64, i64, i64, i32, p]
         fn.restype = i32
     for name in ("pwlu_cpu_abi_version", "pwlu_cpu_has_avx512", "pwlu_cpu_has_f16"):
         getattr(lib, name).restype = i32
@@ -294,6 +302,65 @@ def forward(x, slopes, intercepts, left, right, inv_d, channel_dim, shift):
     )  # fmt: skip
     assert rc == 0
     return y
+
+
+def _raw_params(x: Tensor, params) -> list[Tensor]:
+    """The five parameters in x's compute dtype, contiguous (no copy when they already are)."""
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return [p if p.dtype == dtype and p.is_contiguous() else p.detach().to(dtype).contiguous() for p in params]
+
+
+def _fused_ok(x: Tensor, lib) -> bool:
+    return x.dtype != torch.float16 or bool(lib.pwlu_cpu_has_f16())
+
+
+def forward_from_params(x, points, left_bound, right_bound, left_slope, right_slope, channel_dim):
+    """Fold and forward in one C call, from the parameters (shapes as validated by
+    :func:`pwlu.ops.validation.check_params`); ``None`` where this path does not apply."""
+    lib = library()
+    if lib is None or not _fused_ok(x, lib):
+        return None
+    params = _raw_params(x, (points, left_bound, right_bound, left_slope, right_slope))
+    x, order, (outer, channels, inner) = _layout(x, channel_dim)
+    y = _like(x, order)
+    if x.numel() == 0:
+        return y
+    fn = lib.pwlu_fold_forward_f64 if x.dtype == torch.float64 else lib.pwlu_fold_forward_f32c
+    rc = fn(
+        *(t.data_ptr() for t in params), common.MIN_WIDTH, x.data_ptr(), y.data_ptr(), _kernel_dtype(x, lib),
+        outer, channels, inner, points.shape[-1] - 1, _num_threads(x.numel()),
+    )  # fmt: skip
+    if rc != 0:
+        raise MemoryError("pwlu cpu backend: could not allocate the folded tables")
+    return y
+
+
+def backward_from_params(grad, x, points, left_bound, right_bound, left_slope, right_slope, channel_dim):
+    """``(dx, (d_points, d_left_bound, d_right_bound, d_left_slope, d_right_slope))`` in one C
+    call (fold, kernel, gradient epilogue in double); ``None`` where this path does not apply."""
+    lib = library()
+    if lib is None or not _fused_ok(x, lib):
+        return None
+    originals = (points, left_bound, right_bound, left_slope, right_slope)
+    params = _raw_params(x, originals)
+    n = points.shape[-1] - 1
+    num_channels = points.shape[0] if points.dim() == 2 else 1
+    x, order, (outer, channels, inner) = _layout(x, channel_dim)
+    grad = _in_order(grad.to(x.dtype).expand_as(x), order)
+    dx = _like(x, order)
+    out = torch.empty(num_channels * (n + 5), dtype=params[0].dtype)
+    fn = lib.pwlu_fold_backward_f64 if x.dtype == torch.float64 else lib.pwlu_fold_backward_f32c
+    rc = fn(
+        *(t.data_ptr() for t in params), common.MIN_WIDTH, grad.data_ptr(), x.data_ptr(), dx.data_ptr(),
+        _kernel_dtype(x, lib), outer, channels, inner, n, _num_threads(x.numel()), out.data_ptr(),
+    )  # fmt: skip
+    if rc != 0:
+        raise MemoryError("pwlu cpu backend: could not allocate the histogram buffers")
+    d_points = out[: num_channels * (n + 1)]
+    rest = out[num_channels * (n + 1) :].view(4, num_channels)
+    grads = (d_points, *rest.unbind(0))
+    # the gradients are views of one buffer: each gets its own storage, shape and dtype
+    return dx, tuple(g.reshape(p.shape).to(p.dtype, copy=True) for g, p in zip(grads, originals))
 
 
 def backward(grad, x, slopes, left, right, inv_d, channel_dim):

@@ -31,8 +31,13 @@ def _fold(backend):
 
 def forward_impl(x, points, left_bound, right_bound, left_slope, right_slope, channel_dim):
     """Fold the parameters and run the selected backend's forward (no autograd)."""
-    params = _channel_form(points, left_bound, right_bound, left_slope, right_slope, compute_dtype(x.dtype))
     backend = dispatch.select(x.device)
+    fused = getattr(backend, "forward_from_params", None)
+    if fused is not None:  # the backend folds and runs in one native call
+        y = fused(x, points, left_bound, right_bound, left_slope, right_slope, channel_dim)
+        if y is not None:
+            return y
+    params = _channel_form(points, left_bound, right_bound, left_slope, right_slope, compute_dtype(x.dtype))
     slopes, intercepts, left, right, inv_d, shift = _fold(backend)(*params)
     return backend.forward(x, slopes, intercepts, left, right, inv_d, channel_dim, shift)
 
@@ -41,8 +46,13 @@ def backward_impl(grad, x, points, left_bound, right_bound, left_slope, right_sl
     """``(dx, d_points, d_left_bound, d_right_bound, d_left_slope, d_right_slope)``: backend
     ``dx`` and per-region histograms, then the exact parameter gradients (SPEC section 3)."""
     originals = (points, left_bound, right_bound, left_slope, right_slope)
-    params = _channel_form(*originals, compute_dtype(x.dtype))
     backend = dispatch.select(x.device)
+    fused = getattr(backend, "backward_from_params", None)
+    if fused is not None:  # fold, kernel and gradient epilogue in one native call
+        res = fused(grad, x, *originals, channel_dim)
+        if res is not None:
+            return (res[0], *res[1])
+    params = _channel_form(*originals, compute_dtype(x.dtype))
     slopes, _, left, right, inv_d, _ = _fold(backend)(*params)
     dx, hist = backend.backward(grad, x, slopes, left, right, inv_d, channel_dim)
     grads = param_grads_from_histogram(hist, *params, slopes)

@@ -35,7 +35,7 @@ enum { PWLU_F32 = 0, PWLU_F64 = 1, PWLU_F16 = 2, PWLU_BF16 = 3 };
 #define NCOPY 4
 #define ALIGN_ELEMS 16
 
-int pwlu_cpu_abi_version(void) { return 2; }
+int pwlu_cpu_abi_version(void) { return 3; }
 int pwlu_cpu_has_avx512(void) { return PWLU_AVX512; }
 #ifdef __FLT16_MAX__
 int pwlu_cpu_has_f16(void) { return 1; }
@@ -587,3 +587,81 @@ BWD_DRIVER(double, f64, DB_SEG, DB_ROWS)
 PWLU_FOLD(float, pwlu_fold_f32)
 PWLU_FOLD(double, pwlu_fold_f64)
 #pragma GCC pop_options
+
+/* Fold + kernel in one call, from the raw parameters (channel form, contiguous, in the
+ * compute dtype): the per-call cost of a PWLU on small tensors is the Python around the
+ * kernel, so the tables are built here, in a scratch buffer, instead of in ~20 torch ops.
+ * The backward also does the gradient epilogue of common.param_grads_from_histogram, in
+ * double, and writes the five parameter gradients into grads_out:
+ * d_points (C, N+1), then d_left_bound, d_right_bound, d_left_slope, d_right_slope (C each). */
+#define PWLU_FUSED(T, SUF, FOLD)                                                                          \
+    int pwlu_fold_forward_##SUF(const T *pts, const T *bl, const T *br, const T *kl, const T *kr,         \
+                                double min_width, const void *x, void *y, int dt, int64_t outer,          \
+                                int64_t C, int64_t inner, int64_t n, int nthreads) {                      \
+        const int64_t sz = C * (n + 2);                                                                   \
+        T *buf = (T *)malloc(sizeof(T) * (size_t)(2 * sz + 4 * C));                                       \
+        if (!buf) return 1;                                                                               \
+        FOLD(pts, bl, br, kl, kr, C, n, min_width, buf);                                                  \
+        const T *sl = buf, *ic = buf + sz, *lo = ic + sz, *ro = lo + C, *iv = ro + C, *sh = iv + C;       \
+        int rc = pwlu_forward_##SUF##_k(x, y, dt, outer, C, inner, sl, ic, lo, ro, iv, sh, n, nthreads);  \
+        free(buf);                                                                                        \
+        return rc;                                                                                        \
+    }                                                                                                     \
+    int pwlu_fold_backward_##SUF(const T *pts, const T *bl, const T *br, const T *kl, const T *kr,        \
+                                 double min_width, const void *gp, const void *x, void *dx, int dt,       \
+                                 int64_t outer, int64_t C, int64_t inner, int64_t n, int nthreads,        \
+                                 T *grads_out) {                                                          \
+        const int64_t m = n + 2, sz = C * m;                                                              \
+        T *buf = (T *)malloc(sizeof(T) * (size_t)(2 * sz + 4 * C));                                       \
+        double *hist = (double *)calloc((size_t)(sz * 2), sizeof(double));                                \
+        if (!buf || !hist) {                                                                              \
+            free(buf);                                                                                    \
+            free(hist);                                                                                   \
+            return 1;                                                                                     \
+        }                                                                                                 \
+        FOLD(pts, bl, br, kl, kr, C, n, min_width, buf);                                                  \
+        const T *sl = buf, *lo = buf + 2 * sz, *ro = lo + C, *iv = ro + C;                                \
+        int rc = 0;                                                                                       \
+        if (outer * C * inner > 0)                                                                        \
+            rc = pwlu_backward_##SUF##_k(gp, x, dx, dt, outer, C, inner, sl, lo, ro, iv, n, nthreads, hist); \
+        if (rc == 0) {                                                                                    \
+            T *dp = grads_out, *dl = dp + C * (n + 1), *dr = dl + C, *dkl = dr + C, *dkr = dkl + C;       \
+            const T minw = (T)min_width;                                                                  \
+            for (int64_t c = 0; c < C; c++) {                                                             \
+                const double *h = hist + c * m * 2; /* h[2k] = sum g, h[2k+1] = sum g r in region k */    \
+                const T *a = sl + c * m;                                                                  \
+                double acc_l = -(double)kl[c] * h[0], acc_r = -(double)kr[c] * h[2 * (n + 1)];            \
+                for (int64_t j = 0; j <= n; j++) dp[c * (n + 1) + j] = 0;                                 \
+                /* dY[i] += sum g (1 - t), dY[i+1] += sum g t over interval i; outer pieces: sum g */     \
+                double prev = h[0];                                                                       \
+                for (int64_t i = 0; i < n; i++) {                                                         \
+                    const double g = h[2 * (i + 1)], gt = h[2 * (i + 1) + 1];                             \
+                    dp[c * (n + 1) + i] = (T)(prev + (g - gt));                                           \
+                    prev = gt;                                                                            \
+                    /* dB_L += -K_i sum g (1 - u/N), dB_R += -K_i sum g u/N, u = i + t */                 \
+                    const double gu_n = ((double)i * g + gt) / (double)n;                                 \
+                    acc_l -= (double)a[i + 1] * (g - gu_n);                                               \
+                    acc_r -= (double)a[i + 1] * gu_n;                                                     \
+                }                                                                                         \
+                dp[c * (n + 1) + n] = (T)(prev + h[2 * (n + 1)]);                                         \
+                dkl[c] = (T)h[1];           /* sum g (x - B_L) over x < B_L */                             \
+                dkr[c] = (T)h[2 * (n + 1) + 1]; /* sum g (x - B_R) over x >= B_R */                       \
+                if (br[c] - bl[c] < minw) { /* clamped to the minimum width: B_R follows B_L */           \
+                    dl[c] = (T)(acc_l + acc_r);                                                           \
+                    dr[c] = 0;                                                                            \
+                } else {                                                                                  \
+                    dl[c] = (T)acc_l;                                                                     \
+                    dr[c] = (T)acc_r;                                                                     \
+                }                                                                                         \
+            }                                                                                             \
+        }                                                                                                 \
+        free(buf);                                                                                        \
+        free(hist);                                                                                       \
+        return rc;                                                                                        \
+    }
+#define pwlu_forward_f32c_k pwlu_forward_f32c
+#define pwlu_forward_f64_k pwlu_forward_f64
+#define pwlu_backward_f32c_k pwlu_backward_f32c
+#define pwlu_backward_f64_k pwlu_backward_f64
+PWLU_FUSED(float, f32c, pwlu_fold_f32)
+PWLU_FUSED(double, f64, pwlu_fold_f64)
