@@ -150,7 +150,9 @@ class PWLU(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if torch.jit.is_scripting():
             return self._forward_folded(x)
-        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        if torch.jit.is_tracing():  # torch.jit.trace and the TorchScript-based ONNX exporter
+            return self._forward_folded(x)
+        if torch.compiler.is_compiling() and torch.onnx.is_in_onnx_export():  # the torch.export-based one
             return self._forward_folded(x)
         return self._forward_op(x)
 
@@ -166,11 +168,22 @@ class PWLU(nn.Module):
 
     @torch.jit.unused
     def _forward_op(self, x: Tensor) -> Tensor:
-        params = (self.points, self.left_bound, self.right_bound, self.left_slope, self.right_slope)
+        params = self._parameter_tuple()
         cd = check_params(x, *params, self.channel_dim)  # dtype, parameter shapes, channel count
         if self.training and self._collecting:
             self._update_statistics(x, cd)
         return pwlu_checked(x, *params, cd)
+
+    @torch.jit.unused
+    def _parameter_tuple(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """``(points, left_bound, right_bound, left_slope, right_slope)``, read from
+        ``_parameters`` directly (``nn.Module.__getattr__`` costs ~1 us per name, a visible
+        share of a call on a small tensor); attribute access where one was replaced."""
+        found = self._parameters
+        try:
+            return (found["points"], found["left_bound"], found["right_bound"], found["left_slope"], found["right_slope"])  # fmt: skip
+        except KeyError:  # e.g. under torch.nn.utils.parametrize
+            return (self.points, self.left_bound, self.right_bound, self.left_slope, self.right_slope)
 
     def _update_statistics(self, x: Tensor, channel_dim: int | None) -> None:
         """Fold batch ``x`` into ``running_mean``/``running_std`` (all-reduced under DDP)."""

@@ -195,6 +195,9 @@ def _reset_for_tests() -> None:
     """Forget the loaded library and any build error (the next call builds again)."""
     with _lock:
         _state.clear()
+    from . import dispatch
+
+    dispatch.forget_selection()
 
 
 def is_available(device: torch.device) -> bool:

@@ -72,8 +72,25 @@ def is_available(name: str, device: torch.device) -> bool:
     return True if check is None else bool(check(device))
 
 
+#: ``(setting, device type) -> backend module``; cleared by :func:`forget_selection`.
+_selected: dict[tuple[str, str], ModuleType] = {}
+
+
+def forget_selection() -> None:
+    """Drop the cached choices (after a backend's availability changed, e.g. a failed build)."""
+    _selected.clear()
+
+
 def select(device: torch.device) -> ModuleType:
     """The backend module that computes a PWLU on ``device`` (never ``reference``)."""
+    key = (_backend, device.type)
+    module = _selected.get(key)
+    if module is None:
+        module = _selected[key] = _select(device)
+    return module
+
+
+def _select(device: torch.device) -> ModuleType:
     name = _backend
     if name == "auto":
         preferred = "triton" if device.type == "cuda" else "cpu"

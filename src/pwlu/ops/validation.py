@@ -5,6 +5,15 @@ from __future__ import annotations
 from torch import Tensor
 
 _PARAM_NAMES = ("left_bound", "right_bound", "left_slope", "right_slope")
+_ALL_NAMES = ("points",) + _PARAM_NAMES
+
+
+def _bad_param(name: str, p, device) -> None:
+    if not isinstance(p, Tensor):
+        raise TypeError(f"pwlu: expected {name} to be a torch.Tensor, but got {type(p).__name__}")
+    if not p.is_floating_point():
+        raise TypeError(f"pwlu: expected {name} to be floating point, but got dtype {p.dtype}")
+    raise ValueError(f"pwlu: {name} is on {p.device} but x is on {device}")
 
 
 def check_input(x: Tensor) -> None:
@@ -40,13 +49,10 @@ def check_params(
     """Validate shapes; return the normalised channel axis (``None`` for layer-wise)."""
     check_input(x)
     params = (left_bound, right_bound, left_slope, right_slope)
-    for name, p in zip(("points",) + _PARAM_NAMES, (points,) + params):
-        if not isinstance(p, Tensor):
-            raise TypeError(f"pwlu: expected {name} to be a torch.Tensor, but got {type(p).__name__}")
-        if not p.is_floating_point():
-            raise TypeError(f"pwlu: expected {name} to be floating point, but got dtype {p.dtype}")
-        if p.device != x.device:
-            raise ValueError(f"pwlu: {name} is on {p.device} but x is on {x.device}")
+    device = x.device
+    for name, p in zip(_ALL_NAMES, (points,) + params):
+        if not (isinstance(p, Tensor) and p.is_floating_point() and p.device == device):
+            _bad_param(name, p, device)
     if points.dim() not in (1, 2):
         raise ValueError(
             f"pwlu: points must have shape (N+1,) (layer-wise) or (C, N+1) (channel-wise), "

@@ -168,10 +168,11 @@ typedef struct {
     __m512 a0, a1, b0, b1;
 } table32;
 static inline table32 load_table32(const float *sl, const float *ic, int64_t m) {
-    float a[32] = {0}, b[32] = {0};
-    memcpy(a, sl, (size_t)m * 4);
-    if (ic) memcpy(b, ic, (size_t)m * 4);
-    table32 t = {_mm512_loadu_ps(a), _mm512_loadu_ps(a + 16), _mm512_loadu_ps(b), _mm512_loadu_ps(b + 16)};
+    /* masked loads: nothing is read past entry m - 1, the padding is 0 */
+    const __mmask16 m0 = tail_mask(m), m1 = m > 16 ? tail_mask(m - 16) : (__mmask16)0;
+    const __m512 z = _mm512_setzero_ps();
+    table32 t = {_mm512_maskz_loadu_ps(m0, sl), _mm512_maskz_loadu_ps(m1, sl + 16),
+                 ic ? _mm512_maskz_loadu_ps(m0, ic) : z, ic ? _mm512_maskz_loadu_ps(m1, ic + 16) : z};
     return t;
 }
 
@@ -438,12 +439,15 @@ static void reduce_hist(const double *parts, int nparts, int64_t size, double *o
                 PWLU_TID(t, nth);                                                                               \
                 int64_t pb, pe;                                                                                 \
                 split(total, t, nth, ALIGN_ELEMS, &pb, &pe);                                                    \
+                /* rows (o, c) of inner elements; one division per thread, not per row */                       \
+                int64_t row = pb / inner, c = row % C;                                                          \
                 while (pb < pe) {                                                                               \
-                    int64_t row = pb / inner, se = (row + 1) * inner;                                           \
+                    int64_t se = (row + 1) * inner;                                                             \
                     if (se > pe) se = pe;                                                                       \
-                    int64_t c = row % C;                                                                        \
                     SEG_FN;                                                                                     \
                     pb = se;                                                                                    \
+                    row++;                                                                                      \
+                    if (++c == C) c = 0;                                                                        \
                 }                                                                                               \
             }                                                                                                   \
         }                                                                                                       \
@@ -477,14 +481,14 @@ FWD_DRIVER(float, f32c, F_SEG, F_ROW)
             fwd_elem_d(((const double *)x)[r * C + c], sl + c * m, ic + c * m, left[c], right[c], invd[c], shift[c], n)
 FWD_DRIVER(double, f64, D_SEG, D_ROW)
 
-#define BWD_DRIVER(T, SUF, SEG_FN, ROWS_FN)                                                                        \
+#define BWD_DRIVER(T, SUF, SEG_FN, ROWS_FN, COPIES)                                                                   \
     int pwlu_backward_##SUF(const void *gp, const void *x, void *dx, int dt, int64_t outer, int64_t C,             \
                             int64_t inner, const T *sl, const T *left, const T *right, const T *invd, int64_t n,  \
                             int nthreads, double *hist_out) {                                                     \
         const int64_t m = n + 2, hsize = C * m * 2;                                                               \
         (void)dt;                                                                                                 \
         nthreads = clamp_threads(nthreads);                                                                       \
-        double *parts = (double *)calloc((size_t)nthreads * NCOPY * hsize, sizeof(double));                       \
+        double *parts = (double *)calloc((size_t)nthreads * (COPIES) * hsize, sizeof(double));                     \
         if (!parts) return 1;                                                                                     \
         int used = 1;                                                                                             \
         const int rows_mode = inner == 1 && C > 1;                                                                \
@@ -493,7 +497,7 @@ FWD_DRIVER(double, f64, D_SEG, D_ROW)
             int t = 0, nth = 1;                                                                                   \
             PWLU_TID(t, nth);                                                                                     \
             if (t == 0) used = nth;                                                                               \
-            double *h = parts + (int64_t)t * NCOPY * hsize;                                                       \
+            double *h = parts + (int64_t)t * (COPIES) * hsize;                                                     \
             if (rows_mode) {                                                                                      \
                 int64_t rb, re;                                                                                   \
                 split(outer, t, nth, 1, &rb, &re);                                                                \
@@ -501,23 +505,36 @@ FWD_DRIVER(double, f64, D_SEG, D_ROW)
             } else {                                                                                              \
                 int64_t pb, pe;                                                                                   \
                 split(total, t, nth, ALIGN_ELEMS, &pb, &pe);                                                      \
+                int64_t row = pb / inner, c = row % C;                                                            \
                 while (pb < pe) {                                                                                 \
-                    int64_t row = pb / inner, se = (row + 1) * inner;                                             \
+                    int64_t se = (row + 1) * inner;                                                               \
                     if (se > pe) se = pe;                                                                         \
-                    int64_t c = row % C;                                                                          \
                     SEG_FN;                                                                                       \
                     pb = se;                                                                                      \
+                    row++;                                                                                        \
+                    if (++c == C) c = 0;                                                                          \
                 }                                                                                                 \
             }                                                                                                     \
         }                                                                                                         \
-        reduce_hist(parts, used * NCOPY, hsize, hist_out);                                                        \
+        reduce_hist(parts, used * (COPIES), hsize, hist_out);                                                      \
         free(parts);                                                                                              \
         return 0;                                                                                                 \
     }
 
 #if PWLU_AVX512
-#define FB_SEG bwd_seg_f(gp, x, dx, pb, se, dt, sl + c * m, left[c], right[c], invd[c], n, h + c * m * 2)
+/* A short segment (small spatial maps: a row of one channel holds few elements) does not
+ * amortise the vector histogram's per-segment set-up (accumulators, flush, lane sums), so it
+ * takes the scalar scatter into double bins. */
+#define SHORT_SEG 512
+#define FB_SEG                                                                                                   \
+    if (se - pb >= SHORT_SEG)                                                                                    \
+        bwd_seg_f(gp, x, dx, pb, se, dt, sl + c * m, left[c], right[c], invd[c], n, h + c * m * 2);              \
+    else                                                                                                         \
+        bwd_seg_generic_f(gp, x, dx, pb, se, dt, sl + c * m, left[c], right[c], invd[c], n, h + c * m * 2, 0)
 #define FB_ROWS bwd_rows_f(gp, x, dx, rb, re, C, dt, sl, left, right, invd, n, h)
+/* one histogram per thread (no NCOPY copies: the vector paths keep lane-private sums, and a
+ * short segment is too short for long store-to-load chains) */
+#define F32_COPIES 1
 #else
 #define FB_SEG bwd_seg_generic_f(gp, x, dx, pb, se, dt, sl + c * m, left[c], right[c], invd[c], n, h + c * m * 2, hsize)
 #define FB_ROWS                                                                                                  \
@@ -527,8 +544,9 @@ FWD_DRIVER(double, f64, D_SEG, D_ROW)
                 bwd_elem_f(load_s(x, r * C + c, dt), load_s(gp, r * C + c, dt), sl + c * m, left[c], right[c],   \
                            invd[c], n, h + (c % NCOPY) * hsize + c * m * 2),                                      \
                 dt)
+#define F32_COPIES NCOPY
 #endif
-BWD_DRIVER(float, f32c, FB_SEG, FB_ROWS)
+BWD_DRIVER(float, f32c, FB_SEG, FB_ROWS, F32_COPIES)
 
 #define DB_SEG                                                                                                   \
     for (int64_t i = pb; i < se; i++)                                                                            \
@@ -540,7 +558,7 @@ BWD_DRIVER(float, f32c, FB_SEG, FB_ROWS)
         ((double *)dx)[r * C + c] =                                                                              \
             bwd_elem_d(((const double *)x)[r * C + c], ((const double *)gp)[r * C + c], sl + c * m, left[c],     \
                        right[c], invd[c], n, h + (c % NCOPY) * hsize + c * m * 2)
-BWD_DRIVER(double, f64, DB_SEG, DB_ROWS)
+BWD_DRIVER(double, f64, DB_SEG, DB_ROWS, NCOPY)
 
 /* Folding (common.fold_tables in C, to take ~20 tiny torch ops off every call).
  * Parameters in channel form: points (C, N+1), the others (C,), contiguous. Output: one
