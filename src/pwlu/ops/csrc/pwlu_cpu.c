@@ -307,19 +307,80 @@ static inline void fwd_row_f(const void *x, void *y, int64_t off, int64_t C, int
     const __m512 nm1 = _mm512_set1_ps((float)(n - 1));
     const __m512i np1 = _mm512_set1_epi32((int)(n + 1));
     const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512i lane_m = _mm512_mullo_epi32(lane, _mm512_set1_epi32((int)(n + 2)));
     for (int64_t c = 0; c < C; c += 16) {
         __mmask16 m = tail_mask(C - c);
         __m512 lo = _mm512_maskz_loadu_ps(m, left + c), hi = _mm512_maskz_loadu_ps(m, right + c);
         __m512 inv = _mm512_maskz_loadu_ps(m, invd + c), sh = _mm512_maskz_loadu_ps(m, shift + c);
         __m512 xv = ld16(x, off + c, m, dt), xl, u, fi;
         __m512i k = region16(xv, lo, hi, inv, nm1, np1, &xl, &u, &fi);
-        __m512i idx = _mm512_add_epi32(k, _mm512_mullo_epi32(_mm512_add_epi32(lane, _mm512_set1_epi32((int)c)),
-                                                             _mm512_set1_epi32((int)(n + 2))));
+        /* table entry of lane l: (c + l) * (N+2) + k, with lane * (N+2) hoisted out of the loop */
+        __m512i idx = _mm512_add_epi32(k, _mm512_add_epi32(lane_m, _mm512_set1_epi32((int)(c * (n + 2)))));
         __m512 a = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, sl, 4);
         __m512 bb = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, ic, 4);
         st16(y, off + c, finish16(xv, sh, a, bb), m, dt);
     }
 }
+/* In-register transpose of a 16x16 float tile (its own inverse): after it, r[j] holds
+ * element j of each of the 16 input vectors. */
+static inline void transpose16(__m512 *r) {
+    __m512 t[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) {
+        const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+        const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+        r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+        r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+        r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+        r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+    }
+    for (int i = 0; i < 2; i++)
+        for (int j = 0; j < 4; j++) {
+            t[8 * i + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + 4 + j], 0x88);
+            t[8 * i + 4 + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + 4 + j], 0xdd);
+        }
+    for (int j = 0; j < 8; j++) {
+        r[j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88);
+        r[8 + j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0xdd);
+    }
+}
+
+/* Channels fastest, forward, 16 rows x 16 channels at a time: transpose the tile so that each
+ * vector holds one channel, use the in-register table lookup of the NCHW path (no gathers),
+ * transpose back. Needs C % 16 == 0 and N + 2 <= 32; returns the first row it did not do. */
+static inline int64_t fwd_tiles_f(const void *x, void *y, int64_t rb, int64_t re, int64_t C, int dt,
+                                  const float *sl, const float *ic, const float *left, const float *right,
+                                  const float *invd, const float *shift, int64_t n) {
+    const int64_t m = n + 2;
+    if (C % 16 != 0 || m > 32) return rb;
+    const __m512 nm1 = _mm512_set1_ps((float)(n - 1));
+    const __m512i np1 = _mm512_set1_epi32((int)(n + 1));
+    const __mmask16 all = (__mmask16)0xFFFF;
+    int64_t r0 = rb;
+    for (; r0 + 16 <= re; r0 += 16) {
+        for (int64_t c0 = 0; c0 < C; c0 += 16) {
+            __m512 v[16];
+            for (int j = 0; j < 16; j++) v[j] = ld16(x, (r0 + j) * C + c0, all, dt);
+            transpose16(v); /* v[j]: channel c0 + j of rows r0 .. r0 + 15 */
+            for (int j = 0; j < 16; j++) {
+                const int64_t c = c0 + j;
+                const table32 t = load_table32(sl + c * m, ic + c * m, m);
+                __m512 xl, u, fi;
+                __m512i k = region16(v[j], _mm512_set1_ps(left[c]), _mm512_set1_ps(right[c]), _mm512_set1_ps(invd[c]),
+                                     nm1, np1, &xl, &u, &fi);
+                __m512 a = _mm512_permutex2var_ps(t.a0, k, t.a1), b = _mm512_permutex2var_ps(t.b0, k, t.b1);
+                v[j] = finish16(v[j], _mm512_set1_ps(shift[c]), a, b);
+            }
+            transpose16(v);
+            for (int j = 0; j < 16; j++) st16(y, (r0 + j) * C + c0, v[j], all, dt);
+        }
+    }
+    return r0;
+}
+
 /* Rows [rb, re) of C channels each. Lane l of channel block cb is channel 16 cb + l, so the
  * lane-private accumulators acc[cb][k][s][lane] of bwd_seg_f work here too: a vector pass
  * over ROW_CHUNK rows writes k, g and g*r per channel block to L1 buffers, then hist_block
@@ -331,6 +392,7 @@ static inline void bwd_rows_f(const void *gp, const void *x, void *dx, int64_t r
     const __m512 nm1 = _mm512_set1_ps((float)(n - 1));
     const __m512i np1 = _mm512_set1_epi32((int)(n + 1));
     const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512i lane_m = _mm512_mullo_epi32(lane, _mm512_set1_epi32((int)(n + 2)));
     const int64_t m = n + 2, mg = (m + REGION_GROUP - 1) / REGION_GROUP * REGION_GROUP;
     const int64_t nb = (C + 15) / 16, asize = nb * mg * 2 * 16, bsize = nb * ROW_CHUNK * 16;
     float *accf = (float *)aligned_alloc(64, (size_t)asize * sizeof(float));
@@ -354,8 +416,7 @@ static inline void bwd_rows_f(const void *gp, const void *x, void *dx, int64_t r
                 /* masked-off lanes load x = 0, g = 0 and add nothing */
                 __m512 xv = ld16(x, off + c, msk, dt), g = ld16(gp, off + c, msk, dt), xl, u, fi;
                 __m512i k = region16(xv, lo, hi, inv, nm1, np1, &xl, &u, &fi);
-                __m512i base = _mm512_mullo_epi32(_mm512_add_epi32(lane, _mm512_set1_epi32((int)c)),
-                                                  _mm512_set1_epi32((int)(n + 2)));
+                __m512i base = _mm512_add_epi32(lane_m, _mm512_set1_epi32((int)(c * m)));
                 __m512 a = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), msk, _mm512_add_epi32(base, k), sl, 4);
                 /* dy/dx = slope of region k */
                 st16(dx, off + c, _mm512_mul_ps(g, a), msk, dt);
@@ -417,7 +478,7 @@ static void reduce_hist(const double *parts, int nparts, int64_t size, double *o
     }
 }
 
-#define FWD_DRIVER(T, SUF, SEG_FN, ROW_FN)                                                             \
+#define FWD_DRIVER(T, SUF, SEG_FN, ROW_FN, ROWS_PRE)                                                        \
     int pwlu_forward_##SUF(const void *x, void *y, int dt, int64_t outer, int64_t C, int64_t inner, const T *sl, \
                            const T *ic, const T *left, const T *right, const T *invd, const T *shift, int64_t n,     \
                            int nthreads) {                                                                  \
@@ -430,7 +491,9 @@ static void reduce_hist(const double *parts, int nparts, int64_t size, double *o
                 PWLU_TID(t, nth);                                                                               \
                 int64_t rb, re;                                                                                 \
                 split(outer, t, nth, 1, &rb, &re);                                                              \
-                for (int64_t r = rb; r < re; r++) ROW_FN;                                                       \
+                int64_t r = rb;                                                                                 \
+                ROWS_PRE;                                                                                       \
+                for (; r < re; r++) ROW_FN;                                                                     \
             }                                                                                                   \
         } else {                                                                                                \
             const int64_t total = outer * C * inner;                                                            \
@@ -464,13 +527,15 @@ static void reduce_hist(const double *parts, int nparts, int64_t size, double *o
 #if PWLU_AVX512
 #define F_SEG fwd_seg_f(x, y, pb, se, dt, sl + c * m, ic + c * m, left[c], right[c], invd[c], shift[c], n)
 #define F_ROW fwd_row_f(x, y, r * C, C, dt, sl, ic, left, right, invd, shift, n)
+#define F_ROWS_PRE r = fwd_tiles_f(x, y, rb, re, C, dt, sl, ic, left, right, invd, shift, n)
 #else
+#define F_ROWS_PRE (void)0
 #define F_SEG fwd_seg_generic_f(x, y, pb, se, dt, sl + c * m, ic + c * m, left[c], right[c], invd[c], shift[c], n)
 #define F_ROW                                                                                                    \
     for (int64_t c = 0; c < C; c++)                                                                              \
         store_s(y, r * C + c, fwd_elem_f(load_s(x, r * C + c, dt), sl + c * m, ic + c * m, left[c], right[c], invd[c], shift[c], n), dt)
 #endif
-FWD_DRIVER(float, f32c, F_SEG, F_ROW)
+FWD_DRIVER(float, f32c, F_SEG, F_ROW, F_ROWS_PRE)
 
 #define D_SEG                                                                                                    \
     for (int64_t i = pb; i < se; i++)                                                                            \
@@ -479,7 +544,7 @@ FWD_DRIVER(float, f32c, F_SEG, F_ROW)
     for (int64_t c = 0; c < C; c++)                                                                              \
         ((double *)y)[r * C + c] =                                                                               \
             fwd_elem_d(((const double *)x)[r * C + c], sl + c * m, ic + c * m, left[c], right[c], invd[c], shift[c], n)
-FWD_DRIVER(double, f64, D_SEG, D_ROW)
+FWD_DRIVER(double, f64, D_SEG, D_ROW, (void)0)
 
 #define BWD_DRIVER(T, SUF, SEG_FN, ROWS_FN, COPIES)                                                                   \
     int pwlu_backward_##SUF(const void *gp, const void *x, void *dx, int dt, int64_t outer, int64_t C,             \
