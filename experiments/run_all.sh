@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CPU-scale reproduction committed in experiments/: run from the repository root after `make install`.
 # Two workers with one thread each (2 CPU cores); finished runs are reused, so the script can be re-run to resume.
-# Wall time here: about 45 minutes on 2 cores.
+# Wall time here: about 70 minutes on 2 cores (Intel Xeon, torch 2.15).
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
 COMMON=(--dataset fashion-mnist --train-subset 10000 --test-subset 10000 --epochs 5 --warmup-epochs 0.5 --no-progress)
@@ -13,6 +13,11 @@ $PY -m pwlu compare "${COMMON[@]}" --models cnn mobilenet_v3 --out experiments/c
 B=$!
 wait $A $B
 # one combined table over all finished runs (every run is reused)
-$PY -m pwlu compare "${COMMON[@]}" --models cnn resnet mobilenet_v3 --out experiments/compare
+$PY -m pwlu compare "${COMMON[@]}" --models cnn resnet mobilenet_v3 --out experiments/compare > /dev/null
+# learned shapes (Figure 7 style) and IOU distributions (Figure 6 style): stat-realign vs fix-init-10
 $PY -m pwlu plot experiments/ablate/runs/stat-realign_channel_s0/checkpoint.pt \
-    --compare experiments/ablate/runs/fix-init-10_s0/checkpoint.pt --out experiments/plots
+    --compare experiments/ablate/runs/fix-init-10_s0/checkpoint.pt --out experiments/plots/cnn > experiments/plots/cnn.txt
+$PY -m pwlu plot experiments/compare/runs/resnet_pwlu_s0/checkpoint.pt --out experiments/plots/resnet > experiments/plots/resnet.txt
+$PY -m pwlu plot experiments/compare/runs/mobilenet_v3_pwlu_s0/checkpoint.pt --out experiments/plots/mobilenet_v3 > experiments/plots/mobilenet_v3.txt
+# experiments/RESULTS.md: the tables with paired differences and boundary IOUs
+$PY experiments/summarize.py > /dev/null
