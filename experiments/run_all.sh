@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CPU-scale reproduction committed in experiments/: run from the repository root after `make install`.
 # Two workers with one thread each (2 CPU cores); finished runs are reused, so the script can be re-run to resume.
-# Wall time here: about 70 minutes on 2 cores (Intel Xeon, torch 2.15).
+# Wall time here: about an hour on 2 cores (Intel Xeon, torch 2.15).
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
 COMMON=(--dataset fashion-mnist --train-subset 10000 --test-subset 10000 --epochs 5 --warmup-epochs 0.5 --no-progress)
