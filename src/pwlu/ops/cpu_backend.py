@@ -5,6 +5,14 @@ Same interface as ``torch_backend.py`` (which defines the semantics)::
     forward(x, slopes, intercepts, left, right, inv_d, channel_dim, shift) -> y
     backward(grad, x, slopes, left, right, inv_d, channel_dim) -> (dx, hist)
 
+plus the entry points :mod:`pwlu.ops.pwlu_op` prefers, which take the raw parameters and do
+the folding (and, backward, the exact parameter gradients from the histogram, in double) in
+the same C call, because on small tensors the ~20 torch ops of folding and the ~30 of the
+gradient epilogue cost more than the kernel::
+
+    forward_from_params(x, points, left_bound, right_bound, left_slope, right_slope, channel_dim) -> y
+    backward_from_params(grad, x, points, ..., channel_dim) -> (dx, (d_points, d_left_bound, ...))
+
 How it works. On the first call the C source is compiled with the system C compiler
 (``$CC``, default ``gcc``; flags ``-O3 -march=native -fopenmp -shared -fPIC``, about 1 s)
 into ``$PWLU_CPU_BUILD_DIR`` or ``$XDG_CACHE_HOME/pwlu`` (default ``~/.cache/pwlu``),
@@ -28,8 +36,10 @@ lane, then double), per thread over a static partition, reduced in a fixed order
 parameter gradients are bit-identical run to run for a fixed thread count
 (``torch.get_num_threads()``, or one thread below :data:`GRAIN_SIZE` elements). Where the
 channels are the fastest axis (channels-last, ``(B, T, C)``) lanes are channels: the
-histogram is the same lane-private one, the tables are gathered per lane. Without AVX-512,
-and for fp64, a portable scalar loop is used.
+histogram is the same lane-private one; the forward transposes 16x16 tiles in registers so
+that it can use the in-register lookup (C a multiple of 16), the backward gathers the slope
+per lane. Rows shorter than 512 elements (small feature maps) take a scalar histogram into
+double bins instead. Without AVX-512, and for fp64, a portable scalar loop is used.
 
 Alternatives measured (2 cores, NCHW (32, 64, 56, 56) fp32, N = 16, interleaved with ReLU
 in the same run; details in ``benchmarks/results/cpu_backend_choice.md``): the eager
