@@ -27,10 +27,6 @@ VARIANTS = ["fix-init-3", "fix-init-6", "fix-init-10", "stat-realign (channel)",
             "N=4", "N=8", "N=12", "N=16", "N=20"]  # fmt: skip
 
 
-def _slug(name: str) -> str:
-    return name.replace(" ", "_").replace("(", "").replace(")", "").replace("=", "")
-
-
 def _load(run: pathlib.Path) -> dict | None:
     path = run / "metrics.json"
     if not path.exists():
@@ -61,61 +57,57 @@ def _epoch_seconds(metrics: dict) -> float:
     return statistics.median(h["seconds"] for h in metrics["history"])
 
 
+def _seeds(runs: pathlib.Path, stem: str, reference: str) -> tuple[dict[int, dict], list[float], list[float]]:
+    """Finished runs ``{seed: metrics}`` of ``runs/{stem}_s{seed}``, their top-1, and the
+    top-1 differences to ``runs/{reference}_s{seed}`` for the seeds both finished."""
+    found = {s: _load(runs / f"{stem}_s{s}") for s in range(3)}
+    found = {s: m for s, m in found.items() if m is not None}
+    ref = {s: _load(runs / f"{reference}_s{s}") for s in found}
+    deltas = [_acc(m) - _acc(ref[s]) for s, m in found.items() if ref[s] is not None]
+    return found, [_acc(m) for m in found.values()], deltas
+
+
 def compare_table() -> list[str]:
     runs = ROOT / "compare" / "runs"
     lines = ["| model | activation | top-1 (%) | Δ vs ReLU (pp, paired) | seeds | s / epoch (1 thread) |",
              "|---|---|---|---|---|---|"]  # fmt: skip
     for model in MODELS:
-        base = {s: _load(runs / f"{model}_relu_s{s}") for s in range(3)}
         for act in ACTIVATIONS:
-            found = {s: _load(runs / f"{model}_{act}_s{s}") for s in range(3)}
-            found = {s: m for s, m in found.items() if m is not None}
+            found, accs, deltas = _seeds(runs, f"{model}_{act}", f"{model}_relu")
             if not found:
                 continue
-            accs = [_acc(m) for m in found.values()]
-            deltas = [_acc(m) - _acc(base[s]) for s, m in found.items() if base.get(s) is not None]
             secs = statistics.median(_epoch_seconds(m) for m in found.values())
             delta = "–" if act == "relu" else _signed(deltas)
             lines.append(f"| {model} | {act} | {_ms(accs)} | {delta} | {len(accs)} | {secs:.1f} |")
     return lines
 
 
-def _boundary_iou(checkpoint: pathlib.Path, batches_cache: dict) -> torch.Tensor:
-    from pwlu.cli import TRAIN_FIELDS
-    from pwlu.data import normalise
+def _boundary_iou(checkpoint: pathlib.Path, data_cache: dict) -> torch.Tensor:
+    """Per-channel boundary IOUs of every PWLU of a checkpoint over 2048 test images."""
     from pwlu.realign import boundary_iou
-    from pwlu.train import TrainConfig, build, load_checkpoint, prepare_data
+    from pwlu.train import TrainConfig, load_trained, prepare_data
 
-    ckpt = load_checkpoint(checkpoint)
-    cfg = TrainConfig(**{k: v for k, v in ckpt["config"].items() if k in TRAIN_FIELDS})
-    key = (cfg.dataset, cfg.test_subset)
-    if key not in batches_cache:
-        batches_cache[key] = prepare_data(cfg)
-    data = batches_cache[key]
-    model = build(cfg, data)
-    model.load_state_dict(ckpt["model"])
-    mean, std = ckpt["normalisation"]
-    batches = [normalise(data.test_x[i : i + 256], mean, std) for i in range(0, 2048, 256)]
-    ious = boundary_iou(model, batches)
-    return torch.cat([v.reshape(-1) for v in ious.values()])
+    if "data" not in data_cache:  # every ablation run uses the same data
+        config = json.loads((checkpoint.parent / "metrics.json").read_text())["config"]
+        data_cache["data"] = prepare_data(TrainConfig(**config))
+    model, _, batches = load_trained(checkpoint, data=data_cache["data"], test_batches=8)
+    return torch.cat([v.reshape(-1) for v in boundary_iou(model, batches).values()])
 
 
 def ablation_table() -> list[str]:
+    from pwlu.cli import ablation_slug
+
     runs = ROOT / "ablate" / "runs"
-    ref = {s: _load(runs / f"stat-realign_channel_s{s}") for s in range(3)}
     lines = ["| variant | top-1 (%) | Δ vs stat-realign (channel) (pp, paired) | seeds | boundary IOU, mean (median) over channels and seeds |",
              "|---|---|---|---|---|"]  # fmt: skip
     cache: dict = {}
     for name in VARIANTS:
-        found = {s: _load(runs / f"{_slug(name)}_s{s}") for s in range(3)}
-        found = {s: m for s, m in found.items() if m is not None}
+        found, accs, deltas = _seeds(runs, ablation_slug(name), "stat-realign_channel")
         if not found:
             continue
-        accs = [_acc(m) for m in found.values()]
-        deltas = [_acc(m) - _acc(ref[s]) for s, m in found.items() if ref.get(s) is not None]
         iou = "–"
         if not name.startswith("N="):
-            values = torch.cat([_boundary_iou(runs / f"{_slug(name)}_s{s}" / "checkpoint.pt", cache) for s in found])
+            values = torch.cat([_boundary_iou(runs / f"{ablation_slug(name)}_s{s}" / "checkpoint.pt", cache) for s in found])
             iou = f"{values.mean():.3f} ({values.median():.3f})"
         delta = "–" if name == "stat-realign (channel)" else _signed(deltas)
         lines.append(f"| {name} | {_ms(accs)} | {delta} | {len(accs)} | {iou} |")

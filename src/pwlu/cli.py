@@ -129,6 +129,11 @@ ABLATIONS = {
 }
 
 
+def ablation_slug(name: str) -> str:
+    """The run-directory name of an ablation variant: ``"stat-realign (channel)"`` -> ``"stat-realign_channel"``."""
+    return name.replace(" ", "_").replace("(", "").replace(")", "").replace("=", "")
+
+
 def cmd_ablate(args) -> int:
     from .train import prepare_data
 
@@ -138,8 +143,7 @@ def cmd_ablate(args) -> int:
     runs = []
     for name in args.variants:
         for seed in args.seeds:
-            slug = name.replace(" ", "_").replace("(", "").replace(")", "").replace("=", "")
-            cfg = _config(args, model=args.model, activation="pwlu", seed=seed, out=f"{args.out}/runs/{slug}_s{seed}",
+            cfg = _config(args, model=args.model, activation="pwlu", seed=seed, out=f"{args.out}/runs/{ablation_slug(name)}_s{seed}",
                           **ABLATIONS[name])  # fmt: skip
             cfg.validate()
             runs.append((name, cfg))
@@ -157,21 +161,11 @@ def cmd_plot(args) -> int:
 
     from .plotting import collect_inputs, plot_iou, plot_shapes
     from .realign import boundary_iou
-    from .train import build, load_checkpoint, prepare_data
+    from .train import load_trained
 
     runs = []
     for path in [args.checkpoint] + ([args.compare] if args.compare else []):
-        ckpt = load_checkpoint(path)
-        cfg = TrainConfig(**{k: v for k, v in ckpt["config"].items() if k in TRAIN_FIELDS})
-        if args.data_dir:
-            cfg.data_dir = args.data_dir
-        data = prepare_data(cfg)
-        model = build(cfg, data)
-        model.load_state_dict(ckpt["model"])
-        mean, std = ckpt["normalisation"]
-        from .data import normalise
-
-        batches = [normalise(data.test_x[i : i + 256], mean, std) for i in range(0, min(len(data.test_y), 256 * args.batches), 256)]
+        model, _, batches = load_trained(path, args.data_dir, test_batches=args.batches)
         runs.append((pathlib.Path(path).parent.name or str(path), model, batches))
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,6 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from .data import normalise
     from .plotting import collect_inputs, plot_shapes
     from .train import TrainConfig, prepare_data, train
 
@@ -53,13 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nBest: {best[0]} (one seed and {args.epochs} epochs: differences under ~0.5 points are within seed noise;")
     print("see experiments/ in the repository for 3 seeds x 3 architectures x 7 activations).")
 
-    from .train import build, load_checkpoint
+    from .train import load_trained
 
-    ckpt = load_checkpoint(pathlib.Path(args.out) / "pwlu" / "checkpoint.pt")
-    model = build(TrainConfig(**base, activation="pwlu"), data)
-    model.load_state_dict(ckpt["model"])
-    mean, std = ckpt["normalisation"]
-    batches = [normalise(data.test_x[i : i + 256], mean, std) for i in range(0, 1024, 256)]
+    model, _, batches = load_trained(pathlib.Path(args.out) / "pwlu" / "checkpoint.pt", data=data, test_batches=4)
     with torch.no_grad():
         plot_shapes(model, collect_inputs(model, batches), pathlib.Path(args.out) / "shapes.png")
     print(f"Learned PWLU shapes: {args.out}/shapes.png")

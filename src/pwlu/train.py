@@ -156,6 +156,25 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     return ckpt
 
 
+def load_trained(
+    path: str | os.PathLike, data_dir: str | None = None, data: TensorData | None = None, test_batches: int = 4
+) -> tuple[nn.Module, TrainConfig, list[torch.Tensor]]:
+    """The model of a :func:`train` checkpoint with its weights, its config, and up to
+    ``test_batches`` normalised test batches of 256 images (``data`` is loaded from the
+    checkpoint's dataset, in ``data_dir`` if given, unless passed in)."""
+    ckpt = load_checkpoint(path)
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in ckpt["config"].items() if k in fields})
+    if data_dir:
+        cfg.data_dir = data_dir
+    data = data if data is not None else prepare_data(cfg)
+    model = build(cfg, data)
+    model.load_state_dict(ckpt["model"])
+    mean, std = ckpt["normalisation"]
+    n = min(len(data.test_y), 256 * test_batches)
+    return model, cfg, [normalise(data.test_x[i : i + 256], mean, std) for i in range(0, n, 256)]
+
+
 def train(cfg: TrainConfig, data: TensorData | None = None, resume: bool = False) -> dict:
     """Train one model; returns the metrics summary (also written to ``cfg.out/metrics.json``)."""
     from .realign import BoundaryRealigner, fix_init, parameter_groups
