@@ -10,8 +10,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .functional import pwlu_checked
+from .ops import dispatch
 from .ops.common import fold_tables
 from .ops.folded import pwlu_folded
+from .ops.pwlu_op import inference_plan
 from .ops.validation import check_params
 from .statistics import update_running_stats
 
@@ -106,6 +108,7 @@ class PWLU(nn.Module):
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
         self.register_buffer("collecting", torch.tensor(False))
         self._collecting = False  # host mirror of the buffer: no device sync per forward
+        self._inference_plan = None  # see _forward_eager
         self.reset_parameters()
 
     @property
@@ -152,9 +155,11 @@ class PWLU(nn.Module):
             return self._forward_folded(x)
         if torch.jit.is_tracing():  # torch.jit.trace and the TorchScript-based ONNX exporter
             return self._forward_folded(x)
-        if torch.compiler.is_compiling() and torch.onnx.is_in_onnx_export():  # the torch.export-based one
-            return self._forward_folded(x)
-        return self._forward_op(x)
+        if torch.compiler.is_compiling():
+            if torch.onnx.is_in_onnx_export():  # the torch.export-based one
+                return self._forward_folded(x)
+            return self._forward_op(x)  # the custom op, one opaque graph node
+        return self._forward_eager(x)
 
     def _forward_folded(self, x: Tensor) -> Tensor:
         """Pure-torch folded forward, the path taken under ``torch.jit.script``/``trace`` and
@@ -167,12 +172,31 @@ class PWLU(nn.Module):
         )
 
     @torch.jit.unused
+    def _forward_eager(self, x: Tensor) -> Tensor:
+        """Eager call. Without gradients, repeated calls with the same input geometry reuse an
+        inference plan (folded tables, layout and kernel prepared once; see
+        :func:`pwlu.ops.pwlu_op.inference_plan`), which checks that it still fits on every call."""
+        plan = self.__dict__.get("_inference_plan")  # absent in modules pickled by older versions
+        if plan is not None and not torch.is_grad_enabled() and not (self.training and self._collecting):
+            y = plan(x, self._parameter_tuple(), dispatch.get_backend_name())
+            if y is not None:
+                return y
+        return self._forward_op(x)
+
+    @torch.jit.unused
     def _forward_op(self, x: Tensor) -> Tensor:
         params = self._parameter_tuple()
         cd = check_params(x, *params, self.channel_dim)  # dtype, parameter shapes, channel count
         if self.training and self._collecting:
             self._update_statistics(x, cd)
+        elif not torch.is_grad_enabled() and not torch.compiler.is_compiling() and self._plain_parameters():
+            self._inference_plan = inference_plan(x, *params, cd)
         return pwlu_checked(x, *params, cd)
+
+    @torch.jit.unused
+    def _plain_parameters(self) -> bool:
+        """Whether the five parameters are plain entries of ``_parameters`` (not parametrized)."""
+        return all(name in self._parameters for name in ("points", "left_bound", "right_bound", "left_slope", "right_slope"))  # fmt: skip
 
     @torch.jit.unused
     def _parameter_tuple(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:

@@ -60,6 +60,17 @@ def backward_impl(grad, x, points, left_bound, right_bound, left_slope, right_sl
     return (dx, *(g.reshape(p.shape).to(p.dtype, copy=True) for g, p in zip(grads, originals)))
 
 
+def inference_plan(x, points, left_bound, right_bound, left_slope, right_slope, channel_dim):
+    """A prepared gradient-free forward for repeated calls with this input geometry (see
+    :class:`pwlu.ops.cpu_backend.InferencePlan`), from the selected backend; ``None`` where the
+    backend has none. Call it as ``plan(x, params, dispatch.get_backend_name())``."""
+    name = dispatch.get_backend_name()
+    make = getattr(dispatch.select(x.device), "inference_plan", None)
+    if make is None or name == "reference":
+        return None
+    return make(x, points, left_bound, right_bound, left_slope, right_slope, channel_dim, name)
+
+
 class PWLUFunction(torch.autograd.Function):
     """Eager autograd for PWLU: saves only x and the five parameters (no per-element state)."""
 

@@ -35,7 +35,7 @@ enum { PWLU_F32 = 0, PWLU_F64 = 1, PWLU_F16 = 2, PWLU_BF16 = 3 };
 #define NCOPY 4
 #define ALIGN_ELEMS 16
 
-int pwlu_cpu_abi_version(void) { return 3; }
+int pwlu_cpu_abi_version(void) { return 4; }
 int pwlu_cpu_has_avx512(void) { return PWLU_AVX512; }
 #ifdef __FLT16_MAX__
 int pwlu_cpu_has_f16(void) { return 1; }
@@ -116,6 +116,20 @@ static inline void split(int64_t total, int t, int nth, int64_t align, int64_t *
     *e = hi;
 }
 
+/* rows (o, c) of inner elements from pb to pe; one division per thread, not per row */
+#define SEG_LOOP(SEG)                                                                                             \
+    do {                                                                                                          \
+        int64_t row = pb / inner, c = row % C;                                                                    \
+        while (pb < pe) {                                                                                         \
+            int64_t se = (row + 1) * inner;                                                                       \
+            if (se > pe) se = pe;                                                                                 \
+            SEG;                                                                                                  \
+            pb = se;                                                                                              \
+            row++;                                                                                                \
+            if (++c == C) c = 0;                                                                                  \
+        }                                                                                                         \
+    } while (0)
+
 #if PWLU_AVX512
 /* ---- AVX-512, float compute ---- */
 static inline __m512 ld16(const void *p, int64_t i, __mmask16 m, int dt) {
@@ -176,24 +190,64 @@ static inline table32 load_table32(const float *sl, const float *ic, int64_t m) 
     return t;
 }
 
+/* Forward lookup of one channel (N + 2 <= 32), everything in registers. The tables are
+ * rotated so that the region index needs no +1: entry j < N is interval j, entry N is the
+ * right piece and entry 31 the left one. Per 16 elements: the floor of (x - B_L) / d as an
+ * int (one conversion), clamped to N - 1, the two boundary compares, two permutes, one FMA. */
+typedef struct {
+    __m512 a0, a1, b0, b1, lo, hi, inv, sh;
+    __m512i last, right;
+} fwd_chan;
+static inline fwd_chan load_fwd_chan(const float *sl, const float *ic, float lo, float hi, float inv, float sh,
+                                     int64_t n) {
+    /* masked loads of entries 1 .. N + 1 (nothing read past the channel), entry 0 into lane 31 */
+    const int64_t cnt = n + 1;
+    const __mmask16 m0 = tail_mask(cnt), m1 = cnt > 16 ? tail_mask(cnt - 16) : (__mmask16)0;
+    const __mmask16 top = (__mmask16)0x8000;
+    fwd_chan t;
+    t.a0 = _mm512_maskz_loadu_ps(m0, sl + 1);
+    t.a1 = _mm512_mask_mov_ps(_mm512_maskz_loadu_ps(m1, sl + 17), top, _mm512_set1_ps(sl[0]));
+    t.b0 = _mm512_maskz_loadu_ps(m0, ic + 1);
+    t.b1 = _mm512_mask_mov_ps(_mm512_maskz_loadu_ps(m1, ic + 17), top, _mm512_set1_ps(ic[0]));
+    t.lo = _mm512_set1_ps(lo);
+    t.hi = _mm512_set1_ps(hi);
+    t.inv = _mm512_set1_ps(inv);
+    t.sh = _mm512_set1_ps(sh);
+    t.last = _mm512_set1_epi32((int)(n - 1));
+    t.right = _mm512_set1_epi32((int)n);
+    return t;
+}
+static inline __m512 fwd16(__m512 x, const fwd_chan *t) {
+    const __m512 u = _mm512_mul_ps(_mm512_sub_ps(x, t->lo), t->inv);
+    /* NaN and out-of-range u convert to INT_MIN: the permutes read its low 5 bits (entry 0) */
+    __m512i k = _mm512_cvt_roundps_epi32(u, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    k = _mm512_min_epi32(k, t->last);
+    k = _mm512_mask_mov_epi32(k, _mm512_cmp_ps_mask(x, t->lo, _CMP_LT_OQ), _mm512_set1_epi32(31));
+    k = _mm512_mask_mov_epi32(k, _mm512_cmp_ps_mask(x, t->hi, _CMP_GE_OQ), t->right);
+    const __m512 a = _mm512_permutex2var_ps(t->a0, k, t->a1), b = _mm512_permutex2var_ps(t->b0, k, t->b1);
+    /* a flat piece gives its value b, also at x = +-inf (not 0 * inf = NaN); NaN x stays NaN */
+    const __mmask16 use_fma = _mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_NEQ_UQ) |
+                              _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+    return _mm512_mask3_fmadd_ps(a, _mm512_sub_ps(x, t->sh), b, use_fma);
+}
+
 /* One segment of one channel (x[b:e], all of channel c). */
-static inline void fwd_seg_f(const void *x, void *y, int64_t b, int64_t e, int dt, const float *sl, const float *ic,
+static inline __attribute__((always_inline)) void fwd_seg_f(const void *x, void *y, int64_t b, int64_t e, int dt, const float *sl, const float *ic,
                              float lo_s, float hi_s, float inv_s, float sh_s, int64_t n) {
-    const __m512 lo = _mm512_set1_ps(lo_s), hi = _mm512_set1_ps(hi_s), inv = _mm512_set1_ps(inv_s);
-    const __m512 sh = _mm512_set1_ps(sh_s);
-    const __m512 nm1 = _mm512_set1_ps((float)(n - 1));
-    const __m512i np1 = _mm512_set1_epi32((int)(n + 1));
     if (n + 2 <= 32) {
-        table32 t = load_table32(sl, ic, n + 2);
-        for (int64_t i = b; i < e; i += 16) {
-            __mmask16 m = tail_mask(e - i);
-            __m512 xv = ld16(x, i, m, dt), xl, u, fi;
-            __m512i k = region16(xv, lo, hi, inv, nm1, np1, &xl, &u, &fi);
-            __m512 a = _mm512_permutex2var_ps(t.a0, k, t.a1);
-            __m512 bb = _mm512_permutex2var_ps(t.b0, k, t.b1);
-            st16(y, i, finish16(xv, sh, a, bb), m, dt);
+        const fwd_chan t = load_fwd_chan(sl, ic, lo_s, hi_s, inv_s, sh_s, n);
+        const __mmask16 all = (__mmask16)0xFFFF;
+        int64_t i = b;
+        for (; i + 16 <= e; i += 16) st16(y, i, fwd16(ld16(x, i, all, dt), &t), all, dt);
+        if (i < e) {
+            const __mmask16 m = tail_mask(e - i);
+            st16(y, i, fwd16(ld16(x, i, m, dt), &t), m, dt);
         }
     } else {
+        const __m512 lo = _mm512_set1_ps(lo_s), hi = _mm512_set1_ps(hi_s), inv = _mm512_set1_ps(inv_s);
+        const __m512 sh = _mm512_set1_ps(sh_s);
+        const __m512 nm1 = _mm512_set1_ps((float)(n - 1));
+        const __m512i np1 = _mm512_set1_epi32((int)(n + 1));
         for (int64_t i = b; i < e; i += 16) {
             __mmask16 m = tail_mask(e - i);
             __m512 xv = ld16(x, i, m, dt), xl, u, fi;
@@ -202,6 +256,21 @@ static inline void fwd_seg_f(const void *x, void *y, int64_t b, int64_t e, int d
             __m512 bb = _mm512_i32gather_ps(k, ic, 4);
             st16(y, i, finish16(xv, sh, a, bb), m, dt);
         }
+    }
+}
+
+/* Elements [pb, pe) of an (outer, C, inner) tensor, row by row; one body per dtype (the
+ * dtype switch leaves the loop) and no call per row, which matters for short rows (a 4x4
+ * feature map is one vector per row). */
+#define FWD_RANGE_BODY(DT) \
+    SEG_LOOP(fwd_seg_f(x, y, pb, se, DT, sl + c * (n + 2), ic + c * (n + 2), left[c], right[c], invd[c], shift[c], n))
+static void fwd_range_f(const void *x, void *y, int64_t pb, int64_t pe, int64_t inner, int64_t C, int dt,
+                        const float *sl, const float *ic, const float *left, const float *right, const float *invd,
+                        const float *shift, int64_t n) {
+    switch (dt) {
+    case PWLU_F32: FWD_RANGE_BODY(PWLU_F32); break;
+    case PWLU_F16: FWD_RANGE_BODY(PWLU_F16); break;
+    default: FWD_RANGE_BODY(PWLU_BF16); break;
     }
 }
 
@@ -356,8 +425,6 @@ static inline int64_t fwd_tiles_f(const void *x, void *y, int64_t rb, int64_t re
                                   const float *invd, const float *shift, int64_t n) {
     const int64_t m = n + 2;
     if (C % 16 != 0 || m > 32) return rb;
-    const __m512 nm1 = _mm512_set1_ps((float)(n - 1));
-    const __m512i np1 = _mm512_set1_epi32((int)(n + 1));
     const __mmask16 all = (__mmask16)0xFFFF;
     int64_t r0 = rb;
     for (; r0 + 16 <= re; r0 += 16) {
@@ -367,12 +434,8 @@ static inline int64_t fwd_tiles_f(const void *x, void *y, int64_t rb, int64_t re
             transpose16(v); /* v[j]: channel c0 + j of rows r0 .. r0 + 15 */
             for (int j = 0; j < 16; j++) {
                 const int64_t c = c0 + j;
-                const table32 t = load_table32(sl + c * m, ic + c * m, m);
-                __m512 xl, u, fi;
-                __m512i k = region16(v[j], _mm512_set1_ps(left[c]), _mm512_set1_ps(right[c]), _mm512_set1_ps(invd[c]),
-                                     nm1, np1, &xl, &u, &fi);
-                __m512 a = _mm512_permutex2var_ps(t.a0, k, t.a1), b = _mm512_permutex2var_ps(t.b0, k, t.b1);
-                v[j] = finish16(v[j], _mm512_set1_ps(shift[c]), a, b);
+                const fwd_chan t = load_fwd_chan(sl + c * m, ic + c * m, left[c], right[c], invd[c], shift[c], n);
+                v[j] = fwd16(v[j], &t);
             }
             transpose16(v);
             for (int j = 0; j < 16; j++) st16(y, (r0 + j) * C + c0, v[j], all, dt);
@@ -478,7 +541,7 @@ static void reduce_hist(const double *parts, int nparts, int64_t size, double *o
     }
 }
 
-#define FWD_DRIVER(T, SUF, SEG_FN, ROW_FN, ROWS_PRE)                                                        \
+#define FWD_DRIVER(T, SUF, RANGE_FN, ROW_FN, ROWS_PRE)                                                        \
     int pwlu_forward_##SUF(const void *x, void *y, int dt, int64_t outer, int64_t C, int64_t inner, const T *sl, \
                            const T *ic, const T *left, const T *right, const T *invd, const T *shift, int64_t n,     \
                            int nthreads) {                                                                  \
@@ -502,16 +565,7 @@ static void reduce_hist(const double *parts, int nparts, int64_t size, double *o
                 PWLU_TID(t, nth);                                                                               \
                 int64_t pb, pe;                                                                                 \
                 split(total, t, nth, ALIGN_ELEMS, &pb, &pe);                                                    \
-                /* rows (o, c) of inner elements; one division per thread, not per row */                       \
-                int64_t row = pb / inner, c = row % C;                                                          \
-                while (pb < pe) {                                                                               \
-                    int64_t se = (row + 1) * inner;                                                             \
-                    if (se > pe) se = pe;                                                                       \
-                    SEG_FN;                                                                                     \
-                    pb = se;                                                                                    \
-                    row++;                                                                                      \
-                    if (++c == C) c = 0;                                                                        \
-                }                                                                                               \
+                RANGE_FN;                                                                                       \
             }                                                                                                   \
         }                                                                                                       \
         (void)m;                                                                                                \
@@ -525,17 +579,17 @@ static void reduce_hist(const double *parts, int nparts, int64_t size, double *o
 #endif
 
 #if PWLU_AVX512
-#define F_SEG fwd_seg_f(x, y, pb, se, dt, sl + c * m, ic + c * m, left[c], right[c], invd[c], shift[c], n)
+#define F_RANGE fwd_range_f(x, y, pb, pe, inner, C, dt, sl, ic, left, right, invd, shift, n)
 #define F_ROW fwd_row_f(x, y, r * C, C, dt, sl, ic, left, right, invd, shift, n)
 #define F_ROWS_PRE r = fwd_tiles_f(x, y, rb, re, C, dt, sl, ic, left, right, invd, shift, n)
 #else
 #define F_ROWS_PRE (void)0
-#define F_SEG fwd_seg_generic_f(x, y, pb, se, dt, sl + c * m, ic + c * m, left[c], right[c], invd[c], shift[c], n)
+#define F_RANGE SEG_LOOP(fwd_seg_generic_f(x, y, pb, se, dt, sl + c * m, ic + c * m, left[c], right[c], invd[c], shift[c], n))
 #define F_ROW                                                                                                    \
     for (int64_t c = 0; c < C; c++)                                                                              \
         store_s(y, r * C + c, fwd_elem_f(load_s(x, r * C + c, dt), sl + c * m, ic + c * m, left[c], right[c], invd[c], shift[c], n), dt)
 #endif
-FWD_DRIVER(float, f32c, F_SEG, F_ROW, F_ROWS_PRE)
+FWD_DRIVER(float, f32c, F_RANGE, F_ROW, F_ROWS_PRE)
 
 #define D_SEG                                                                                                    \
     for (int64_t i = pb; i < se; i++)                                                                            \
@@ -544,7 +598,7 @@ FWD_DRIVER(float, f32c, F_SEG, F_ROW, F_ROWS_PRE)
     for (int64_t c = 0; c < C; c++)                                                                              \
         ((double *)y)[r * C + c] =                                                                               \
             fwd_elem_d(((const double *)x)[r * C + c], sl + c * m, ic + c * m, left[c], right[c], invd[c], shift[c], n)
-FWD_DRIVER(double, f64, D_SEG, D_ROW, (void)0)
+FWD_DRIVER(double, f64, SEG_LOOP(D_SEG), D_ROW, (void)0)
 
 #define BWD_DRIVER(T, SUF, SEG_FN, ROWS_FN, COPIES)                                                                   \
     int pwlu_backward_##SUF(const void *gp, const void *x, void *dx, int dt, int64_t outer, int64_t C,             \
@@ -570,15 +624,7 @@ FWD_DRIVER(double, f64, D_SEG, D_ROW, (void)0)
             } else {                                                                                              \
                 int64_t pb, pe;                                                                                   \
                 split(total, t, nth, ALIGN_ELEMS, &pb, &pe);                                                      \
-                int64_t row = pb / inner, c = row % C;                                                            \
-                while (pb < pe) {                                                                                 \
-                    int64_t se = (row + 1) * inner;                                                               \
-                    if (se > pe) se = pe;                                                                         \
-                    SEG_FN;                                                                                       \
-                    pb = se;                                                                                      \
-                    row++;                                                                                        \
-                    if (++c == C) c = 0;                                                                          \
-                }                                                                                                 \
+                SEG_LOOP(SEG_FN);                                                                                 \
             }                                                                                                     \
         }                                                                                                         \
         reduce_hist(parts, used * (COPIES), hsize, hist_out);                                                      \
@@ -748,3 +794,17 @@ PWLU_FOLD(double, pwlu_fold_f64)
 #define pwlu_backward_f64_k pwlu_backward_f64
 PWLU_FUSED(float, f32c, pwlu_fold_f32)
 PWLU_FUSED(double, f64, pwlu_fold_f64)
+
+/* A forward whose arguments were prepared once (pwlu.ops.cpu_backend.InferencePlan): three
+ * arguments per call instead of fourteen, for the many small calls of a model's inference. */
+typedef struct {
+    int64_t dt, outer, C, inner, n, nthreads;
+    const void *sl, *ic, *lo, *ro, *iv, *sh;
+} pwlu_plan;
+int pwlu_forward_plan(const pwlu_plan *p, const void *x, void *y) {
+    if (p->dt == PWLU_F64)
+        return pwlu_forward_f64(x, y, (int)p->dt, p->outer, p->C, p->inner, p->sl, p->ic, p->lo, p->ro, p->iv, p->sh,
+                                p->n, (int)p->nthreads);
+    return pwlu_forward_f32c(x, y, (int)p->dt, p->outer, p->C, p->inner, p->sl, p->ic, p->lo, p->ro, p->iv, p->sh,
+                             p->n, (int)p->nthreads);
+}

@@ -1,0 +1,228 @@
+"""The eval-time shortcut of the PWLU module (``cpu_backend.InferencePlan``).
+
+Gradient-free calls with a repeated input geometry reuse prepared tables and kernel
+arguments. These tests check that the shortcut gives exactly what the general path gives,
+that it is really taken (so the comparisons are not vacuous), and that every change that
+must invalidate it does: parameters changed in place or swapped, a new input geometry, a
+backend switch, gradients, statistics collection.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+
+import pwlu
+from helpers import random_params
+from pwlu.ops import cpu_backend
+
+pytestmark = pytest.mark.skipif(not cpu_backend.is_available(torch.device("cpu")), reason="no C compiler")
+
+
+def make_module(num_channels, channel_dim=1, n=16, seed=0, dtype=torch.float32):
+    m = pwlu.PWLU(num_channels, num_intervals=n, channel_dim=channel_dim).to(dtype).eval()
+    with torch.no_grad():
+        for p, v in zip(m._parameter_tuple(), random_params(num_channels, n, dtype=dtype, seed=seed)):
+            p.copy_(v)
+    return m
+
+
+def general_path(m, x):
+    """The same forward through the functional API (validation, layout, fused fold + kernel)."""
+    with torch.no_grad():
+        return pwlu.pwlu(x, *m._parameter_tuple(), channel_dim=m.channel_dim)
+
+
+def planned(m, x):
+    """Two gradient-free calls: the first builds the plan, the second must use it."""
+    with torch.no_grad():
+        first = m(x)
+        assert isinstance(m._inference_plan, cpu_backend.InferencePlan), "no plan was built"
+        second = m(x)
+    assert torch.equal(first, second)
+    return second
+
+
+def spread(shape, dtype=torch.float32, seed=0):
+    return (3 * torch.randn(shape, generator=torch.Generator().manual_seed(seed))).to(dtype)
+
+
+LAYOUTS = [
+    ("nchw", (2, 16, 5, 7), 1, True),
+    ("nchw-4x4", (3, 32, 4, 4), 1, True),
+    ("channels-last", (2, 32, 3, 5), 1, True),
+    ("btc", (2, 9, 24), -1, True),
+    ("layer-wise", (3, 5, 11), 1, False),
+    ("1-d", (37,), 0, False),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name,shape,channel_dim,channel_wise", LAYOUTS, ids=[case[0] for case in LAYOUTS])
+def test_plan_equals_the_general_path(name, shape, channel_dim, channel_wise, dtype):
+    num_channels = shape[channel_dim] if channel_wise else None
+    param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    m = make_module(num_channels, channel_dim, dtype=param_dtype)
+    x = spread(shape, dtype)
+    if name == "channels-last":
+        x = x.to(memory_format=torch.channels_last)
+    y = planned(m, x)
+    assert y.dtype == x.dtype and y.stride() == x.stride()
+    assert torch.equal(y, general_path(m, x)), "the plan differs from the general path"
+    ref = pwlu.pwlu_reference(x.to(param_dtype), *m._parameter_tuple(), channel_dim=channel_dim).to(dtype)
+    tol = {torch.float32: 1e-5, torch.float64: 1e-12}.get(dtype, 1e-2)
+    torch.testing.assert_close(y, ref, rtol=tol, atol=tol)
+
+
+def test_in_place_parameter_changes_are_seen():
+    m, x = make_module(8), spread((2, 8, 6, 6))
+    before = planned(m, x)
+    with torch.no_grad():
+        m.points.mul_(-1.0)  # what an optimizer step or load_state_dict does: an in-place write
+        after = m(x)
+    assert not torch.equal(after, before)
+    assert torch.equal(after, general_path(m, x))
+
+
+@pytest.mark.parametrize("which", ["points", "left_bound", "right_bound", "left_slope", "right_slope"])
+def test_every_parameter_is_watched(which):
+    m, x = make_module(8), spread((2, 8, 6, 6))
+    before = planned(m, x)
+    with torch.no_grad():
+        getattr(m, which).add_(0.25)
+        after = m(x)
+    assert not torch.equal(after, before), which
+    assert torch.equal(after, general_path(m, x)), which
+
+
+def test_swapped_parameter_storage_is_seen():
+    """``param.data = ...`` (as ``Module._apply`` does) bumps no version counter."""
+    m, x = make_module(8), spread((2, 8, 6, 6))
+    before = planned(m, x)
+    m.points.data = m.points.data * 0.5 + 1.0
+    with torch.no_grad():
+        after = m(x)
+    assert not torch.equal(after, before)
+    assert torch.equal(after, general_path(m, x))
+
+
+def test_load_state_dict_and_training_steps_are_seen():
+    m, x = make_module(8), spread((2, 8, 6, 6))
+    planned(m, x)
+    other = make_module(8, seed=3)
+    m.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        assert torch.equal(m(x), general_path(other, x))
+    # a training step between two evaluations
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    m.train()
+    m(x).square().sum().backward()
+    opt.step()
+    m.eval()
+    with torch.no_grad():
+        assert torch.equal(m(x), general_path(m, x))
+        assert not torch.equal(m(x), general_path(other, x))
+
+
+def test_new_input_geometry_gets_a_new_plan():
+    m = make_module(8)
+    planned(m, spread((2, 8, 6, 6)))
+    for x in (
+        spread((3, 8, 5, 5), seed=1),
+        spread((2, 8, 6, 6), seed=2).to(memory_format=torch.channels_last),
+        spread((2, 8, 6, 6), torch.bfloat16, seed=3),
+        spread((2, 8, 12, 12), seed=4)[:, :, ::2, ::2],  # not dense: the general path copies
+        spread((2, 8, 0, 6), seed=5),
+    ):
+        with torch.no_grad():
+            y = m(x)
+        assert torch.equal(y, general_path(m, x)), tuple(x.shape)
+
+
+def test_backend_switch_bypasses_the_plan():
+    m, x = make_module(8), spread((2, 8, 6, 6))
+    planned(m, x)
+    with pwlu.use_backend("reference"), torch.no_grad():
+        y = m(x)
+    assert torch.equal(y, pwlu.pwlu_reference(x, *m._parameter_tuple(), channel_dim=1))
+
+
+def test_gradients_and_statistics_bypass_the_plan():
+    m, x = make_module(8), spread((2, 8, 6, 6))
+    planned(m, x)
+    y = m(x)  # gradients enabled: autograd, not the plan
+    assert y.requires_grad
+    y.sum().backward()
+    assert m.points.grad is not None and m.points.grad.abs().sum() > 0
+    m.train()
+    m.set_collecting(True)
+    with torch.no_grad():
+        m(x)
+        m(x)
+    assert int(m.num_batches_tracked) == 2, "a planned call skipped the statistics update"
+
+
+def test_thread_count_change_and_inference_mode():
+    m, x = make_module(16), spread((4, 16, 32, 32))  # above the one-thread grain size
+    want = planned(m, x)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with torch.no_grad():
+            assert torch.equal(m(x), want)
+    finally:
+        torch.set_num_threads(threads)
+    with torch.inference_mode():
+        assert torch.equal(m(x), want)
+        assert torch.equal(m(x), want)
+
+
+def test_copies_and_pickles_drop_the_plan():
+    m, x = make_module(8), spread((2, 8, 6, 6))
+    want = planned(m, x)
+    buffer = io.BytesIO()
+    torch.save(m, buffer)
+    buffer.seek(0)
+    for other in (copy.deepcopy(m), pickle.loads(pickle.dumps(m)), torch.load(buffer, weights_only=False)):
+        assert other._inference_plan is None
+        with torch.no_grad():
+            assert torch.equal(other(x), want)
+        with torch.no_grad():
+            other.points.zero_()  # the copy has its own parameters: the original's plan is unaffected
+    with torch.no_grad():
+        assert torch.equal(m(x), want)
+
+
+def test_modules_pickled_without_the_attribute_still_run():
+    m, x = make_module(8), spread((2, 8, 6, 6))
+    del m.__dict__["_inference_plan"]  # as unpickled from a version before the plan existed
+    with torch.no_grad():
+        assert torch.equal(m(x), general_path(m, x))
+        assert torch.equal(m(x), general_path(m, x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "shape,channel_dim",
+    # NCHW rows; channels fastest with 16-row tiles and leftover rows (34 and 40 rows of 32 channels)
+    [((2, 32, 3, 4), 1), ((2, 17, 32), -1), ((40, 32), 1)],
+)
+def test_relu_init_keeps_nan_and_infinities(shape, channel_dim, dtype):
+    """A ReLU-initialised PWLU: NaN stays NaN although its region is flat, -inf gives 0 (a flat
+    piece times infinity is not NaN), +inf gives +inf; the expectation is torch.relu."""
+    m = pwlu.PWLU(32, channel_dim=channel_dim).eval()
+    if dtype == torch.float64:
+        m = m.double()
+    x = spread(shape, torch.float64, seed=9)
+    flat = x.view(-1)
+    flat[0::5] = float("nan")
+    flat[1::5] = float("inf")
+    flat[2::5] = -float("inf")
+    x = x.to(dtype)
+    with torch.no_grad():
+        for y in (m(x), m(x)):
+            torch.testing.assert_close(y, torch.relu(x), rtol=1e-6, atol=1e-6, equal_nan=True)
