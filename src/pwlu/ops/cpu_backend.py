@@ -76,7 +76,7 @@ _FLAG_SETS = (
     ("-O3", "-shared", "-fPIC"),
 )
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
-_ABI_VERSION = 4
+_ABI_VERSION = 5
 #: Below this many elements one thread runs the kernel (as ATen's grain size): waking a
 #: second thread costs more than it saves, and on a busy machine it can cost a time slice.
 GRAIN_SIZE = 65536
@@ -154,7 +154,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         fn.restype = i32
     for name in ("pwlu_fold_backward_f32c", "pwlu_fold_backward_f64"):
         fn = getattr(lib, name)
-        fn.argtypes = [p, p, p, p, p, ctypes.c_double, p, p, p, i32, i64, i64, i64, i64, i32, p]
+        fn.argtypes = [p, p, p, p, p, ctypes.c_double, p, p, p, i32, i64, i64, i64, i64, i32, p, p, p, p, p]
         fn.restype = i32
     lib.pwlu_forward_plan.argtypes = [p, p, p]
     lib.pwlu_forward_plan.restype = i32
@@ -443,23 +443,19 @@ def backward_from_params(grad, x, points, left_bound, right_bound, left_slope, r
     originals = (points, left_bound, right_bound, left_slope, right_slope)
     params = _raw_params(x, originals)
     n = points.shape[-1] - 1
-    num_channels = points.shape[0] if points.dim() == 2 else 1
     x, order, (outer, channels, inner) = _layout(x, channel_dim)
     grad = _in_order(grad.to(x.dtype).expand_as(x), order)
     dx = _like(x, order)
-    out = torch.empty(num_channels * (n + 5), dtype=params[0].dtype)
+    # each gradient in its own tensor, written by the kernel (in the compute dtype)
+    grads = [torch.empty(p.shape, dtype=params[0].dtype) for p in originals]
     fn = lib.pwlu_fold_backward_f64 if x.dtype == torch.float64 else lib.pwlu_fold_backward_f32c
     rc = fn(
         *(t.data_ptr() for t in params), common.MIN_WIDTH, grad.data_ptr(), x.data_ptr(), dx.data_ptr(),
-        _kernel_dtype(x, lib), outer, channels, inner, n, _num_threads(x.numel()), out.data_ptr(),
+        _kernel_dtype(x, lib), outer, channels, inner, n, _num_threads(x.numel()), *(g.data_ptr() for g in grads),
     )  # fmt: skip
     if rc != 0:
         raise MemoryError("pwlu cpu backend: could not allocate the histogram buffers")
-    d_points = out[: num_channels * (n + 1)]
-    rest = out[num_channels * (n + 1) :].view(4, num_channels)
-    grads = (d_points, *rest.unbind(0))
-    # the gradients are views of one buffer: each gets its own storage, shape and dtype
-    return dx, tuple(g.reshape(p.shape).to(p.dtype, copy=True) for g, p in zip(grads, originals))
+    return dx, tuple(g if g.dtype == p.dtype else g.to(p.dtype) for g, p in zip(grads, originals))
 
 
 def backward(grad, x, slopes, left, right, inv_d, channel_dim):

@@ -35,7 +35,7 @@ enum { PWLU_F32 = 0, PWLU_F64 = 1, PWLU_F16 = 2, PWLU_BF16 = 3 };
 #define NCOPY 4
 #define ALIGN_ELEMS 16
 
-int pwlu_cpu_abi_version(void) { return 4; }
+int pwlu_cpu_abi_version(void) { return 5; }
 int pwlu_cpu_has_avx512(void) { return PWLU_AVX512; }
 #ifdef __FLT16_MAX__
 int pwlu_cpu_has_f16(void) { return 1; }
@@ -317,11 +317,46 @@ static inline void flush_acc(float *accf, double *accd, int64_t m) {
     }
 }
 
+/* Per-channel constants of the backward's vector pass. */
+typedef struct {
+    __m512 lo, hi, inv, nm1;
+    __m512i np1;
+    table32 t;
+    const float *sl;
+    int64_t m;
+} bwd_chan;
+static inline bwd_chan load_bwd_chan(const float *sl, float lo, float hi, float inv, int64_t n) {
+    bwd_chan c;
+    c.lo = _mm512_set1_ps(lo);
+    c.hi = _mm512_set1_ps(hi);
+    c.inv = _mm512_set1_ps(inv);
+    c.nm1 = _mm512_set1_ps((float)(n - 1));
+    c.np1 = _mm512_set1_epi32((int)(n + 1));
+    c.m = n + 2;
+    c.t = load_table32(sl, NULL, c.m <= 32 ? c.m : 32);
+    c.sl = sl;
+    return c;
+}
+/* 16 elements from i (masked-off lanes load x = 0, g = 0 and add nothing): stores
+ * dx = g * slope of region k, returns k, and g and g * r with r = x - lo (k = 0),
+ * x - hi (k = N+1), u - i (inner). */
+static inline __attribute__((always_inline)) __m512i bwd16(const void *gp, const void *x, void *dx, int64_t i,
+                                                           __mmask16 msk, int dt, const bwd_chan *c, __m512 *g_out,
+                                                           __m512 *gr_out) {
+    __m512 xv = ld16(x, i, msk, dt), g = ld16(gp, i, msk, dt), xl, u, fi;
+    __m512i k = region16(xv, c->lo, c->hi, c->inv, c->nm1, c->np1, &xl, &u, &fi);
+    __m512 a = c->m <= 32 ? _mm512_permutex2var_ps(c->t.a0, k, c->t.a1) : _mm512_i32gather_ps(k, c->sl, 4);
+    st16(dx, i, _mm512_mul_ps(g, a), msk, dt);
+    __m512 r = _mm512_sub_ps(u, fi);
+    r = _mm512_mask_mov_ps(r, _mm512_cmp_ps_mask(xv, c->lo, _CMP_LT_OQ), xl);
+    r = _mm512_mask_mov_ps(r, _mm512_cmp_ps_mask(xv, c->hi, _CMP_GE_OQ), _mm512_sub_ps(xv, c->hi));
+    *g_out = g;
+    *gr_out = _mm512_mul_ps(g, r);
+    return k;
+}
+
 static inline void bwd_seg_f(const void *gp, const void *x, void *dx, int64_t b, int64_t e, int dt, const float *sl,
                              float lo_s, float hi_s, float inv_s, int64_t n, double *h) {
-    const __m512 lo = _mm512_set1_ps(lo_s), hi = _mm512_set1_ps(hi_s), inv = _mm512_set1_ps(inv_s);
-    const __m512 nm1 = _mm512_set1_ps((float)(n - 1));
-    const __m512i np1 = _mm512_set1_epi32((int)(n + 1));
     const int64_t m = n + 2, mg = (m + REGION_GROUP - 1) / REGION_GROUP * REGION_GROUP;
     /* accumulators: float then double, [region][s][lane], regions padded to a whole group */
     float *accf = (float *)aligned_alloc(64, (size_t)mg * 2 * 16 * sizeof(float));
@@ -329,27 +364,18 @@ static inline void bwd_seg_f(const void *gp, const void *x, void *dx, int64_t b,
     if (!accf || !accd) abort();
     memset(accf, 0, (size_t)mg * 2 * 16 * sizeof(float));
     memset(accd, 0, (size_t)mg * 2 * 16 * sizeof(double));
-    table32 t = load_table32(sl, NULL, m <= 32 ? m : 32);
+    const bwd_chan ch = load_bwd_chan(sl, lo_s, hi_s, inv_s, n);
     int32_t kbuf[SEG_BLOCK] __attribute__((aligned(64)));
     float gbuf[SEG_BLOCK] __attribute__((aligned(64))), rbuf[SEG_BLOCK] __attribute__((aligned(64)));
     int blocks = 0;
     for (int64_t bb = b; bb < e; bb += SEG_BLOCK) {
         const int64_t be = bb + SEG_BLOCK < e ? bb + SEG_BLOCK : e;
         for (int64_t i = bb; i < be; i += 16) {
-            __mmask16 msk = tail_mask(be - i);
-            /* masked-off lanes load x = 0, g = 0 and add nothing */
-            __m512 xv = ld16(x, i, msk, dt), g = ld16(gp, i, msk, dt), xl, u, fi;
-            __m512i k = region16(xv, lo, hi, inv, nm1, np1, &xl, &u, &fi);
-            __m512 a = m <= 32 ? _mm512_permutex2var_ps(t.a0, k, t.a1) : _mm512_i32gather_ps(k, sl, 4);
-            /* dy/dx = slope of region k */
-            st16(dx, i, _mm512_mul_ps(g, a), msk, dt);
-            /* r = x - lo (k = 0), x - hi (k = N+1), u - i (inner) */
-            __m512 r = _mm512_sub_ps(u, fi);
-            r = _mm512_mask_mov_ps(r, _mm512_cmp_ps_mask(xv, lo, _CMP_LT_OQ), xl);
-            r = _mm512_mask_mov_ps(r, _mm512_cmp_ps_mask(xv, hi, _CMP_GE_OQ), _mm512_sub_ps(xv, hi));
+            __m512 g, gr;
+            __m512i k = bwd16(gp, x, dx, i, tail_mask(be - i), dt, &ch, &g, &gr);
             _mm512_store_si512(kbuf + (i - bb), k);
             _mm512_store_ps(gbuf + (i - bb), g);
-            _mm512_store_ps(rbuf + (i - bb), _mm512_mul_ps(g, r));
+            _mm512_store_ps(rbuf + (i - bb), gr);
         }
         hist_block(kbuf, gbuf, rbuf, (be - bb + 15) / 16, accf, m);
         if (++blocks == FLUSH_BLOCKS) {
@@ -367,6 +393,41 @@ static inline void bwd_seg_f(const void *gp, const void *x, void *dx, int64_t b,
         }
     free(accf);
     free(accd);
+}
+
+/* A short segment (a small feature map: few elements per row of one channel): the same
+ * vector pass, then its regions, g and g * r are added into the thread's double histogram
+ * one element at a time, without branches (the lane-private histogram's per-segment set-up
+ * would cost more than the segment). Same sums, in element order, as the scalar loop. */
+static inline void bwd_short_f(const void *gp, const void *x, void *dx, int64_t b, int64_t e, int dt,
+                               const float *sl, float lo_s, float hi_s, float inv_s, int64_t n, double *h) {
+    const bwd_chan ch = load_bwd_chan(sl, lo_s, hi_s, inv_s, n);
+    int32_t kb[16] __attribute__((aligned(64)));
+    float gb[16] __attribute__((aligned(64))), rb[16] __attribute__((aligned(64)));
+    for (int64_t i = b; i < e; i += 16) {
+        __m512 g, gr;
+        _mm512_store_si512(kb, bwd16(gp, x, dx, i, tail_mask(e - i), dt, &ch, &g, &gr));
+        _mm512_store_ps(gb, g);
+        _mm512_store_ps(rb, gr);
+        const int cnt = e - i < 16 ? (int)(e - i) : 16;
+        for (int j = 0; j < cnt; j++) {
+            double *hk = h + 2 * kb[j];
+            hk[0] += (double)gb[j];
+            hk[1] += (double)rb[j];
+        }
+    }
+}
+#define BWD_SHORT_BODY(DT) \
+    SEG_LOOP(bwd_short_f(gp, x, dx, pb, se, DT, sl + c * (n + 2), left[c], right[c], invd[c], n, h + c * (n + 2) * 2))
+/* Elements [pb, pe) of rows shorter than SHORT_SEG: one body per dtype, no call per row. */
+static void bwd_short_range_f(const void *gp, const void *x, void *dx, int64_t pb, int64_t pe, int64_t inner,
+                              int64_t C, int dt, const float *sl, const float *left, const float *right,
+                              const float *invd, int64_t n, double *h) {
+    switch (dt) {
+    case PWLU_F32: BWD_SHORT_BODY(PWLU_F32); break;
+    case PWLU_F16: BWD_SHORT_BODY(PWLU_F16); break;
+    default: BWD_SHORT_BODY(PWLU_BF16); break;
+    }
 }
 
 /* Channels fastest (inner == 1): a row of C channels, per-lane tables by gather. */
@@ -600,14 +661,16 @@ FWD_DRIVER(float, f32c, F_RANGE, F_ROW, F_ROWS_PRE)
             fwd_elem_d(((const double *)x)[r * C + c], sl + c * m, ic + c * m, left[c], right[c], invd[c], shift[c], n)
 FWD_DRIVER(double, f64, SEG_LOOP(D_SEG), D_ROW, (void)0)
 
-#define BWD_DRIVER(T, SUF, SEG_FN, ROWS_FN, COPIES)                                                                   \
+#define BWD_DRIVER(T, SUF, RANGE_FN, ROWS_FN, COPIES)                                                                   \
     int pwlu_backward_##SUF(const void *gp, const void *x, void *dx, int dt, int64_t outer, int64_t C,             \
                             int64_t inner, const T *sl, const T *left, const T *right, const T *invd, int64_t n,  \
                             int nthreads, double *hist_out) {                                                     \
         const int64_t m = n + 2, hsize = C * m * 2;                                                               \
         (void)dt;                                                                                                 \
         nthreads = clamp_threads(nthreads);                                                                       \
-        double *parts = (double *)calloc((size_t)nthreads * (COPIES) * hsize, sizeof(double));                     \
+        /* one thread and one copy: straight into hist_out (zeroed by the caller), no partials */                 \
+        const int direct = nthreads * (COPIES) == 1;                                                              \
+        double *parts = direct ? hist_out : (double *)calloc((size_t)nthreads * (COPIES) * hsize, sizeof(double)); \
         if (!parts) return 1;                                                                                     \
         int used = 1;                                                                                             \
         const int rows_mode = inner == 1 && C > 1;                                                                \
@@ -624,30 +687,31 @@ FWD_DRIVER(double, f64, SEG_LOOP(D_SEG), D_ROW, (void)0)
             } else {                                                                                              \
                 int64_t pb, pe;                                                                                   \
                 split(total, t, nth, ALIGN_ELEMS, &pb, &pe);                                                      \
-                SEG_LOOP(SEG_FN);                                                                                 \
+                RANGE_FN;                                                                                         \
             }                                                                                                     \
         }                                                                                                         \
-        reduce_hist(parts, used * (COPIES), hsize, hist_out);                                                      \
-        free(parts);                                                                                              \
+        if (!direct) {                                                                                            \
+            reduce_hist(parts, used * (COPIES), hsize, hist_out);                                                  \
+            free(parts);                                                                                          \
+        }                                                                                                         \
         return 0;                                                                                                 \
     }
 
 #if PWLU_AVX512
-/* A short segment (small spatial maps: a row of one channel holds few elements) does not
- * amortise the vector histogram's per-segment set-up (accumulators, flush, lane sums), so it
- * takes the scalar scatter into double bins. */
+/* Rows shorter than SHORT_SEG (small spatial maps) do not amortise the vector histogram's
+ * per-segment set-up (accumulators, flush, lane sums): they take bwd_short_f. */
 #define SHORT_SEG 512
-#define FB_SEG                                                                                                   \
-    if (se - pb >= SHORT_SEG)                                                                                    \
-        bwd_seg_f(gp, x, dx, pb, se, dt, sl + c * m, left[c], right[c], invd[c], n, h + c * m * 2);              \
+#define FB_RANGE                                                                                                 \
+    if (inner < SHORT_SEG)                                                                                       \
+        bwd_short_range_f(gp, x, dx, pb, pe, inner, C, dt, sl, left, right, invd, n, h);                         \
     else                                                                                                         \
-        bwd_seg_generic_f(gp, x, dx, pb, se, dt, sl + c * m, left[c], right[c], invd[c], n, h + c * m * 2, 0)
+        SEG_LOOP(bwd_seg_f(gp, x, dx, pb, se, dt, sl + c * m, left[c], right[c], invd[c], n, h + c * m * 2))
 #define FB_ROWS bwd_rows_f(gp, x, dx, rb, re, C, dt, sl, left, right, invd, n, h)
 /* one histogram per thread (no NCOPY copies: the vector paths keep lane-private sums, and a
- * short segment is too short for long store-to-load chains) */
+ * short row is too short for long store-to-load chains) */
 #define F32_COPIES 1
 #else
-#define FB_SEG bwd_seg_generic_f(gp, x, dx, pb, se, dt, sl + c * m, left[c], right[c], invd[c], n, h + c * m * 2, hsize)
+#define FB_RANGE SEG_LOOP(bwd_seg_generic_f(gp, x, dx, pb, se, dt, sl + c * m, left[c], right[c], invd[c], n, h + c * m * 2, hsize))
 #define FB_ROWS                                                                                                  \
     for (int64_t r = rb; r < re; r++)                                                                            \
     for (int64_t c = 0; c < C; c++)                                                                              \
@@ -657,7 +721,7 @@ FWD_DRIVER(double, f64, SEG_LOOP(D_SEG), D_ROW, (void)0)
                 dt)
 #define F32_COPIES NCOPY
 #endif
-BWD_DRIVER(float, f32c, FB_SEG, FB_ROWS, F32_COPIES)
+BWD_DRIVER(float, f32c, FB_RANGE, FB_ROWS, F32_COPIES)
 
 #define DB_SEG                                                                                                   \
     for (int64_t i = pb; i < se; i++)                                                                            \
@@ -669,7 +733,7 @@ BWD_DRIVER(float, f32c, FB_SEG, FB_ROWS, F32_COPIES)
         ((double *)dx)[r * C + c] =                                                                              \
             bwd_elem_d(((const double *)x)[r * C + c], ((const double *)gp)[r * C + c], sl + c * m, left[c],     \
                        right[c], invd[c], n, h + (c % NCOPY) * hsize + c * m * 2)
-BWD_DRIVER(double, f64, DB_SEG, DB_ROWS, NCOPY)
+BWD_DRIVER(double, f64, SEG_LOOP(DB_SEG), DB_ROWS, NCOPY)
 
 /* Folding (common.fold_tables in C, to take ~20 tiny torch ops off every call).
  * Parameters in channel form: points (C, N+1), the others (C,), contiguous. Output: one
@@ -721,7 +785,7 @@ PWLU_FOLD(double, pwlu_fold_f64)
  * compute dtype): the per-call cost of a PWLU on small tensors is the Python around the
  * kernel, so the tables are built here, in a scratch buffer, instead of in ~20 torch ops.
  * The backward also does the gradient epilogue of common.param_grads_from_histogram, in
- * double, and writes the five parameter gradients into grads_out:
+ * double, and writes the five parameter gradients, each to its own buffer:
  * d_points (C, N+1), then d_left_bound, d_right_bound, d_left_slope, d_right_slope (C each). */
 #define PWLU_FUSED(T, SUF, FOLD)                                                                          \
     int pwlu_fold_forward_##SUF(const T *pts, const T *bl, const T *br, const T *kl, const T *kr,         \
@@ -739,7 +803,7 @@ PWLU_FOLD(double, pwlu_fold_f64)
     int pwlu_fold_backward_##SUF(const T *pts, const T *bl, const T *br, const T *kl, const T *kr,        \
                                  double min_width, const void *gp, const void *x, void *dx, int dt,       \
                                  int64_t outer, int64_t C, int64_t inner, int64_t n, int nthreads,        \
-                                 T *grads_out) {                                                          \
+                                 T *dp, T *dl, T *dr, T *dkl, T *dkr) {                                   \
         const int64_t m = n + 2, sz = C * m;                                                              \
         T *buf = (T *)malloc(sizeof(T) * (size_t)(2 * sz + 4 * C));                                       \
         double *hist = (double *)calloc((size_t)(sz * 2), sizeof(double));                                \
@@ -754,8 +818,8 @@ PWLU_FOLD(double, pwlu_fold_f64)
         if (outer * C * inner > 0)                                                                        \
             rc = pwlu_backward_##SUF##_k(gp, x, dx, dt, outer, C, inner, sl, lo, ro, iv, n, nthreads, hist); \
         if (rc == 0) {                                                                                    \
-            T *dp = grads_out, *dl = dp + C * (n + 1), *dr = dl + C, *dkl = dr + C, *dkr = dkl + C;       \
             const T minw = (T)min_width;                                                                  \
+            const double inv_n = 1.0 / (double)n; /* exact for N a power of two */                        \
             for (int64_t c = 0; c < C; c++) {                                                             \
                 const double *h = hist + c * m * 2; /* h[2k] = sum g, h[2k+1] = sum g r in region k */    \
                 const T *a = sl + c * m;                                                                  \
@@ -768,7 +832,7 @@ PWLU_FOLD(double, pwlu_fold_f64)
                     dp[c * (n + 1) + i] = (T)(prev + (g - gt));                                           \
                     prev = gt;                                                                            \
                     /* dB_L += -K_i sum g (1 - u/N), dB_R += -K_i sum g u/N, u = i + t */                 \
-                    const double gu_n = ((double)i * g + gt) / (double)n;                                 \
+                    const double gu_n = ((double)i * g + gt) * inv_n;                                     \
                     acc_l -= (double)a[i + 1] * (g - gu_n);                                               \
                     acc_r -= (double)a[i + 1] * gu_n;                                                     \
                 }                                                                                         \
