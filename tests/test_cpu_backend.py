@@ -70,6 +70,7 @@ CASES = [
     ((5, 40), 1, True),  # 2-D: channels fastest
     ((37,), 0, False),
     ((2, 6, 9, 11), 1, True),  # NCHW, odd sizes
+    ((8, 72, 11, 11), 1, True),  # short rows above the one-thread grain: channels split across threads
     ((2, 9, 20), -1, True),  # (B, T, C)
     ((4, 5, 17), -1, False),
 ]
@@ -236,7 +237,9 @@ def test_backend_functions_directly_match_torch_backend():
     torch.testing.assert_close(hist, hist_t, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("shape,channel_dim", [((8, 16, 40, 40), 1), ((64, 50, 32), -1), ((200000,), 0)])
+@pytest.mark.parametrize(
+    "shape,channel_dim", [((8, 16, 40, 40), 1), ((16, 64, 9, 9), 1), ((64, 50, 32), -1), ((200000,), 0)]
+)
 def test_parameter_gradients_are_deterministic(shape, channel_dim):
     previous = torch.get_num_threads()
     torch.set_num_threads(2)

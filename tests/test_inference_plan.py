@@ -54,6 +54,7 @@ def spread(shape, dtype=torch.float32, seed=0):
 LAYOUTS = [
     ("nchw", (2, 16, 5, 7), 1, True),
     ("nchw-4x4", (3, 32, 4, 4), 1, True),
+    ("nchw-threads", (8, 288, 6, 6), 1, True),  # above the one-thread grain: channels split across threads
     ("channels-last", (2, 32, 3, 5), 1, True),
     ("btc", (2, 9, 24), -1, True),
     ("layer-wise", (3, 5, 11), 1, False),

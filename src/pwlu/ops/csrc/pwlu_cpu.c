@@ -194,36 +194,42 @@ static inline table32 load_table32(const float *sl, const float *ic, int64_t m) 
  * rotated so that the region index needs no +1: entry j < N is interval j, entry N is the
  * right piece and entry 31 the left one. Per 16 elements: the floor of (x - B_L) / d as an
  * int (one conversion), clamped to N - 1, the two boundary compares, two permutes, one FMA. */
-typedef struct {
+typedef struct { /* per call: depends on N only */
+    __mmask16 m0, m1;
+    __m512i last, right, left;
+} fwd_consts;
+typedef struct { /* per channel */
     __m512 a0, a1, b0, b1, lo, hi, inv, sh;
-    __m512i last, right;
 } fwd_chan;
-static inline fwd_chan load_fwd_chan(const float *sl, const float *ic, float lo, float hi, float inv, float sh,
-                                     int64_t n) {
+static inline fwd_consts make_fwd_consts(int64_t n) {
+    const int64_t cnt = n + 1; /* entries 1 .. N + 1 of the channel's tables */
+    fwd_consts k = {tail_mask(cnt), cnt > 16 ? tail_mask(cnt - 16) : (__mmask16)0, _mm512_set1_epi32((int)(n - 1)),
+                    _mm512_set1_epi32((int)n), _mm512_set1_epi32(31)};
+    return k;
+}
+static inline __attribute__((always_inline)) fwd_chan load_fwd_chan(const float *sl, const float *ic, float lo,
+                                                                    float hi, float inv, float sh,
+                                                                    const fwd_consts *k) {
     /* masked loads of entries 1 .. N + 1 (nothing read past the channel), entry 0 into lane 31 */
-    const int64_t cnt = n + 1;
-    const __mmask16 m0 = tail_mask(cnt), m1 = cnt > 16 ? tail_mask(cnt - 16) : (__mmask16)0;
     const __mmask16 top = (__mmask16)0x8000;
     fwd_chan t;
-    t.a0 = _mm512_maskz_loadu_ps(m0, sl + 1);
-    t.a1 = _mm512_mask_mov_ps(_mm512_maskz_loadu_ps(m1, sl + 17), top, _mm512_set1_ps(sl[0]));
-    t.b0 = _mm512_maskz_loadu_ps(m0, ic + 1);
-    t.b1 = _mm512_mask_mov_ps(_mm512_maskz_loadu_ps(m1, ic + 17), top, _mm512_set1_ps(ic[0]));
+    t.a0 = _mm512_maskz_loadu_ps(k->m0, sl + 1);
+    t.a1 = _mm512_mask_mov_ps(_mm512_maskz_loadu_ps(k->m1, sl + 17), top, _mm512_set1_ps(sl[0]));
+    t.b0 = _mm512_maskz_loadu_ps(k->m0, ic + 1);
+    t.b1 = _mm512_mask_mov_ps(_mm512_maskz_loadu_ps(k->m1, ic + 17), top, _mm512_set1_ps(ic[0]));
     t.lo = _mm512_set1_ps(lo);
     t.hi = _mm512_set1_ps(hi);
     t.inv = _mm512_set1_ps(inv);
     t.sh = _mm512_set1_ps(sh);
-    t.last = _mm512_set1_epi32((int)(n - 1));
-    t.right = _mm512_set1_epi32((int)n);
     return t;
 }
-static inline __m512 fwd16(__m512 x, const fwd_chan *t) {
+static inline __attribute__((always_inline)) __m512 fwd16(__m512 x, const fwd_chan *t, const fwd_consts *c) {
     const __m512 u = _mm512_mul_ps(_mm512_sub_ps(x, t->lo), t->inv);
     /* NaN and out-of-range u convert to INT_MIN: the permutes read its low 5 bits (entry 0) */
     __m512i k = _mm512_cvt_roundps_epi32(u, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    k = _mm512_min_epi32(k, t->last);
-    k = _mm512_mask_mov_epi32(k, _mm512_cmp_ps_mask(x, t->lo, _CMP_LT_OQ), _mm512_set1_epi32(31));
-    k = _mm512_mask_mov_epi32(k, _mm512_cmp_ps_mask(x, t->hi, _CMP_GE_OQ), t->right);
+    k = _mm512_min_epi32(k, c->last);
+    k = _mm512_mask_mov_epi32(k, _mm512_cmp_ps_mask(x, t->lo, _CMP_LT_OQ), c->left);
+    k = _mm512_mask_mov_epi32(k, _mm512_cmp_ps_mask(x, t->hi, _CMP_GE_OQ), c->right);
     const __m512 a = _mm512_permutex2var_ps(t->a0, k, t->a1), b = _mm512_permutex2var_ps(t->b0, k, t->b1);
     /* a flat piece gives its value b, also at x = +-inf (not 0 * inf = NaN); NaN x stays NaN */
     const __mmask16 use_fma = _mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_NEQ_UQ) |
@@ -231,39 +237,70 @@ static inline __m512 fwd16(__m512 x, const fwd_chan *t) {
     return _mm512_mask3_fmadd_ps(a, _mm512_sub_ps(x, t->sh), b, use_fma);
 }
 
-/* One segment of one channel (x[b:e], all of channel c). */
-static inline __attribute__((always_inline)) void fwd_seg_f(const void *x, void *y, int64_t b, int64_t e, int dt, const float *sl, const float *ic,
-                             float lo_s, float hi_s, float inv_s, float sh_s, int64_t n) {
-    if (n + 2 <= 32) {
-        const fwd_chan t = load_fwd_chan(sl, ic, lo_s, hi_s, inv_s, sh_s, n);
-        const __mmask16 all = (__mmask16)0xFFFF;
-        int64_t i = b;
-        for (; i + 16 <= e; i += 16) st16(y, i, fwd16(ld16(x, i, all, dt), &t), all, dt);
-        if (i < e) {
-            const __mmask16 m = tail_mask(e - i);
-            st16(y, i, fwd16(ld16(x, i, m, dt), &t), m, dt);
-        }
-    } else {
-        const __m512 lo = _mm512_set1_ps(lo_s), hi = _mm512_set1_ps(hi_s), inv = _mm512_set1_ps(inv_s);
-        const __m512 sh = _mm512_set1_ps(sh_s);
-        const __m512 nm1 = _mm512_set1_ps((float)(n - 1));
-        const __m512i np1 = _mm512_set1_epi32((int)(n + 1));
-        for (int64_t i = b; i < e; i += 16) {
-            __mmask16 m = tail_mask(e - i);
-            __m512 xv = ld16(x, i, m, dt), xl, u, fi;
-            __m512i k = region16(xv, lo, hi, inv, nm1, np1, &xl, &u, &fi);
-            __m512 a = _mm512_i32gather_ps(k, sl, 4);
-            __m512 bb = _mm512_i32gather_ps(k, ic, 4);
-            st16(y, i, finish16(xv, sh, a, bb), m, dt);
-        }
+/* One segment of one channel (x[b:e], all of channel c), N + 2 > 32: tables by gather. */
+static inline void fwd_seg_gather_f(const void *x, void *y, int64_t b, int64_t e, int dt, const float *sl,
+                                    const float *ic, float lo_s, float hi_s, float inv_s, float sh_s, int64_t n) {
+    const __m512 lo = _mm512_set1_ps(lo_s), hi = _mm512_set1_ps(hi_s), inv = _mm512_set1_ps(inv_s);
+    const __m512 sh = _mm512_set1_ps(sh_s);
+    const __m512 nm1 = _mm512_set1_ps((float)(n - 1));
+    const __m512i np1 = _mm512_set1_epi32((int)(n + 1));
+    for (int64_t i = b; i < e; i += 16) {
+        __mmask16 m = tail_mask(e - i);
+        __m512 xv = ld16(x, i, m, dt), xl, u, fi;
+        __m512i k = region16(xv, lo, hi, inv, nm1, np1, &xl, &u, &fi);
+        __m512 a = _mm512_i32gather_ps(k, sl, 4);
+        __m512 bb = _mm512_i32gather_ps(k, ic, 4);
+        st16(y, i, finish16(xv, sh, a, bb), m, dt);
+    }
+}
+
+/* x[b:e], all of one channel, with the in-register lookup. */
+static inline __attribute__((always_inline)) void fwd_lookup_seg(const void *x, void *y, int64_t b, int64_t e,
+                                                                 const int dt, const fwd_chan *t,
+                                                                 const fwd_consts *k) {
+    const __mmask16 all = (__mmask16)0xFFFF;
+    int64_t i = b;
+    for (; i + 16 <= e; i += 16) st16(y, i, fwd16(ld16(x, i, all, dt), t, k), all, dt);
+    if (i < e) {
+        const __mmask16 tm = tail_mask(e - i);
+        st16(y, i, fwd16(ld16(x, i, tm, dt), t, k), tm, dt);
+    }
+}
+
+/* Elements [pb, pe) of an (outer, C, inner) tensor, row by row (a row: one channel), with
+ * the in-register lookup; the per-call constants are set up once, and each row costs its
+ * table loads and broadcasts only (a 4x4 feature map is one vector per row). */
+static inline __attribute__((always_inline)) void fwd_rows_lookup_f(const void *x, void *y, int64_t pb, int64_t pe,
+                                                                    int64_t inner, int64_t C, const int dt,
+                                                                    const float *restrict sl,
+                                                                    const float *restrict ic,
+                                                                    const float *restrict left,
+                                                                    const float *restrict right,
+                                                                    const float *restrict invd,
+                                                                    const float *restrict shift, int64_t n) {
+    const int64_t m = n + 2;
+    const fwd_consts k = make_fwd_consts(n);
+    int64_t row = pb / inner, c = row % C;
+    while (pb < pe) {
+        int64_t se = (row + 1) * inner;
+        if (se > pe) se = pe;
+        const fwd_chan t = load_fwd_chan(sl + c * m, ic + c * m, left[c], right[c], invd[c], shift[c], &k);
+        fwd_lookup_seg(x, y, pb, se, dt, &t, &k);
+        pb = se;
+        row++;
+        if (++c == C) c = 0;
     }
 }
 
 /* Elements [pb, pe) of an (outer, C, inner) tensor, row by row; one body per dtype (the
  * dtype switch leaves the loop) and no call per row, which matters for short rows (a 4x4
  * feature map is one vector per row). */
-#define FWD_RANGE_BODY(DT) \
-    SEG_LOOP(fwd_seg_f(x, y, pb, se, DT, sl + c * (n + 2), ic + c * (n + 2), left[c], right[c], invd[c], shift[c], n))
+#define FWD_RANGE_BODY(DT)                                                                                       \
+    if (n + 2 <= 32)                                                                                             \
+        fwd_rows_lookup_f(x, y, pb, pe, inner, C, DT, sl, ic, left, right, invd, shift, n);                      \
+    else                                                                                                         \
+        SEG_LOOP(fwd_seg_gather_f(x, y, pb, se, DT, sl + c * (n + 2), ic + c * (n + 2), left[c], right[c], invd[c], \
+                                  shift[c], n))
 static void fwd_range_f(const void *x, void *y, int64_t pb, int64_t pe, int64_t inner, int64_t C, int dt,
                         const float *sl, const float *ic, const float *left, const float *right, const float *invd,
                         const float *shift, int64_t n) {
@@ -271,6 +308,29 @@ static void fwd_range_f(const void *x, void *y, int64_t pb, int64_t pe, int64_t 
     case PWLU_F32: FWD_RANGE_BODY(PWLU_F32); break;
     case PWLU_F16: FWD_RANGE_BODY(PWLU_F16); break;
     default: FWD_RANGE_BODY(PWLU_BF16); break;
+    }
+}
+
+/* Channels [cb, ce) of an (outer, C, inner) tensor with short rows (small feature maps), channel
+ * by channel: each channel's tables are loaded once for its `outer` rows, not once per row.
+ * In row order the tables of all C channels stream through the cache once per batch element,
+ * which for a 4x4 map is as much traffic as x itself. N + 2 <= 32. */
+#define FWD_CHANNELS_BODY(DT)                                                                                    \
+    do {                                                                                                         \
+        const fwd_consts k = make_fwd_consts(n);                                                                 \
+        for (int64_t c = cb; c < ce; c++) {                                                                      \
+            const fwd_chan t =                                                                                   \
+                load_fwd_chan(sl + c * (n + 2), ic + c * (n + 2), left[c], right[c], invd[c], shift[c], &k);     \
+            for (int64_t o = 0; o < outer; o++) fwd_lookup_seg(x, y, (o * C + c) * inner, (o * C + c + 1) * inner, DT, &t, &k); \
+        }                                                                                                        \
+    } while (0)
+static void fwd_channels_f(const void *x, void *y, int64_t cb, int64_t ce, int64_t outer, int64_t C, int64_t inner,
+                           int dt, const float *sl, const float *ic, const float *left, const float *right,
+                           const float *invd, const float *shift, int64_t n) {
+    switch (dt) {
+    case PWLU_F32: FWD_CHANNELS_BODY(PWLU_F32); break;
+    case PWLU_F16: FWD_CHANNELS_BODY(PWLU_F16); break;
+    default: FWD_CHANNELS_BODY(PWLU_BF16); break;
     }
 }
 
@@ -395,18 +455,19 @@ static inline void bwd_seg_f(const void *gp, const void *x, void *dx, int64_t b,
     free(accd);
 }
 
-/* A short segment (a small feature map: few elements per row of one channel): the same
- * vector pass, then its regions, g and g * r are added into the thread's double histogram
- * one element at a time, without branches (the lane-private histogram's per-segment set-up
- * would cost more than the segment). Same sums, in element order, as the scalar loop. */
-static inline void bwd_short_f(const void *gp, const void *x, void *dx, int64_t b, int64_t e, int dt,
-                               const float *sl, float lo_s, float hi_s, float inv_s, int64_t n, double *h) {
-    const bwd_chan ch = load_bwd_chan(sl, lo_s, hi_s, inv_s, n);
+/* Short rows (a small feature map: few elements per row of one channel), channel by channel:
+ * the vector pass of bwd16 over the channel's `outer` rows, then each element's region, g and
+ * g * r are added into the channel's double histogram one at a time, without branches (the
+ * lane-private histogram's set-up would cost more than a short row). The channel's tables
+ * are loaded and its histogram is touched by one thread only, in element order. */
+static inline __attribute__((always_inline)) void bwd_short_seg(const void *gp, const void *x, void *dx, int64_t b,
+                                                                int64_t e, const int dt, const bwd_chan *ch,
+                                                                double *h) {
     int32_t kb[16] __attribute__((aligned(64)));
     float gb[16] __attribute__((aligned(64))), rb[16] __attribute__((aligned(64)));
     for (int64_t i = b; i < e; i += 16) {
         __m512 g, gr;
-        _mm512_store_si512(kb, bwd16(gp, x, dx, i, tail_mask(e - i), dt, &ch, &g, &gr));
+        _mm512_store_si512(kb, bwd16(gp, x, dx, i, tail_mask(e - i), dt, ch, &g, &gr));
         _mm512_store_ps(gb, g);
         _mm512_store_ps(rb, gr);
         const int cnt = e - i < 16 ? (int)(e - i) : 16;
@@ -417,16 +478,20 @@ static inline void bwd_short_f(const void *gp, const void *x, void *dx, int64_t 
         }
     }
 }
-#define BWD_SHORT_BODY(DT) \
-    SEG_LOOP(bwd_short_f(gp, x, dx, pb, se, DT, sl + c * (n + 2), left[c], right[c], invd[c], n, h + c * (n + 2) * 2))
-/* Elements [pb, pe) of rows shorter than SHORT_SEG: one body per dtype, no call per row. */
-static void bwd_short_range_f(const void *gp, const void *x, void *dx, int64_t pb, int64_t pe, int64_t inner,
-                              int64_t C, int dt, const float *sl, const float *left, const float *right,
-                              const float *invd, int64_t n, double *h) {
+#define BWD_CHANNELS_BODY(DT)                                                                                    \
+    for (int64_t c = cb; c < ce; c++) {                                                                          \
+        const bwd_chan ch = load_bwd_chan(sl + c * (n + 2), left[c], right[c], invd[c], n);                      \
+        for (int64_t o = 0; o < outer; o++)                                                                      \
+            bwd_short_seg(gp, x, dx, (o * C + c) * inner, (o * C + c + 1) * inner, DT, &ch, h + c * (n + 2) * 2); \
+    }
+/* Channels [cb, ce) of an (outer, C, inner) tensor with short rows; h: the histogram of all C. */
+static void bwd_channels_f(const void *gp, const void *x, void *dx, int64_t cb, int64_t ce, int64_t outer,
+                           int64_t C, int64_t inner, int dt, const float *sl, const float *left, const float *right,
+                           const float *invd, int64_t n, double *h) {
     switch (dt) {
-    case PWLU_F32: BWD_SHORT_BODY(PWLU_F32); break;
-    case PWLU_F16: BWD_SHORT_BODY(PWLU_F16); break;
-    default: BWD_SHORT_BODY(PWLU_BF16); break;
+    case PWLU_F32: BWD_CHANNELS_BODY(PWLU_F32); break;
+    case PWLU_F16: BWD_CHANNELS_BODY(PWLU_F16); break;
+    default: BWD_CHANNELS_BODY(PWLU_BF16); break;
     }
 }
 
@@ -486,6 +551,7 @@ static inline int64_t fwd_tiles_f(const void *x, void *y, int64_t rb, int64_t re
                                   const float *invd, const float *shift, int64_t n) {
     const int64_t m = n + 2;
     if (C % 16 != 0 || m > 32) return rb;
+    const fwd_consts k = make_fwd_consts(n);
     const __mmask16 all = (__mmask16)0xFFFF;
     int64_t r0 = rb;
     for (; r0 + 16 <= re; r0 += 16) {
@@ -495,8 +561,8 @@ static inline int64_t fwd_tiles_f(const void *x, void *y, int64_t rb, int64_t re
             transpose16(v); /* v[j]: channel c0 + j of rows r0 .. r0 + 15 */
             for (int j = 0; j < 16; j++) {
                 const int64_t c = c0 + j;
-                const fwd_chan t = load_fwd_chan(sl + c * m, ic + c * m, left[c], right[c], invd[c], shift[c], n);
-                v[j] = fwd16(v[j], &t);
+                const fwd_chan t = load_fwd_chan(sl + c * m, ic + c * m, left[c], right[c], invd[c], shift[c], &k);
+                v[j] = fwd16(v[j], &t, &k);
             }
             transpose16(v);
             for (int j = 0; j < 16; j++) st16(y, (r0 + j) * C + c0, v[j], all, dt);
@@ -602,7 +668,7 @@ static void reduce_hist(const double *parts, int nparts, int64_t size, double *o
     }
 }
 
-#define FWD_DRIVER(T, SUF, RANGE_FN, ROW_FN, ROWS_PRE)                                                        \
+#define FWD_DRIVER(T, SUF, RANGE_FN, ROW_FN, ROWS_PRE, CHANNELS_OK, CHANNELS_FN)                               \
     int pwlu_forward_##SUF(const void *x, void *y, int dt, int64_t outer, int64_t C, int64_t inner, const T *sl, \
                            const T *ic, const T *left, const T *right, const T *invd, const T *shift, int64_t n,     \
                            int nthreads) {                                                                  \
@@ -618,6 +684,14 @@ static void reduce_hist(const double *parts, int nparts, int64_t size, double *o
                 int64_t r = rb;                                                                                 \
                 ROWS_PRE;                                                                                       \
                 for (; r < re; r++) ROW_FN;                                                                     \
+            }                                                                                                   \
+        } else if (CHANNELS_OK) {                                                                               \
+            _Pragma("omp parallel num_threads(nthreads)") {                                                     \
+                int t = 0, nth = 1;                                                                             \
+                PWLU_TID(t, nth);                                                                               \
+                int64_t cb, ce;                                                                                 \
+                split(C, t, nth, 1, &cb, &ce);                                                                  \
+                CHANNELS_FN;                                                                                    \
             }                                                                                                   \
         } else {                                                                                                \
             const int64_t total = outer * C * inner;                                                            \
@@ -641,16 +715,22 @@ static void reduce_hist(const double *parts, int nparts, int64_t size, double *o
 
 #if PWLU_AVX512
 #define F_RANGE fwd_range_f(x, y, pb, pe, inner, C, dt, sl, ic, left, right, invd, shift, n)
+/* rows shorter than this, several per channel: channel by channel (fwd_channels_f) */
+#define SHORT_ROW 256
+#define F_CHANNELS_OK (outer > 1 && inner < SHORT_ROW && n + 2 <= 32)
+#define F_CHANNELS fwd_channels_f(x, y, cb, ce, outer, C, inner, dt, sl, ic, left, right, invd, shift, n)
 #define F_ROW fwd_row_f(x, y, r * C, C, dt, sl, ic, left, right, invd, shift, n)
 #define F_ROWS_PRE r = fwd_tiles_f(x, y, rb, re, C, dt, sl, ic, left, right, invd, shift, n)
 #else
+#define F_CHANNELS_OK 0
+#define F_CHANNELS (void)0
 #define F_ROWS_PRE (void)0
 #define F_RANGE SEG_LOOP(fwd_seg_generic_f(x, y, pb, se, dt, sl + c * m, ic + c * m, left[c], right[c], invd[c], shift[c], n))
 #define F_ROW                                                                                                    \
     for (int64_t c = 0; c < C; c++)                                                                              \
         store_s(y, r * C + c, fwd_elem_f(load_s(x, r * C + c, dt), sl + c * m, ic + c * m, left[c], right[c], invd[c], shift[c], n), dt)
 #endif
-FWD_DRIVER(float, f32c, F_RANGE, F_ROW, F_ROWS_PRE)
+FWD_DRIVER(float, f32c, F_RANGE, F_ROW, F_ROWS_PRE, F_CHANNELS_OK, F_CHANNELS)
 
 #define D_SEG                                                                                                    \
     for (int64_t i = pb; i < se; i++)                                                                            \
@@ -659,28 +739,34 @@ FWD_DRIVER(float, f32c, F_RANGE, F_ROW, F_ROWS_PRE)
     for (int64_t c = 0; c < C; c++)                                                                              \
         ((double *)y)[r * C + c] =                                                                               \
             fwd_elem_d(((const double *)x)[r * C + c], sl + c * m, ic + c * m, left[c], right[c], invd[c], shift[c], n)
-FWD_DRIVER(double, f64, SEG_LOOP(D_SEG), D_ROW, (void)0)
+FWD_DRIVER(double, f64, SEG_LOOP(D_SEG), D_ROW, (void)0, 0, (void)0)
 
-#define BWD_DRIVER(T, SUF, RANGE_FN, ROWS_FN, COPIES)                                                                   \
+#define BWD_DRIVER(T, SUF, RANGE_FN, ROWS_FN, COPIES, CHANNELS_OK, CHANNELS_FN)                                      \
     int pwlu_backward_##SUF(const void *gp, const void *x, void *dx, int dt, int64_t outer, int64_t C,             \
                             int64_t inner, const T *sl, const T *left, const T *right, const T *invd, int64_t n,  \
                             int nthreads, double *hist_out) {                                                     \
         const int64_t m = n + 2, hsize = C * m * 2;                                                               \
         (void)dt;                                                                                                 \
         nthreads = clamp_threads(nthreads);                                                                       \
-        /* one thread and one copy: straight into hist_out (zeroed by the caller), no partials */                 \
-        const int direct = nthreads * (COPIES) == 1;                                                              \
+        const int rows_mode = inner == 1 && C > 1;                                                                \
+        const int channels_mode = !rows_mode && (CHANNELS_OK);                                                    \
+        /* by channel (each thread its own channels), or one thread and one copy: straight into                  \
+         * hist_out (zeroed by the caller), no partials */                                                        \
+        const int direct = channels_mode || nthreads * (COPIES) == 1;                                             \
         double *parts = direct ? hist_out : (double *)calloc((size_t)nthreads * (COPIES) * hsize, sizeof(double)); \
         if (!parts) return 1;                                                                                     \
         int used = 1;                                                                                             \
-        const int rows_mode = inner == 1 && C > 1;                                                                \
         const int64_t total = outer * C * inner;                                                                  \
         _Pragma("omp parallel num_threads(nthreads)") {                                                           \
             int t = 0, nth = 1;                                                                                   \
             PWLU_TID(t, nth);                                                                                     \
             if (t == 0) used = nth;                                                                               \
-            double *h = parts + (int64_t)t * (COPIES) * hsize;                                                     \
-            if (rows_mode) {                                                                                      \
+            double *h = channels_mode ? hist_out : parts + (int64_t)t * (COPIES) * hsize;                           \
+            if (channels_mode) {                                                                                  \
+                int64_t cb, ce;                                                                                   \
+                split(C, t, nth, 1, &cb, &ce);                                                                    \
+                CHANNELS_FN;                                                                                      \
+            } else if (rows_mode) {                                                                               \
                 int64_t rb, re;                                                                                   \
                 split(outer, t, nth, 1, &rb, &re);                                                                \
                 ROWS_FN;                                                                                          \
@@ -699,13 +785,12 @@ FWD_DRIVER(double, f64, SEG_LOOP(D_SEG), D_ROW, (void)0)
 
 #if PWLU_AVX512
 /* Rows shorter than SHORT_SEG (small spatial maps) do not amortise the vector histogram's
- * per-segment set-up (accumulators, flush, lane sums): they take bwd_short_f. */
+ * per-segment set-up (accumulators, flush, lane sums): they go channel by channel through
+ * bwd_channels_f. */
 #define SHORT_SEG 512
-#define FB_RANGE                                                                                                 \
-    if (inner < SHORT_SEG)                                                                                       \
-        bwd_short_range_f(gp, x, dx, pb, pe, inner, C, dt, sl, left, right, invd, n, h);                         \
-    else                                                                                                         \
-        SEG_LOOP(bwd_seg_f(gp, x, dx, pb, se, dt, sl + c * m, left[c], right[c], invd[c], n, h + c * m * 2))
+#define FB_RANGE SEG_LOOP(bwd_seg_f(gp, x, dx, pb, se, dt, sl + c * m, left[c], right[c], invd[c], n, h + c * m * 2))
+#define FB_CHANNELS_OK (inner < SHORT_SEG)
+#define FB_CHANNELS bwd_channels_f(gp, x, dx, cb, ce, outer, C, inner, dt, sl, left, right, invd, n, h)
 #define FB_ROWS bwd_rows_f(gp, x, dx, rb, re, C, dt, sl, left, right, invd, n, h)
 /* one histogram per thread (no NCOPY copies: the vector paths keep lane-private sums, and a
  * short row is too short for long store-to-load chains) */
@@ -719,9 +804,11 @@ FWD_DRIVER(double, f64, SEG_LOOP(D_SEG), D_ROW, (void)0)
                 bwd_elem_f(load_s(x, r * C + c, dt), load_s(gp, r * C + c, dt), sl + c * m, left[c], right[c],   \
                            invd[c], n, h + (c % NCOPY) * hsize + c * m * 2),                                      \
                 dt)
+#define FB_CHANNELS_OK 0
+#define FB_CHANNELS (void)0
 #define F32_COPIES NCOPY
 #endif
-BWD_DRIVER(float, f32c, FB_RANGE, FB_ROWS, F32_COPIES)
+BWD_DRIVER(float, f32c, FB_RANGE, FB_ROWS, F32_COPIES, FB_CHANNELS_OK, FB_CHANNELS)
 
 #define DB_SEG                                                                                                   \
     for (int64_t i = pb; i < se; i++)                                                                            \
@@ -733,7 +820,7 @@ BWD_DRIVER(float, f32c, FB_RANGE, FB_ROWS, F32_COPIES)
         ((double *)dx)[r * C + c] =                                                                              \
             bwd_elem_d(((const double *)x)[r * C + c], ((const double *)gp)[r * C + c], sl + c * m, left[c],     \
                        right[c], invd[c], n, h + (c % NCOPY) * hsize + c * m * 2)
-BWD_DRIVER(double, f64, SEG_LOOP(DB_SEG), DB_ROWS, NCOPY)
+BWD_DRIVER(double, f64, SEG_LOOP(DB_SEG), DB_ROWS, NCOPY, 0, (void)0)
 
 /* Folding (common.fold_tables in C, to take ~20 tiny torch ops off every call).
  * Parameters in channel form: points (C, N+1), the others (C,), contiguous. Output: one
