@@ -3,8 +3,8 @@
 Gradient-free calls with a repeated input geometry reuse prepared tables and kernel
 arguments. These tests check that the shortcut gives exactly what the general path gives,
 that it is really taken (so the comparisons are not vacuous), and that every change that
-must invalidate it does: parameters changed in place or swapped, a new input geometry, a
-backend switch, gradients, statistics collection.
+must invalidate it does: parameters changed in place (also through ``.data``) or swapped,
+a new input geometry, a backend switch, gradients, statistics collection.
 """
 
 from __future__ import annotations
@@ -109,6 +109,21 @@ def test_swapped_parameter_storage_is_seen():
         after = m(x)
     assert not torch.equal(after, before)
     assert torch.equal(after, general_path(m, x))
+
+
+@pytest.mark.parametrize("which", ["points", "left_bound", "right_bound", "left_slope", "right_slope"])
+def test_writes_through_data_are_seen(which):
+    """``param.data.add_(...)`` (old-style weight clipping, custom inits) bumps no version
+    counter: the plan compares the parameters' bytes with its snapshot instead."""
+    m, x = make_module(8), spread((2, 8, 6, 6))
+    before = planned(m, x)
+    version = getattr(m, which)._version
+    getattr(m, which).data.add_(0.25)
+    assert getattr(m, which)._version == version  # the case this test is about
+    with torch.no_grad():
+        after = m(x)
+    assert not torch.equal(after, before), which
+    assert torch.equal(after, general_path(m, x)), which
 
 
 def test_load_state_dict_and_training_steps_are_seen():

@@ -76,7 +76,7 @@ _FLAG_SETS = (
     ("-O3", "-shared", "-fPIC"),
 )
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
-_ABI_VERSION = 5
+_ABI_VERSION = 6
 #: Below this many elements one thread runs the kernel (as ATen's grain size): waking a
 #: second thread costs more than it saves, and on a busy machine it can cost a time slice.
 GRAIN_SIZE = 65536
@@ -353,8 +353,12 @@ def forward_from_params(x, points, left_bound, right_bound, left_slope, right_sl
 class _PlanArgs(ctypes.Structure):
     """``pwlu_plan`` of ``csrc/pwlu_cpu.c``: the kernel arguments other than x and y."""
 
-    _fields_ = [(name, ctypes.c_int64) for name in ("dt", "outer", "C", "inner", "n", "nthreads")] + [
-        (name, ctypes.c_void_p) for name in ("sl", "ic", "lo", "ro", "iv", "sh")
+    _fields_ = [
+        *((name, ctypes.c_int64) for name in ("dt", "outer", "C", "inner", "n", "nthreads")),
+        *((name, ctypes.c_void_p) for name in ("sl", "ic", "lo", "ro", "iv", "sh")),
+        ("live", ctypes.c_void_p * 5),  # the five parameter tensors' data
+        ("snap", ctypes.c_void_p * 5),  # the copies the tables were folded from
+        ("bytes", ctypes.c_int64 * 5),
     ]
 
 
@@ -366,10 +370,12 @@ class InferencePlan:
     is as much as the kernel itself.
 
     It is only used where the general path would compute exactly the same thing: gradients
-    disabled, the same parameter tensors (identity, storage and in-place version counter, so
-    an optimizer step, ``load_state_dict`` or ``.data =`` rebuilds it), the same input shape,
-    strides, dtype and device, the same backend setting and thread count. ``__call__`` returns
-    ``None`` when anything differs, and the caller takes the general path.
+    disabled, the same parameter tensors (identity and storage, checked here) holding the same
+    bytes as the snapshot the tables were folded from (compared in C before every call, so an
+    optimizer step, ``load_state_dict``, ``.data =`` or an in-place write through ``.data``,
+    which bumps no version counter, all rebuild it), the same input shape, strides, dtype and
+    device, the same backend setting and thread count. ``__call__`` returns ``None`` when
+    anything differs, and the caller takes the general path (which makes a new plan).
     """
 
     __slots__ = ("params", "key", "shape", "stride", "dtype", "backend", "threads", "run", "struct", "tables")
@@ -385,11 +391,9 @@ class InferencePlan:
 
     @staticmethod
     def _param_key(params: tuple[Tensor, ...]) -> tuple:
+        """Where the parameters' data lives (the C side reads it: never through a stale pointer)."""
         p0, p1, p2, p3, p4 = params
-        return (
-            p0._version, p1._version, p2._version, p3._version, p4._version,
-            p0.data_ptr(), p1.data_ptr(), p2.data_ptr(), p3.data_ptr(), p4.data_ptr(),
-        )  # fmt: skip
+        return (p0.data_ptr(), p1.data_ptr(), p2.data_ptr(), p3.data_ptr(), p4.data_ptr())
 
     def __reduce__(self):  # native pointers: copying or pickling a module drops its plan
         return (_no_plan, ())
@@ -405,7 +409,8 @@ class InferencePlan:
         ):  # fmt: skip
             return None
         y = torch.empty_like(x)
-        self.run(self.struct, x.data_ptr(), y.data_ptr())
+        if self.run(self.struct, x.data_ptr(), y.data_ptr()) != 0:
+            return None  # the parameters' values changed since the tables were folded
         return y
 
 
@@ -416,13 +421,13 @@ def _no_plan() -> None:
 def inference_plan(x, points, left_bound, right_bound, left_slope, right_slope, channel_dim, backend: str):
     """An :class:`InferencePlan` for this call (arguments as validated by
     :func:`pwlu.ops.validation.check_params`), or ``None`` where none applies (a layout that
-    needs a copy, fp16 without F16C, an empty input, inference tensors as parameters)."""
+    needs a copy, fp16 without F16C, an empty input, non-contiguous parameters)."""
     lib = library()
     if lib is None or not _fused_ok(x, lib) or x.numel() == 0:
         return None
     originals = (points, left_bound, right_bound, left_slope, right_slope)
-    if any(p.is_inference() for p in originals):
-        return None  # no version counter to detect in-place changes with
+    if not all(p.is_contiguous() for p in originals):
+        return None  # compared byte for byte on every call: only dense parameters
     order = _dense_order(x)
     if order is None or torch.empty_like(x).stride() != x.stride():
         return None
@@ -430,8 +435,14 @@ def inference_plan(x, points, left_bound, right_bound, left_slope, right_slope, 
     params = _raw_params(x, originals)
     num_channels, n = (points.shape[0] if points.dim() == 2 else 1), points.shape[-1] - 1
     tables = _tables(*fold_tables(params[0].reshape(num_channels, n + 1), *(p.reshape(-1) for p in params[1:])))
-    struct = _PlanArgs(_kernel_dtype(x, lib), outer, channels, inner, n, _num_threads(x.numel()), *(t.data_ptr() for t in tables))  # fmt: skip
-    return InferencePlan(x, originals, lib.pwlu_forward_plan, struct, tables, backend)
+    snapshots = [p.detach().clone() for p in originals]
+    struct = _PlanArgs(
+        _kernel_dtype(x, lib), outer, channels, inner, n, _num_threads(x.numel()), *(t.data_ptr() for t in tables),
+        (ctypes.c_void_p * 5)(*(p.data_ptr() for p in originals)),
+        (ctypes.c_void_p * 5)(*(p.data_ptr() for p in snapshots)),
+        (ctypes.c_int64 * 5)(*(p.numel() * p.element_size() for p in originals)),
+    )  # fmt: skip
+    return InferencePlan(x, originals, lib.pwlu_forward_plan, struct, [*tables, *snapshots], backend)
 
 
 def backward_from_params(grad, x, points, left_bound, right_bound, left_slope, right_slope, channel_dim):

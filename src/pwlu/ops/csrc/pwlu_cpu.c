@@ -35,7 +35,7 @@ enum { PWLU_F32 = 0, PWLU_F64 = 1, PWLU_F16 = 2, PWLU_BF16 = 3 };
 #define NCOPY 4
 #define ALIGN_ELEMS 16
 
-int pwlu_cpu_abi_version(void) { return 5; }
+int pwlu_cpu_abi_version(void) { return 6; }
 int pwlu_cpu_has_avx512(void) { return PWLU_AVX512; }
 #ifdef __FLT16_MAX__
 int pwlu_cpu_has_f16(void) { return 1; }
@@ -947,12 +947,19 @@ PWLU_FUSED(float, f32c, pwlu_fold_f32)
 PWLU_FUSED(double, f64, pwlu_fold_f64)
 
 /* A forward whose arguments were prepared once (pwlu.ops.cpu_backend.InferencePlan): three
- * arguments per call instead of fourteen, for the many small calls of a model's inference. */
+ * arguments per call instead of fourteen, for the many small calls of a model's inference.
+ * The five parameter tensors are compared byte for byte with the snapshot the tables were
+ * folded from; on any difference nothing is computed and 2 is returned (the caller rebuilds
+ * the plan), so the tables can never be stale, whatever wrote to the parameters. */
 typedef struct {
     int64_t dt, outer, C, inner, n, nthreads;
     const void *sl, *ic, *lo, *ro, *iv, *sh;
+    const void *live[5], *snap[5];
+    int64_t bytes[5];
 } pwlu_plan;
 int pwlu_forward_plan(const pwlu_plan *p, const void *x, void *y) {
+    for (int i = 0; i < 5; i++)
+        if (memcmp(p->live[i], p->snap[i], (size_t)p->bytes[i]) != 0) return 2;
     if (p->dt == PWLU_F64)
         return pwlu_forward_f64(x, y, (int)p->dt, p->outer, p->C, p->inner, p->sl, p->ic, p->lo, p->ro, p->iv, p->sh,
                                 p->n, (int)p->nthreads);
