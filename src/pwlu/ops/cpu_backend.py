@@ -38,8 +38,16 @@ parameter gradients are bit-identical run to run for a fixed thread count
 channels are the fastest axis (channels-last, ``(B, T, C)``) lanes are channels: the
 histogram is the same lane-private one; the forward transposes 16x16 tiles in registers so
 that it can use the in-register lookup (C a multiple of 16), the backward gathers the slope
-per lane. Rows shorter than 512 elements (small feature maps) take a scalar histogram into
-double bins instead. Without AVX-512, and for fp64, a portable scalar loop is used.
+per lane. Rows shorter than 512 elements (small feature maps) go channel by channel, each
+channel's tables loaded once for all its rows (forward: rows under 256 elements), and the
+backward adds each element's region, g and g*r into that channel's double bins, from one
+thread per channel (no partial histograms). Without AVX-512, and for fp64, a portable scalar
+loop is used.
+
+Eval-mode calls without gradients go through an :class:`InferencePlan` (made by the
+``PWLU`` module on its first such call): folded tables and kernel arguments prepared once
+per input geometry; before each call the C side compares the parameters byte for byte with
+the snapshot the tables were folded from, so a plan can never run with stale tables.
 
 Alternatives measured (2 cores, NCHW (32, 64, 56, 56) fp32, N = 16, interleaved with ReLU
 in the same run; details in ``benchmarks/results/cpu_backend_choice.md``): the eager
