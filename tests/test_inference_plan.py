@@ -159,6 +159,22 @@ def test_new_input_geometry_gets_a_new_plan():
         assert torch.equal(y, general_path(m, x)), tuple(x.shape)
 
 
+def test_alternating_geometries_keep_their_plans():
+    m = make_module(8)
+    a, b = spread((2, 8, 6, 6)), spread((3, 8, 5, 5), seed=1)
+    planned(m, a)
+    planned(m, b)
+    plan_b = m._inference_plan
+    with torch.no_grad():
+        assert torch.equal(m(a), general_path(m, a))
+        plan_a = m._inference_plan
+        assert torch.equal(m(b), general_path(m, b))
+        assert m._inference_plan is plan_b, "the plan for b was rebuilt instead of reused"
+        m.points.data.mul_(0.5)  # a stored plan must see the change too
+        assert torch.equal(m(a), general_path(m, a))
+        assert m._inference_plan is not plan_a
+
+
 def test_backend_switch_bypasses_the_plan():
     m, x = make_module(8), spread((2, 8, 6, 6))
     planned(m, x)

@@ -178,9 +178,17 @@ class PWLU(nn.Module):
         :func:`pwlu.ops.pwlu_op.inference_plan`), which checks that it still fits on every call."""
         plan = self.__dict__.get("_inference_plan")  # absent in modules pickled by older versions
         if plan is not None and not torch.is_grad_enabled() and not (self.training and self._collecting):
-            y = plan(x, self._parameter_tuple(), dispatch.get_backend_name())
+            params, backend = self._parameter_tuple(), dispatch.get_backend_name()
+            y = plan(x, params, backend)
             if y is not None:
                 return y
+            # another input geometry seen before (e.g. alternating sizes): its own plan
+            other = self.__dict__.get("_other_plans", {}).get((x.shape, x.stride(), x.dtype))
+            if other is not None:
+                y = other(x, params, backend)
+                if y is not None:
+                    self._inference_plan = other
+                    return y
         return self._forward_op(x)
 
     @torch.jit.unused
@@ -190,8 +198,19 @@ class PWLU(nn.Module):
         if self.training and self._collecting:
             self._update_statistics(x, cd)
         elif not torch.is_grad_enabled() and not torch.compiler.is_compiling() and self._plain_parameters():
-            self._inference_plan = inference_plan(x, *params, cd)
+            self._remember_plan(x, inference_plan(x, *params, cd))
         return pwlu_checked(x, *params, cd)
+
+    @torch.jit.unused
+    def _remember_plan(self, x: Tensor, plan) -> None:
+        """Make ``plan`` the current one and keep it, by input geometry, with up to 7 others."""
+        self._inference_plan = plan
+        if plan is None:
+            return
+        others = self.__dict__.setdefault("_other_plans", {})
+        if len(others) >= 8:
+            others.clear()
+        others[(x.shape, x.stride(), x.dtype)] = plan
 
     @torch.jit.unused
     def _plain_parameters(self) -> bool:
