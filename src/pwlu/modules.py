@@ -14,7 +14,7 @@ from .ops import dispatch
 from .ops.common import fold_tables
 from .ops.folded import pwlu_folded
 from .ops.pwlu_op import inference_plan
-from .ops.validation import check_params
+from .ops.validation import PARAMETER_NAMES, check_params
 from .statistics import update_running_stats
 
 INITS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -198,7 +198,12 @@ class PWLU(nn.Module):
         if self.training and self._collecting:
             self._update_statistics(x, cd)
         elif not torch.is_grad_enabled() and not torch.compiler.is_compiling() and self._plain_parameters():
-            self._remember_plan(x, inference_plan(x, *params, cd))
+            plan = inference_plan(x, *params, cd)
+            self._remember_plan(x, plan)
+            if plan is not None:  # the tables were just folded: use them rather than fold again
+                y = plan(x, params, dispatch.get_backend_name())
+                if y is not None:
+                    return y
         return pwlu_checked(x, *params, cd)
 
     @torch.jit.unused
@@ -215,7 +220,7 @@ class PWLU(nn.Module):
     @torch.jit.unused
     def _plain_parameters(self) -> bool:
         """Whether the five parameters are plain entries of ``_parameters`` (not parametrized)."""
-        return all(name in self._parameters for name in ("points", "left_bound", "right_bound", "left_slope", "right_slope"))  # fmt: skip
+        return all(name in self._parameters for name in PARAMETER_NAMES)
 
     @torch.jit.unused
     def _parameter_tuple(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:

@@ -28,6 +28,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .modules import PWLU
 from .ops.common import MIN_WIDTH, effective_bounds
+from .ops.validation import PARAMETER_NAMES
 
 __all__ = [
     "DEFAULT_MIN_WIDTH",
@@ -45,7 +46,7 @@ __all__ = [
 #: stays above the forward pass's clamp after rounding to the parameter dtype.
 DEFAULT_MIN_WIDTH = 10 * MIN_WIDTH
 
-_PARAM_NAMES = ("points", "left_bound", "right_bound", "left_slope", "right_slope")
+_PARAM_NAMES = PARAMETER_NAMES
 
 
 def pwlu_modules(model: nn.Module) -> list[tuple[str, PWLU]]:

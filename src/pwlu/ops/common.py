@@ -26,6 +26,15 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def channel_form(points, left_bound, right_bound, left_slope, right_slope, dtype):
+    """Parameters as ``(C, N+1)`` and ``(C,)`` tensors in ``dtype`` (C = 1 layer-wise)."""
+    n1 = points.shape[-1]
+    return (
+        points.to(dtype).reshape(-1, n1),
+        *(p.to(dtype).reshape(-1) for p in (left_bound, right_bound, left_slope, right_slope)),
+    )
+
+
 def effective_bounds(
     left_bound: Tensor, right_bound: Tensor, num_intervals: int, min_width: float = MIN_WIDTH
 ) -> tuple[Tensor, Tensor, Tensor]:

@@ -440,9 +440,8 @@ def inference_plan(x, points, left_bound, right_bound, left_slope, right_slope, 
     if order is None or torch.empty_like(x).stride() != x.stride():
         return None
     _, _, (outer, channels, inner) = _layout(x, channel_dim)
-    params = _raw_params(x, originals)
-    num_channels, n = (points.shape[0] if points.dim() == 2 else 1), points.shape[-1] - 1
-    tables = _tables(*fold_tables(params[0].reshape(num_channels, n + 1), *(p.reshape(-1) for p in params[1:])))
+    n = points.shape[-1] - 1
+    tables = _tables(*fold_tables(*common.channel_form(*originals, common.compute_dtype(x.dtype))))
     snapshots = [p.detach().clone() for p in originals]
     struct = _PlanArgs(
         _kernel_dtype(x, lib), outer, channels, inner, n, _num_threads(x.numel()), *(t.data_ptr() for t in tables),

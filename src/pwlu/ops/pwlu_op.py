@@ -12,16 +12,7 @@ import torch
 from torch import Tensor
 
 from . import dispatch
-from .common import compute_dtype, fold_tables, param_grads_from_histogram
-
-
-def _channel_form(points, left_bound, right_bound, left_slope, right_slope, dtype):
-    """Parameters as ``(C, N+1)`` and ``(C,)`` tensors in ``dtype`` (C = 1 layer-wise)."""
-    n1 = points.shape[-1]
-    return (
-        points.to(dtype).reshape(-1, n1),
-        *(p.to(dtype).reshape(-1) for p in (left_bound, right_bound, left_slope, right_slope)),
-    )
+from .common import channel_form, compute_dtype, fold_tables, param_grads_from_histogram
 
 
 def _fold(backend):
@@ -37,7 +28,7 @@ def forward_impl(x, points, left_bound, right_bound, left_slope, right_slope, ch
         y = fused(x, points, left_bound, right_bound, left_slope, right_slope, channel_dim)
         if y is not None:
             return y
-    params = _channel_form(points, left_bound, right_bound, left_slope, right_slope, compute_dtype(x.dtype))
+    params = channel_form(points, left_bound, right_bound, left_slope, right_slope, compute_dtype(x.dtype))
     slopes, intercepts, left, right, inv_d, shift = _fold(backend)(*params)
     return backend.forward(x, slopes, intercepts, left, right, inv_d, channel_dim, shift)
 
@@ -52,7 +43,7 @@ def backward_impl(grad, x, points, left_bound, right_bound, left_slope, right_sl
         res = fused(grad, x, *originals, channel_dim)
         if res is not None:
             return (res[0], *res[1])
-    params = _channel_form(*originals, compute_dtype(x.dtype))
+    params = channel_form(*originals, compute_dtype(x.dtype))
     slopes, _, left, right, inv_d, _ = _fold(backend)(*params)
     dx, hist = backend.backward(grad, x, slopes, left, right, inv_d, channel_dim)
     grads = param_grads_from_histogram(hist, *params, slopes)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 _PARAM_NAMES = ("left_bound", "right_bound", "left_slope", "right_slope")
-_ALL_NAMES = ("points",) + _PARAM_NAMES
+PARAMETER_NAMES = ("points",) + _PARAM_NAMES  #: the five parameters, in argument order
 
 
 def _bad_param(name: str, p, device) -> None:
@@ -50,7 +50,7 @@ def check_params(
     check_input(x)
     params = (left_bound, right_bound, left_slope, right_slope)
     device = x.device
-    for name, p in zip(_ALL_NAMES, (points,) + params):
+    for name, p in zip(PARAMETER_NAMES, (points,) + params):
         if not (isinstance(p, Tensor) and p.is_floating_point() and p.device == device):
             _bad_param(name, p, device)
     if points.dim() not in (1, 2):

@@ -91,7 +91,7 @@ static inline void store_s(void *p, int64_t i, float v, int dt) {
         T u, fi;                                                                                            \
         int64_t k = region_##SUF(xv, lo, hi, inv, n, &u, &fi);                                              \
         T a = sl[k], b = ic[k];                                                                             \
-        return (a == (T)0 && isinf(xv)) ? b : a * (xv - sh) + b;                                            \
+        return (a == (T)0 && !isnan(xv)) ? b : a * (xv - sh) + b; /* as finish16 */                       \
     }                                                                                                       \
     static inline T bwd_elem_##SUF(T xv, T g, const T *sl, T lo, T hi, T inv, int64_t n, double *h) {       \
         T u, fi;                                                                                            \
@@ -170,11 +170,12 @@ static inline __m512i region16(__m512 x, __m512 lo, __m512 hi, __m512 inv, __m51
     k = _mm512_mask_mov_epi32(k, _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ), _mm512_setzero_si512());
     return _mm512_mask_mov_epi32(k, _mm512_cmp_ps_mask(x, hi, _CMP_GE_OQ), np1);
 }
+/* y = a (x - sh) + b; a flat piece gives its value b, also at x = +-inf (not 0 * inf = NaN);
+ * NaN x stays NaN. */
 static inline __m512 finish16(__m512 x, __m512 sh, __m512 a, __m512 b) {
-    __m512 y = _mm512_fmadd_ps(a, _mm512_sub_ps(x, sh), b);
-    __mmask16 flat_inf = _mm512_cmp_ps_mask(_mm512_abs_ps(x), _mm512_set1_ps(INFINITY), _CMP_EQ_OQ) &
-                         _mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_EQ_OQ);
-    return _mm512_mask_mov_ps(y, flat_inf, b);
+    const __mmask16 use_fma = _mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_NEQ_UQ) |
+                              _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+    return _mm512_mask3_fmadd_ps(a, _mm512_sub_ps(x, sh), b, use_fma);
 }
 
 /* Tables of one channel, padded to 32 entries, for the in-register lookup (N+2 <= 32). */
@@ -230,11 +231,7 @@ static inline __attribute__((always_inline)) __m512 fwd16(__m512 x, const fwd_ch
     k = _mm512_min_epi32(k, c->last);
     k = _mm512_mask_mov_epi32(k, _mm512_cmp_ps_mask(x, t->lo, _CMP_LT_OQ), c->left);
     k = _mm512_mask_mov_epi32(k, _mm512_cmp_ps_mask(x, t->hi, _CMP_GE_OQ), c->right);
-    const __m512 a = _mm512_permutex2var_ps(t->a0, k, t->a1), b = _mm512_permutex2var_ps(t->b0, k, t->b1);
-    /* a flat piece gives its value b, also at x = +-inf (not 0 * inf = NaN); NaN x stays NaN */
-    const __mmask16 use_fma = _mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_NEQ_UQ) |
-                              _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-    return _mm512_mask3_fmadd_ps(a, _mm512_sub_ps(x, t->sh), b, use_fma);
+    return finish16(x, t->sh, _mm512_permutex2var_ps(t->a0, k, t->a1), _mm512_permutex2var_ps(t->b0, k, t->b1));
 }
 
 /* One segment of one channel (x[b:e], all of channel c), N + 2 > 32: tables by gather. */
@@ -267,38 +264,25 @@ static inline __attribute__((always_inline)) void fwd_lookup_seg(const void *x, 
     }
 }
 
-/* Elements [pb, pe) of an (outer, C, inner) tensor, row by row (a row: one channel), with
- * the in-register lookup; the per-call constants are set up once, and each row costs its
- * table loads and broadcasts only (a 4x4 feature map is one vector per row). */
-static inline __attribute__((always_inline)) void fwd_rows_lookup_f(const void *x, void *y, int64_t pb, int64_t pe,
-                                                                    int64_t inner, int64_t C, const int dt,
-                                                                    const float *restrict sl,
-                                                                    const float *restrict ic,
-                                                                    const float *restrict left,
-                                                                    const float *restrict right,
-                                                                    const float *restrict invd,
-                                                                    const float *restrict shift, int64_t n) {
-    const int64_t m = n + 2;
-    const fwd_consts k = make_fwd_consts(n);
-    int64_t row = pb / inner, c = row % C;
-    while (pb < pe) {
-        int64_t se = (row + 1) * inner;
-        if (se > pe) se = pe;
-        const fwd_chan t = load_fwd_chan(sl + c * m, ic + c * m, left[c], right[c], invd[c], shift[c], &k);
-        fwd_lookup_seg(x, y, pb, se, dt, &t, &k);
-        pb = se;
-        row++;
-        if (++c == C) c = 0;
-    }
+/* One channel's segment x[b:e]: its tables into registers, then the lookup. */
+static inline __attribute__((always_inline)) void fwd_chan_seg(const void *x, void *y, int64_t b, int64_t e,
+                                                               const int dt, const float *sl, const float *ic,
+                                                               float lo, float hi, float inv, float sh,
+                                                               const fwd_consts *k) {
+    const fwd_chan t = load_fwd_chan(sl, ic, lo, hi, inv, sh, k);
+    fwd_lookup_seg(x, y, b, e, dt, &t, k);
 }
 
 /* Elements [pb, pe) of an (outer, C, inner) tensor, row by row; one body per dtype (the
  * dtype switch leaves the loop) and no call per row, which matters for short rows (a 4x4
  * feature map is one vector per row). */
+/* (the per-call constants are set up once; each row costs its table loads and broadcasts) */
 #define FWD_RANGE_BODY(DT)                                                                                       \
-    if (n + 2 <= 32)                                                                                             \
-        fwd_rows_lookup_f(x, y, pb, pe, inner, C, DT, sl, ic, left, right, invd, shift, n);                      \
-    else                                                                                                         \
+    if (n + 2 <= 32) {                                                                                           \
+        const fwd_consts k = make_fwd_consts(n);                                                                 \
+        SEG_LOOP(fwd_chan_seg(x, y, pb, se, DT, sl + c * (n + 2), ic + c * (n + 2), left[c], right[c], invd[c],  \
+                              shift[c], &k));                                                                    \
+    } else                                                                                                       \
         SEG_LOOP(fwd_seg_gather_f(x, y, pb, se, DT, sl + c * (n + 2), ic + c * (n + 2), left[c], right[c], invd[c], \
                                   shift[c], n))
 static void fwd_range_f(const void *x, void *y, int64_t pb, int64_t pe, int64_t inner, int64_t C, int dt,
