@@ -14,7 +14,9 @@ import torch
 
 import pwlu
 from helpers import PARAM_NAMES, assert_low_precision_rule, max_err, random_params
-from pwlu.ops import cpu_backend, dispatch, torch_backend
+from pwlu.ops import dispatch, torch_backend
+from pwlu.ops.cpu import backend as cpu_backend
+from pwlu.ops.cpu import build as cpu_build
 
 pytestmark = pytest.mark.skipif(not cpu_backend.is_available(torch.device("cpu")), reason="no C compiler")
 
@@ -273,10 +275,10 @@ def test_large_sums_are_accurate(shape):
 def fresh_build(tmp_path, monkeypatch):
     """A fresh cache directory and no loaded library; restores the real one afterwards."""
     monkeypatch.setenv("PWLU_CPU_BUILD_DIR", str(tmp_path))
-    cpu_backend._reset_for_tests()
+    cpu_build._reset_for_tests()
     yield tmp_path
     monkeypatch.undo()
-    cpu_backend._reset_for_tests()
+    cpu_build._reset_for_tests()
 
 
 def test_missing_compiler_falls_back_with_one_warning(fresh_build, monkeypatch):
@@ -303,14 +305,14 @@ def test_build_is_cached_in_build_dir(fresh_build):
     built = list(fresh_build.glob("pwlu_cpu_*.so"))
     assert len(built) == 1 and not list(fresh_build.glob("*.tmp*"))
     mtime = built[0].stat().st_mtime_ns
-    cpu_backend._reset_for_tests()
+    cpu_build._reset_for_tests()
     assert cpu_backend.is_available(torch.device("cpu"))
     assert built[0].stat().st_mtime_ns == mtime, "a cached build must be reused, not rebuilt"
 
 
 def test_portable_path_without_avx512(fresh_build, monkeypatch):
     """The scalar C path (what a machine without AVX-512 runs), built without -march=native."""
-    monkeypatch.setattr(cpu_backend, "_FLAG_SETS", (("-O2", "-fopenmp", "-shared", "-fPIC"),))
+    monkeypatch.setattr(cpu_build, "_FLAG_SETS", (("-O2", "-fopenmp", "-shared", "-fPIC"),))
     lib = cpu_backend.library()
     assert lib is not None and not lib.pwlu_cpu_has_avx512()
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
@@ -327,7 +329,8 @@ def test_portable_path_without_avx512(fresh_build, monkeypatch):
 def test_c_fold_matches_torch_fold(dtype):
     """The C folding gives the region parameters bit for bit (breakpoint consistency with the
     reference) and the tables to rounding, also for collapsed ranges."""
-    from pwlu.ops import common, cpu_backend
+    from pwlu.ops import common
+    from pwlu.ops.cpu import backend as cpu_backend
 
     g = torch.Generator().manual_seed(0)
     c, n = 9, 16

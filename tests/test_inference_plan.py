@@ -1,4 +1,4 @@
-"""The eval-time shortcut of the PWLU module (``cpu_backend.InferencePlan``).
+"""The eval-time shortcut of the PWLU module (``cpu_plan.InferencePlan``).
 
 Gradient-free calls with a repeated input geometry reuse prepared tables and kernel
 arguments. These tests check that the shortcut gives exactly what the general path gives,
@@ -18,7 +18,8 @@ import torch
 
 import pwlu
 from helpers import random_params
-from pwlu.ops import cpu_backend
+from pwlu.ops.cpu import backend as cpu_backend
+from pwlu.ops.cpu import plan as cpu_plan
 
 pytestmark = pytest.mark.skipif(not cpu_backend.is_available(torch.device("cpu")), reason="no C compiler")
 
@@ -41,7 +42,7 @@ def planned(m, x):
     """Two gradient-free calls: the first builds the plan, the second must use it."""
     with torch.no_grad():
         first = m(x)
-        assert isinstance(m._inference_plan, cpu_backend.InferencePlan), "no plan was built"
+        assert isinstance(m._inference_plan, cpu_plan.InferencePlan), "no plan was built"
         second = m(x)
     assert torch.equal(first, second)
     return second

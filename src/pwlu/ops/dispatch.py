@@ -22,7 +22,7 @@ import torch
 BACKENDS = ("auto", "torch", "cpu", "triton", "reference")
 _MODULES = {
     "torch": "pwlu.ops.torch_backend",
-    "cpu": "pwlu.ops.cpu_backend",
+    "cpu": "pwlu.ops.cpu.backend",
     "triton": "pwlu.ops.triton_backend",
 }
 

@@ -53,7 +53,7 @@ def backward_impl(grad, x, points, left_bound, right_bound, left_slope, right_sl
 
 def inference_plan(x, points, left_bound, right_bound, left_slope, right_slope, channel_dim):
     """A prepared gradient-free forward for repeated calls with this input geometry (see
-    :class:`pwlu.ops.cpu_backend.InferencePlan`), from the selected backend; ``None`` where the
+    :class:`pwlu.ops.cpu.plan.InferencePlan`), from the selected backend; ``None`` where the
     backend has none. Call it as ``plan(x, params, dispatch.get_backend_name())``."""
     name = dispatch.get_backend_name()
     make = getattr(dispatch.select(x.device), "inference_plan", None)

@@ -1,5 +1,5 @@
 /* PWLU forward/backward on folded tables: plain C + OpenMP, AVX-512 where the compiler
- * targets it. No torch headers: compiled on first use by pwlu/ops/cpu_backend.py and
+ * targets it. No torch headers: compiled on first use by pwlu/ops/cpu/build.py and
  * called through ctypes with raw pointers.
  *
  * x is viewed as (outer, C, inner), dense. Per element of channel c (tables have N+2
@@ -930,7 +930,7 @@ PWLU_FOLD(double, pwlu_fold_f64)
 PWLU_FUSED(float, f32c, pwlu_fold_f32)
 PWLU_FUSED(double, f64, pwlu_fold_f64)
 
-/* A forward whose arguments were prepared once (pwlu.ops.cpu_backend.InferencePlan): three
+/* A forward whose arguments were prepared once (pwlu.ops.cpu.plan.InferencePlan): three
  * arguments per call instead of fourteen, for the many small calls of a model's inference.
  * The five parameter tensors are compared byte for byte with the snapshot the tables were
  * folded from; on any difference nothing is computed and 2 is returned (the caller rebuilds

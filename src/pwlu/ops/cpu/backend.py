@@ -62,166 +62,14 @@ backward; the vectorised compare-and-masked-add form costs 1.5x.
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
-import threading
-import warnings
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from . import common
+from .. import common
+from .build import _DTYPE_CODES, GRAIN_SIZE, is_available, library
 
-_SOURCE = Path(__file__).with_name("csrc") / "pwlu_cpu.c"
-_FLAG_SETS = (
-    ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"),
-    ("-O3", "-fopenmp", "-shared", "-fPIC"),
-    ("-O3", "-shared", "-fPIC"),
-)
-_DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
-_ABI_VERSION = 6
-#: Below this many elements one thread runs the kernel (as ATen's grain size): waking a
-#: second thread costs more than it saves, and on a busy machine it can cost a time slice.
-GRAIN_SIZE = 65536
-
-_lock = threading.Lock()
-_state: dict[str, object] = {}  # "lib": ctypes.CDLL, or "error": str once a build failed
-
-
-def build_dir() -> Path:
-    """Where compiled kernels are cached: ``$PWLU_CPU_BUILD_DIR``, else ``$XDG_CACHE_HOME/pwlu``."""
-    override = os.environ.get("PWLU_CPU_BUILD_DIR")
-    if override:
-        return Path(override)
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(cache) / "pwlu"
-
-
-def _compiler() -> str:
-    return os.environ.get("CC") or "gcc"
-
-
-def _cpu_flags() -> str:
-    """The CPU's feature flags, so a cache shared across machines never loads a foreign -march=native build."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return line
-    except OSError:
-        pass
-    import platform
-
-    return platform.machine() + platform.processor()
-
-
-def _library_path(source: bytes, cc: str, flags: tuple[str, ...]) -> Path:
-    key = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(flags).encode(), _cpu_flags().encode()]))
-    return build_dir() / f"pwlu_cpu_{key.hexdigest()[:20]}.so"
-
-
-def _compile(cc: str, flags: tuple[str, ...], target: Path) -> None:
-    """Compile to a temporary file next to ``target`` and rename it into place (atomic)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp.so", dir=target.parent)
-    os.close(fd)
-    try:
-        result = subprocess.run(
-            [cc, *flags, str(_SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=120
-        )
-        if result.returncode != 0:
-            raise RuntimeError(f"{cc} exited with {result.returncode}: {result.stderr.strip()[-2000:]}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _declare(lib: ctypes.CDLL) -> None:
-    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    for name in ("pwlu_forward_f32c", "pwlu_forward_f64"):
-        fn = getattr(lib, name)
-        fn.argtypes = [p, p, i32, i64, i64, i64, p, p, p, p, p, p, i64, i32]
-        fn.restype = i32
-    for name in ("pwlu_backward_f32c", "pwlu_backward_f64"):
-        fn = getattr(lib, name)
-        fn.argtypes = [p, p, p, i32, i64, i64, i64, p, p, p, p, i64, i32, p]
-        fn.restype = i32
-    for name in ("pwlu_fold_f32", "pwlu_fold_f64"):
-        fn = getattr(lib, name)
-        fn.argtypes = [p, p, p, p, p, i64, i64, ctypes.c_double, p]
-        fn.restype = i32
-    for name in ("pwlu_fold_forward_f32c", "pwlu_fold_forward_f64"):
-        fn = getattr(lib, name)
-        fn.argtypes = [p, p, p, p, p, ctypes.c_double, p, p, i32, i64, i64, i64, i64, i32]
-        fn.restype = i32
-    for name in ("pwlu_fold_backward_f32c", "pwlu_fold_backward_f64"):
-        fn = getattr(lib, name)
-        fn.argtypes = [p, p, p, p, p, ctypes.c_double, p, p, p, i32, i64, i64, i64, i64, i32, p, p, p, p, p]
-        fn.restype = i32
-    lib.pwlu_forward_plan.argtypes = [p, p, p]
-    lib.pwlu_forward_plan.restype = i32
-    for name in ("pwlu_cpu_abi_version", "pwlu_cpu_has_avx512", "pwlu_cpu_has_f16"):
-        getattr(lib, name).restype = i32
-
-
-def _build() -> ctypes.CDLL:
-    source = _SOURCE.read_bytes()
-    cc = _compiler()
-    if shutil.which(cc) is None:
-        raise RuntimeError(f"no C compiler: {cc!r} was not found (set CC to a C compiler)")
-    errors = []
-    for flags in _FLAG_SETS:
-        path = _library_path(source, cc, flags)
-        try:
-            if not path.exists():
-                _compile(cc, flags, path)
-            lib = ctypes.CDLL(str(path))
-            _declare(lib)
-            if lib.pwlu_cpu_abi_version() != _ABI_VERSION:
-                raise RuntimeError(f"{path} has ABI version {lib.pwlu_cpu_abi_version()}, expected {_ABI_VERSION}")
-            return lib
-        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-            errors.append(f"{' '.join(flags)}: {e}")
-    raise RuntimeError("\n".join(errors))
-
-
-def library() -> ctypes.CDLL | None:
-    """The compiled kernel library, building it on first use; ``None`` (after one warning) if it cannot be built."""
-    lib = _state.get("lib")
-    if lib is not None or "error" in _state:
-        return lib  # type: ignore[return-value]
-    with _lock:
-        if "lib" not in _state and "error" not in _state:
-            try:
-                _state["lib"] = _build()
-            except Exception as e:  # noqa: BLE001 - any failure means: fall back
-                _state["error"] = str(e)
-                warnings.warn(
-                    f"pwlu: the compiled CPU kernel is unavailable, falling back to the slower torch backend "
-                    f"({e}). Install a C compiler (gcc) or set CC; kernels are cached in {build_dir()}.",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-    return _state.get("lib")  # type: ignore[return-value]
-
-
-def _reset_for_tests() -> None:
-    """Forget the loaded library and any build error (the next call builds again)."""
-    with _lock:
-        _state.clear()
-    from . import dispatch
-
-    dispatch.forget_selection()
-
-
-def is_available(device: torch.device) -> bool:
-    return torch.device(device).type == "cpu" and library() is not None
+__all__ = ["backward", "backward_from_params", "fold_tables", "forward", "forward_from_params", "is_available"]
 
 
 def _dense_order(x: Tensor) -> list[int] | None:
@@ -358,99 +206,6 @@ def forward_from_params(x, points, left_bound, right_bound, left_slope, right_sl
     return y
 
 
-class _PlanArgs(ctypes.Structure):
-    """``pwlu_plan`` of ``csrc/pwlu_cpu.c``: the kernel arguments other than x and y."""
-
-    _fields_ = [
-        *((name, ctypes.c_int64) for name in ("dt", "outer", "C", "inner", "n", "nthreads")),
-        *((name, ctypes.c_void_p) for name in ("sl", "ic", "lo", "ro", "iv", "sh")),
-        ("live", ctypes.c_void_p * 5),  # the five parameter tensors' data
-        ("snap", ctypes.c_void_p * 5),  # the copies the tables were folded from
-        ("bytes", ctypes.c_int64 * 5),
-    ]
-
-
-class InferencePlan:
-    """One PWLU's forward for one input geometry, prepared once: the folded tables, the
-    kernel's arguments in a C struct. Calling it costs one check that it still fits and one
-    native call with three arguments, where the general path spends ~10 us of Python per call
-    (validation, layout, dispatch, folding), which on the small feature maps of a MobileNet
-    is as much as the kernel itself.
-
-    It is only used where the general path would compute exactly the same thing: gradients
-    disabled, the same parameter tensors (identity and storage, checked here) holding the same
-    bytes as the snapshot the tables were folded from (compared in C before every call, so an
-    optimizer step, ``load_state_dict``, ``.data =`` or an in-place write through ``.data``,
-    which bumps no version counter, all rebuild it), the same input shape, strides, dtype and
-    device, the same backend setting and thread count. ``__call__`` returns ``None`` when
-    anything differs, and the caller takes the general path (which makes a new plan).
-    """
-
-    __slots__ = ("params", "key", "shape", "stride", "dtype", "backend", "threads", "run", "struct", "tables")
-
-    def __init__(self, x: Tensor, params: tuple[Tensor, ...], run, struct: _PlanArgs, tables: list[Tensor], backend: str):
-        self.params = params
-        self.key = self._param_key(params)
-        self.shape, self.stride, self.dtype = x.shape, x.stride(), x.dtype
-        self.backend = backend
-        self.threads = torch.get_num_threads()
-        self.run, self.struct = run, ctypes.addressof(struct)
-        self.tables = (tables, struct)  # keeps the tables and the struct the pointers point to alive
-
-    @staticmethod
-    def _param_key(params: tuple[Tensor, ...]) -> tuple:
-        """Where the parameters' data lives (the C side reads it: never through a stale pointer)."""
-        p0, p1, p2, p3, p4 = params
-        return (p0.data_ptr(), p1.data_ptr(), p2.data_ptr(), p3.data_ptr(), p4.data_ptr())
-
-    def __reduce__(self):  # native pointers: copying or pickling a module drops its plan
-        return (_no_plan, ())
-
-    def __call__(self, x: Tensor, params: tuple[Tensor, ...], backend: str) -> Tensor | None:
-        """``y`` for input ``x``, or ``None`` when this plan does not fit the call."""
-        mine = self.params
-        if not (
-            x.shape == self.shape and x.stride() == self.stride and x.dtype == self.dtype and x.is_cpu
-            and params[0] is mine[0] and params[1] is mine[1] and params[2] is mine[2] and params[3] is mine[3]
-            and params[4] is mine[4] and backend == self.backend and self._param_key(mine) == self.key
-            and torch.get_num_threads() == self.threads
-        ):  # fmt: skip
-            return None
-        y = torch.empty_like(x)
-        if self.run(self.struct, x.data_ptr(), y.data_ptr()) != 0:
-            return None  # the parameters' values changed since the tables were folded
-        return y
-
-
-def _no_plan() -> None:
-    return None
-
-
-def inference_plan(x, points, left_bound, right_bound, left_slope, right_slope, channel_dim, backend: str):
-    """An :class:`InferencePlan` for this call (arguments as validated by
-    :func:`pwlu.ops.validation.check_params`), or ``None`` where none applies (a layout that
-    needs a copy, fp16 without F16C, an empty input, non-contiguous parameters)."""
-    lib = library()
-    if lib is None or not _fused_ok(x, lib) or x.numel() == 0:
-        return None
-    originals = (points, left_bound, right_bound, left_slope, right_slope)
-    if not all(p.is_contiguous() for p in originals):
-        return None  # compared byte for byte on every call: only dense parameters
-    order = _dense_order(x)
-    if order is None or torch.empty_like(x).stride() != x.stride():
-        return None
-    _, _, (outer, channels, inner) = _layout(x, channel_dim)
-    n = points.shape[-1] - 1
-    tables = _tables(*fold_tables(*common.channel_form(*originals, common.compute_dtype(x.dtype))))
-    snapshots = [p.detach().clone() for p in originals]
-    struct = _PlanArgs(
-        _kernel_dtype(x, lib), outer, channels, inner, n, _num_threads(x.numel()), *(t.data_ptr() for t in tables),
-        (ctypes.c_void_p * 5)(*(p.data_ptr() for p in originals)),
-        (ctypes.c_void_p * 5)(*(p.data_ptr() for p in snapshots)),
-        (ctypes.c_int64 * 5)(*(p.numel() * p.element_size() for p in originals)),
-    )  # fmt: skip
-    return InferencePlan(x, originals, lib.pwlu_forward_plan, struct, [*tables, *snapshots], backend)
-
 
 def backward_from_params(grad, x, points, left_bound, right_bound, left_slope, right_slope, channel_dim):
     """``(dx, (d_points, d_left_bound, d_right_bound, d_left_slope, d_right_slope))`` in one C
@@ -501,6 +256,9 @@ def backward(grad, x, slopes, left, right, inv_d, channel_dim):
     return dx, hist.to(slopes.dtype)
 
 
-if __name__ == "__main__":  # python -m pwlu.ops.cpu_backend: build and report
-    lib = library()
-    print(f"library: {lib._name if lib else None}", file=sys.stderr)
+
+def inference_plan(*args, **kwargs):
+    """See :func:`pwlu.ops.cpu.plan.inference_plan`."""
+    from .plan import inference_plan as make
+
+    return make(*args, **kwargs)

@@ -1,0 +1,2 @@
+"""The compiled CPU backend: ``build`` (compiler, cache, loading), ``backend`` (kernel calls),
+``plan`` (inference plans)."""
