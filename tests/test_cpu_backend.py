@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import pwlu
+import pwlu.ops.cpu as cpu_package
 from helpers import PARAM_NAMES, assert_low_precision_rule, max_err, random_params
 from pwlu.ops import dispatch, torch_backend
 from pwlu.ops.cpu import backend as cpu_backend
@@ -171,7 +172,7 @@ def test_low_precision_rule(dtype, shape, channel_dim, channel_wise):
             return pwlu.pwlu(x, *p, channel_dim=channel_dim)
 
     # the backward also runs on the cpu backend: auto selects it for CPU tensors
-    assert dispatch.select(torch.device("cpu")) is cpu_backend
+    assert dispatch.select(torch.device("cpu")) is cpu_package.BACKEND
     assert_low_precision_rule(fast, spread_input(shape, torch.float32), params, channel_dim, dtype)
 
 
@@ -223,7 +224,7 @@ def test_empty_input():
 
 def test_backend_functions_directly_match_torch_backend():
     """The interface itself: forward(..., shift) and backward() -> (dx, hist) in the compute dtype."""
-    from pwlu.ops.common import fold_tables
+    from pwlu.ops.folding import fold_tables
 
     x = spread_input((3, 5, 77), torch.float32)
     g = grad_like(x)
@@ -289,7 +290,7 @@ def test_missing_compiler_falls_back_with_one_warning(fresh_build, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no second warning
         assert not cpu_backend.is_available(cpu)
-        assert dispatch.select(cpu) is torch_backend
+        assert dispatch.select(cpu) is torch_backend.BACKEND
         x = spread_input((2, 3, 50), torch.float32)
         params = random_params(3, 8)
         g = grad_like(x)
@@ -329,7 +330,7 @@ def test_portable_path_without_avx512(fresh_build, monkeypatch):
 def test_c_fold_matches_torch_fold(dtype):
     """The C folding gives the region parameters bit for bit (breakpoint consistency with the
     reference) and the tables to rounding, also for collapsed ranges."""
-    from pwlu.ops import common
+    from pwlu.ops import folding as common
     from pwlu.ops.cpu import backend as cpu_backend
 
     g = torch.Generator().manual_seed(0)
@@ -354,7 +355,7 @@ def test_fused_entry_points_match_the_table_path(channel_wise, dtype):
     """forward_from_params / backward_from_params (fold, kernel and gradient epilogue in one C
     call, what pwlu.pwlu runs on CPU) against the torch folding + the same kernels + the torch
     epilogue, including channels whose range collapsed below MIN_WIDTH."""
-    from pwlu.ops import common
+    from pwlu.ops import folding as common
 
     c, n = (6, 8) if channel_wise else (1, 8)
     g = torch.Generator().manual_seed(3)

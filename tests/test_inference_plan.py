@@ -1,10 +1,10 @@
-"""The eval-time shortcut of the PWLU module (``cpu_plan.InferencePlan``).
+"""The eval-time shortcut of the CPU backend (``pwlu.ops.cpu.plan``).
 
-Gradient-free calls with a repeated input geometry reuse prepared tables and kernel
-arguments. These tests check that the shortcut gives exactly what the general path gives,
+Gradient-free calls with the same parameter tensors and a repeated input geometry reuse
+prepared tables and kernel arguments. These tests check that the shortcut gives exactly what the general path gives,
 that it is really taken (so the comparisons are not vacuous), and that every change that
 must invalidate it does: parameters changed in place (also through ``.data``) or swapped,
-a new input geometry, a backend switch, gradients, statistics collection.
+a new input geometry, a new channel axis, a backend switch, gradients, statistics collection.
 """
 
 from __future__ import annotations
@@ -24,25 +24,41 @@ from pwlu.ops.cpu import plan as cpu_plan
 pytestmark = pytest.mark.skipif(not cpu_backend.is_available(torch.device("cpu")), reason="no C compiler")
 
 
+def params_of(m):
+    return (m.points, m.left_bound, m.right_bound, m.left_slope, m.right_slope)
+
+
+def plans(m):
+    return cpu_plan.plans_for(params_of(m))
+
+
+def current_plan(m, x):
+    """The plan that a call of ``m`` on ``x`` would use now (``None`` if there is none)."""
+    key = cpu_plan._key(x, m.channel_dim, pwlu.get_backend_name())
+    return plans(m).get(key)
+
+
 def make_module(num_channels, channel_dim=1, n=16, seed=0, dtype=torch.float32):
     m = pwlu.PWLU(num_channels, num_intervals=n, channel_dim=channel_dim).to(dtype).eval()
     with torch.no_grad():
-        for p, v in zip(m._parameter_tuple(), random_params(num_channels, n, dtype=dtype, seed=seed)):
+        for p, v in zip(params_of(m), random_params(num_channels, n, dtype=dtype, seed=seed)):
             p.copy_(v)
     return m
 
 
 def general_path(m, x):
-    """The same forward through the functional API (validation, layout, fused fold + kernel)."""
+    """The same forward through the functional API (validation, layout, fused fold + kernel); plain
+    tensors, not ``nn.Parameter``, so no plan is made or used."""
     with torch.no_grad():
-        return pwlu.pwlu(x, *m._parameter_tuple(), channel_dim=m.channel_dim)
+        plain = [p.detach().clone() for p in params_of(m)]
+        return pwlu.pwlu(x, *plain, channel_dim=m.channel_dim)
 
 
 def planned(m, x):
     """Two gradient-free calls: the first builds the plan, the second must use it."""
     with torch.no_grad():
         first = m(x)
-        assert isinstance(m._inference_plan, cpu_plan.InferencePlan), "no plan was built"
+        assert isinstance(current_plan(m, x), cpu_plan.InferencePlan), "no plan was built"
         second = m(x)
     assert torch.equal(first, second)
     return second
@@ -75,7 +91,7 @@ def test_plan_equals_the_general_path(name, shape, channel_dim, channel_wise, dt
     y = planned(m, x)
     assert y.dtype == x.dtype and y.stride() == x.stride()
     assert torch.equal(y, general_path(m, x)), "the plan differs from the general path"
-    ref = pwlu.pwlu_reference(x.to(param_dtype), *m._parameter_tuple(), channel_dim=channel_dim).to(dtype)
+    ref = pwlu.pwlu_reference(x.to(param_dtype), *params_of(m), channel_dim=channel_dim).to(dtype)
     tol = {torch.float32: 1e-5, torch.float64: 1e-12}.get(dtype, 1e-2)
     torch.testing.assert_close(y, ref, rtol=tol, atol=tol)
 
@@ -165,15 +181,64 @@ def test_alternating_geometries_keep_their_plans():
     a, b = spread((2, 8, 6, 6)), spread((3, 8, 5, 5), seed=1)
     planned(m, a)
     planned(m, b)
-    plan_b = m._inference_plan
+    plan_a, plan_b = current_plan(m, a), current_plan(m, b)
+    assert plan_a is not None and plan_b is not None and plan_a is not plan_b
     with torch.no_grad():
         assert torch.equal(m(a), general_path(m, a))
-        plan_a = m._inference_plan
         assert torch.equal(m(b), general_path(m, b))
-        assert m._inference_plan is plan_b, "the plan for b was rebuilt instead of reused"
+        assert current_plan(m, a) is plan_a and current_plan(m, b) is plan_b, "a plan was rebuilt instead of reused"
         m.points.data.mul_(0.5)  # a stored plan must see the change too
         assert torch.equal(m(a), general_path(m, a))
-        assert m._inference_plan is not plan_a
+        assert current_plan(m, a) is not plan_a
+
+
+def test_at_most_max_plans_per_parameter_set():
+    m = make_module(8)
+    with torch.no_grad():
+        for size in range(3, 4 + cpu_plan.MAX_PLANS):
+            x = spread((1, 8, size, size), seed=size)
+            assert torch.equal(m(x), general_path(m, x))
+    assert len(plans(m)) == cpu_plan.MAX_PLANS
+
+
+def test_changed_channel_dim_is_seen():
+    """The plan is keyed on ``channel_dim``: moving the channel axis of an eval module gives the
+    new axis's result, not the old plan's."""
+    m = make_module(8, channel_dim=1)
+    x = spread((2, 8, 5, 8))  # 8 channels on axis 1 and on axis 3
+    before = planned(m, x)
+    m.channel_dim = -1
+    with torch.no_grad():
+        after = m(x)
+    assert torch.equal(after, general_path(m, x))
+    assert (after - before).abs().max() > 0.1, "the old axis's result was returned"
+    m.channel_dim = 3  # the same axis written differently: the same values
+    with torch.no_grad():
+        assert torch.equal(m(x), after)
+
+
+def test_functional_calls_with_parameters_use_plans_and_plain_tensors_do_not():
+    m, x = make_module(8), spread((2, 8, 6, 6))
+    with torch.no_grad():
+        y = pwlu.pwlu(x, *params_of(m), channel_dim=1)
+        assert current_plan(m, x) is not None
+        assert torch.equal(pwlu.pwlu(x, *params_of(m), channel_dim=1), y)
+    plain = [p.detach().clone() for p in params_of(m)]
+    with torch.no_grad():
+        assert torch.equal(pwlu.pwlu(x, *plain, channel_dim=1), y)
+    assert cpu_plan.plans_for(tuple(plain)) == {}
+
+
+def test_plans_do_not_keep_parameters_alive():
+    import gc
+    import weakref
+
+    m, x = make_module(8), spread((2, 8, 6, 6))
+    planned(m, x)
+    ref = weakref.ref(m.points)
+    del m
+    gc.collect()
+    assert ref() is None, "the plan cache kept a parameter alive"
 
 
 def test_backend_switch_bypasses_the_plan():
@@ -181,7 +246,7 @@ def test_backend_switch_bypasses_the_plan():
     planned(m, x)
     with pwlu.use_backend("reference"), torch.no_grad():
         y = m(x)
-    assert torch.equal(y, pwlu.pwlu_reference(x, *m._parameter_tuple(), channel_dim=1))
+    assert torch.equal(y, pwlu.pwlu_reference(x, *params_of(m), channel_dim=1))
 
 
 def test_gradients_and_statistics_bypass_the_plan():
@@ -221,7 +286,7 @@ def test_copies_and_pickles_drop_the_plan():
     torch.save(m, buffer)
     buffer.seek(0)
     for other in (copy.deepcopy(m), pickle.loads(pickle.dumps(m)), torch.load(buffer, weights_only=False)):
-        assert other._inference_plan is None
+        assert plans(other) == {}
         with torch.no_grad():
             assert torch.equal(other(x), want)
         with torch.no_grad():
@@ -230,9 +295,9 @@ def test_copies_and_pickles_drop_the_plan():
         assert torch.equal(m(x), want)
 
 
-def test_modules_pickled_without_the_attribute_still_run():
+def test_modules_pickled_by_older_versions_still_run():
     m, x = make_module(8), spread((2, 8, 6, 6))
-    del m.__dict__["_inference_plan"]  # as unpickled from a version before the plan existed
+    m.__dict__.update(_inference_plan=None, _other_plans={})  # what older versions stored on the module
     with torch.no_grad():
         assert torch.equal(m(x), general_path(m, x))
         assert torch.equal(m(x), general_path(m, x))

@@ -26,7 +26,7 @@ from helpers import PARAM_NAMES, max_err, random_params
 
 pytest.importorskip("triton")
 from pwlu.ops import dispatch, torch_backend, triton_backend  # noqa: E402
-from pwlu.ops.common import fold_tables  # noqa: E402
+from pwlu.ops.folding import fold_tables  # noqa: E402
 
 INTERPRETED = triton_backend._INTERPRETED
 KEYS = ("y", "dx") + tuple(f"d{name}" for name in PARAM_NAMES)
@@ -51,7 +51,7 @@ def run(fn, x, params, channel_dim, grad=None, backend="triton", seed=123):
         grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
     with pwlu.use_backend(backend):
         if backend == "triton":
-            assert dispatch.select(x.device) is triton_backend
+            assert dispatch.select(x.device) is triton_backend.BACKEND
         y = fn(x, *params, channel_dim=channel_dim)
         y.backward(grad.to(device=x.device, dtype=y.dtype))
     grads = {f"d{name}": p.grad for name, p in zip(PARAM_NAMES, params)}

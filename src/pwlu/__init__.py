@@ -1,55 +1,45 @@
-"""pwlu: the Piecewise Linear Unit for PyTorch (https://arxiv.org/abs/2104.03693)."""
+"""pwlu: the Piecewise Linear Unit for PyTorch (https://arxiv.org/abs/2104.03693).
 
+The library needs only torch. The command-line application (training recipe, datasets, small
+models, plots, demo) is :mod:`pwlu.app`, which the library never imports.
+"""
+
+from .baselines import ACTIVATIONS, APL, PAU, FReLU, PReLU, Swish, get_activation
+from .convert import ConversionError, convert_activations
 from .functional import pwlu, pwlu_reference
-from .modules import PWLU
+from .metrics import boundary_iou, interval_iou
+from .modules import PWLU, LazyPWLU, TimmPWLU
 from .ops import MIN_WIDTH, fold_tables, get_backend_name, use_backend
+from .realign import DEFAULT_MIN_WIDTH, fix_init, pwlu_modules, realign_boundaries
+from .schedule import BoundaryRealigner, parameter_groups
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "MIN_WIDTH",
-    "PWLU",
-    "fold_tables",
-    "get_backend_name",
-    "pwlu",
-    "pwlu_reference",
-    "use_backend",
-]
-
-from .realign import (  # noqa: E402
-    DEFAULT_MIN_WIDTH,
-    BoundaryRealigner,
-    boundary_iou,
-    fix_init,
-    interval_iou,
-    parameter_groups,
-    pwlu_modules,
-    realign_boundaries,
-)
-
-__all__ += [
-    "DEFAULT_MIN_WIDTH",
-    "BoundaryRealigner",
-    "boundary_iou",
-    "fix_init",
-    "interval_iou",
-    "parameter_groups",
-    "pwlu_modules",
-    "realign_boundaries",
-]
-from .baselines import ACTIVATIONS, APL, PAU, FReLU, PReLU, Swish, get_activation  # noqa: E402
-from .convert import ConversionError, LazyPWLU, TimmPWLU, convert_activations  # noqa: E402
-
-__all__ += [
     "ACTIVATIONS",
     "APL",
+    "DEFAULT_MIN_WIDTH",
+    "MIN_WIDTH",
+    "PAU",
+    "PWLU",
+    "BoundaryRealigner",
     "ConversionError",
     "FReLU",
     "LazyPWLU",
-    "PAU",
     "PReLU",
     "Swish",
     "TimmPWLU",
+    "boundary_iou",
     "convert_activations",
+    "fix_init",
+    "fold_tables",
     "get_activation",
+    "get_backend_name",
+    "interval_iou",
+    "parameter_groups",
+    "pwlu",
+    "pwlu_modules",
+    "pwlu_reference",
+    "realign_boundaries",
+    "use_backend",
 ]

@@ -22,11 +22,9 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.instancenorm import _InstanceNorm
-from torch.nn.modules.lazy import LazyModuleMixin
-from torch.nn.parameter import UninitializedParameter
 
 from .baselines import call_factory, get_activation
-from .modules import PWLU
+from .modules import LazyPWLU, TimmPWLU
 
 __all__ = [
     "ACTIVATION_TYPES",
@@ -418,67 +416,3 @@ def convert_activations(
     for name, new in plan:
         _set_submodule(model, name, new)
     return model
-
-
-# ----------------------------------------------------------------------------- lazy PWLU
-
-
-class LazyPWLU(LazyModuleMixin, PWLU):
-    """A channel-wise PWLU that takes ``num_channels`` from its first input
-    (https://arxiv.org/abs/2104.03693); it becomes a plain :class:`~pwlu.PWLU` after that.
-
-    Made to be timm's ``act_layer``: timm calls ``act_layer()`` or ``act_layer(inplace=True)``,
-    and ``inplace`` is accepted and ignored. For example
-    ``timm.create_model("resnet18", act_layer=pwlu.TimmPWLU)`` or, with options,
-    ``act_layer=functools.partial(pwlu.TimmPWLU, num_intervals=8)``. As with every lazy module,
-    run one forward pass before creating the optimizer (or loading a state dict, which also
-    materialises the parameters).
-
-    Args:
-        num_intervals (int): ``N``.
-        channel_dim (int, optional): channel axis; default 1 for 2-D, 4-D and 5-D inputs, -1 for
-            3-D ``(B, T, C)`` inputs. Use ``-1`` for NHWC models such as timm's ConvNeXt MLPs.
-        inplace (bool): ignored (timm's calling convention).
-        **kwargs: ``bound``, ``init`` as for :class:`~pwlu.PWLU`.
-    """
-
-    cls_to_become = PWLU
-
-    def __init__(
-        self, num_intervals: int = 16, channel_dim: int | None = None, inplace: bool = False, **kwargs: Any
-    ) -> None:
-        super().__init__(None, num_intervals=num_intervals, channel_dim=1 if channel_dim is None else channel_dim,
-                         **kwargs)  # fmt: skip
-        self._auto_channel_dim = channel_dim is None
-        for pname in ("points", "left_bound", "right_bound", "left_slope", "right_slope"):
-            setattr(self, pname, UninitializedParameter())
-
-    def reset_parameters(self) -> None:
-        if not self.has_uninitialized_params():
-            super().reset_parameters()
-
-    def initialize_parameters(self, x: Tensor, *args: Any, **kwargs: Any) -> None:
-        if not self.has_uninitialized_params():  # materialised by load_state_dict
-            self.num_channels = self.points.shape[0] if self.points.dim() == 2 else None
-            return
-        if not isinstance(x, Tensor) or x.dim() < 2:
-            raise ValueError(f"LazyPWLU: needs a tensor with a channel axis, but got {x!r}")
-        if self._auto_channel_dim:
-            self.channel_dim = -1 if x.dim() == 3 else 1
-        channels = x.shape[self.channel_dim]
-        with torch.no_grad():
-            kw = dict(device=x.device, dtype=x.dtype if x.is_floating_point() else None)
-            self.points.materialize((channels, self.num_intervals + 1), **kw)
-            for pname in ("left_bound", "right_bound", "left_slope", "right_slope"):
-                getattr(self, pname).materialize((channels,), **kw)
-        self.num_channels = channels
-        self.reset_parameters()
-
-    def extra_repr(self) -> str:
-        if self.has_uninitialized_params():
-            return f"num_intervals={self.num_intervals}, num_channels=<lazy>"
-        return super().extra_repr()
-
-
-TimmPWLU = LazyPWLU
-"""Alias of :class:`LazyPWLU`, the name to pass as timm's ``act_layer=``."""

@@ -1,21 +1,21 @@
-"""The :class:`PWLU` module."""
+"""The :class:`PWLU` module and :class:`LazyPWLU`, which takes its channel count from its first input."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.parameter import UninitializedParameter
 
-from .functional import pwlu_checked
-from .ops import dispatch
-from .ops.common import fold_tables
+from .functional import pwlu
 from .ops.folded import pwlu_folded
-from .ops.pwlu_op import inference_plan
-from .ops.validation import PARAMETER_NAMES, check_params
-from .statistics import update_running_stats
+from .ops.folding import fold_tables
+from .running_stats import update_running_stats
 
 INITS: dict[str, Callable[[Tensor], Tensor]] = {
     "relu": F.relu,
@@ -70,6 +70,13 @@ class PWLU(nn.Module):
         Input ``(*)`` with ``num_channels`` channels on ``channel_dim``; output the same.
     """
 
+    #: Eq. 5 momentum of the running statistics (``None``: cumulative average); set by
+    #: :class:`pwlu.BoundaryRealigner`.
+    stats_momentum: float | None = 0.1
+    #: ``torch.distributed`` group the statistics are merged over (``None``: the world, when
+    #: one is initialised); set by :class:`pwlu.BoundaryRealigner`.
+    stats_process_group: Any = None
+
     def __init__(
         self,
         num_channels: int | None = None,
@@ -101,14 +108,14 @@ class PWLU(nn.Module):
         self.right_bound = nn.Parameter(torch.empty(shape))
         self.left_slope = nn.Parameter(torch.empty(shape))
         self.right_slope = nn.Parameter(torch.empty(shape))
-        # running input statistics for realignment (SPEC Eq. 5; see pwlu.statistics)
-        self.stats_momentum: float | None = 0.1
+        # running input statistics for realignment (SPEC Eq. 5; see pwlu.running_stats)
+        self.stats_momentum = 0.1
+        self.stats_process_group = None
         self.register_buffer("running_mean", torch.zeros(shape))
         self.register_buffer("running_std", torch.ones(shape))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
         self.register_buffer("collecting", torch.tensor(False))
         self._collecting = False  # host mirror of the buffer: no device sync per forward
-        self._inference_plan = None  # see _forward_eager
         self.reset_parameters()
 
     @property
@@ -155,11 +162,9 @@ class PWLU(nn.Module):
             return self._forward_folded(x)
         if torch.jit.is_tracing():  # torch.jit.trace and the TorchScript-based ONNX exporter
             return self._forward_folded(x)
-        if torch.compiler.is_compiling():
-            if torch.onnx.is_in_onnx_export():  # the torch.export-based one
-                return self._forward_folded(x)
-            return self._forward_op(x)  # the custom op, one opaque graph node
-        return self._forward_eager(x)
+        if torch.compiler.is_compiling() and torch.onnx.is_in_onnx_export():  # the torch.export-based one
+            return self._forward_folded(x)
+        return self._forward(x)
 
     def _forward_folded(self, x: Tensor) -> Tensor:
         """Pure-torch folded forward, the path taken under ``torch.jit.script``/``trace`` and
@@ -172,73 +177,25 @@ class PWLU(nn.Module):
         )
 
     @torch.jit.unused
-    def _forward_eager(self, x: Tensor) -> Tensor:
-        """Eager call. Without gradients, repeated calls with the same input geometry reuse an
-        inference plan (folded tables, layout and kernel prepared once; see
-        :func:`pwlu.ops.pwlu_op.inference_plan`), which checks that it still fits on every call."""
-        plan = self.__dict__.get("_inference_plan")  # absent in modules pickled by older versions
-        if plan is not None and not torch.is_grad_enabled() and not (self.training and self._collecting):
-            params, backend = self._parameter_tuple(), dispatch.get_backend_name()
-            y = plan(x, params, backend)
-            if y is not None:
-                return y
-            # another input geometry seen before (e.g. alternating sizes): its own plan
-            other = self.__dict__.get("_other_plans", {}).get((x.shape, x.stride(), x.dtype))
-            if other is not None:
-                y = other(x, params, backend)
-                if y is not None:
-                    self._inference_plan = other
-                    return y
-        return self._forward_op(x)
-
-    @torch.jit.unused
-    def _forward_op(self, x: Tensor) -> Tensor:
-        params = self._parameter_tuple()
-        cd = check_params(x, *params, self.channel_dim)  # dtype, parameter shapes, channel count
-        if self.training and self._collecting:
-            self._update_statistics(x, cd)
-        elif not torch.is_grad_enabled() and not torch.compiler.is_compiling() and self._plain_parameters():
-            plan = inference_plan(x, *params, cd)
-            self._remember_plan(x, plan)
-            if plan is not None:  # the tables were just folded: use them rather than fold again
-                y = plan(x, params, dispatch.get_backend_name())
-                if y is not None:
-                    return y
-        return pwlu_checked(x, *params, cd)
-
-    @torch.jit.unused
-    def _remember_plan(self, x: Tensor, plan) -> None:
-        """Make ``plan`` the current one and keep it, by input geometry, with up to 7 others."""
-        self._inference_plan = plan
-        if plan is None:
-            return
-        others = self.__dict__.setdefault("_other_plans", {})
-        if len(others) >= 8:
-            others.clear()
-        others[(x.shape, x.stride(), x.dtype)] = plan
-
-    @torch.jit.unused
-    def _plain_parameters(self) -> bool:
-        """Whether the five parameters are plain entries of ``_parameters`` (not parametrized)."""
-        return all(name in self._parameters for name in PARAMETER_NAMES)
-
-    @torch.jit.unused
-    def _parameter_tuple(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """``(points, left_bound, right_bound, left_slope, right_slope)``, read from
-        ``_parameters`` directly (``nn.Module.__getattr__`` costs ~1 us per name, a visible
-        share of a call on a small tensor); attribute access where one was replaced."""
-        found = self._parameters
+    def _forward(self, x: Tensor) -> Tensor:
+        """Eager and ``torch.compile``: :func:`pwlu.pwlu`, then the statistics update while collecting."""
+        found = self._parameters  # nn.Module.__getattr__ costs ~1 us per name; a small tensor notices
         try:
-            return (found["points"], found["left_bound"], found["right_bound"], found["left_slope"], found["right_slope"])  # fmt: skip
+            params = (found["points"], found["left_bound"], found["right_bound"], found["left_slope"], found["right_slope"])  # fmt: skip
         except KeyError:  # e.g. under torch.nn.utils.parametrize
-            return (self.points, self.left_bound, self.right_bound, self.left_slope, self.right_slope)
+            params = (self.points, self.left_bound, self.right_bound, self.left_slope, self.right_slope)
+        y = pwlu(x, *params, channel_dim=self.channel_dim)
+        if self.training and self._collecting:
+            cd = None if self.num_channels is None else self.channel_dim % x.dim()
+            self._update_statistics(x, cd)
+        return y
 
     def _update_statistics(self, x: Tensor, channel_dim: int | None) -> None:
         """Fold batch ``x`` into ``running_mean``/``running_std`` (all-reduced under DDP)."""
-        group = getattr(self, "stats_process_group", None)
         update_running_stats(
-            self.running_mean, self.running_std, self.num_batches_tracked, x, channel_dim, self.stats_momentum, group
-        )
+            self.running_mean, self.running_std, self.num_batches_tracked, x, channel_dim, self.stats_momentum,
+            self.stats_process_group,
+        )  # fmt: skip
 
     def set_collecting(self, collecting: bool) -> None:
         """Switch the running-statistics update of training forward passes on or off."""
@@ -285,3 +242,64 @@ class PWLU(nn.Module):
         if self.channel_wise:
             text += f", num_channels={self.num_channels}, channel_dim={self.channel_dim}"
         return text + f", range=[{lo:.4g}, {hi:.4g}], init={self.init_name}"
+
+
+class LazyPWLU(LazyModuleMixin, PWLU):
+    """A channel-wise PWLU that takes ``num_channels`` from its first input
+    (https://arxiv.org/abs/2104.03693); it becomes a plain :class:`~pwlu.PWLU` after that.
+
+    Made to be timm's ``act_layer``: timm calls ``act_layer()`` or ``act_layer(inplace=True)``,
+    and ``inplace`` is accepted and ignored. For example
+    ``timm.create_model("resnet18", act_layer=pwlu.TimmPWLU)`` or, with options,
+    ``act_layer=functools.partial(pwlu.TimmPWLU, num_intervals=8)``. As with every lazy module,
+    run one forward pass before creating the optimizer (or loading a state dict, which also
+    materialises the parameters).
+
+    Args:
+        num_intervals (int): ``N``.
+        channel_dim (int, optional): channel axis; default 1 for 2-D, 4-D and 5-D inputs, -1 for
+            3-D ``(B, T, C)`` inputs. Use ``-1`` for NHWC models such as timm's ConvNeXt MLPs.
+        inplace (bool): ignored (timm's calling convention).
+        **kwargs: ``bound``, ``init`` as for :class:`~pwlu.PWLU`.
+    """
+
+    cls_to_become = PWLU
+
+    def __init__(
+        self, num_intervals: int = 16, channel_dim: int | None = None, inplace: bool = False, **kwargs: Any
+    ) -> None:
+        super().__init__(None, num_intervals=num_intervals, channel_dim=1 if channel_dim is None else channel_dim,
+                         **kwargs)  # fmt: skip
+        self._auto_channel_dim = channel_dim is None
+        for pname in ("points", "left_bound", "right_bound", "left_slope", "right_slope"):
+            setattr(self, pname, UninitializedParameter())
+
+    def reset_parameters(self) -> None:
+        if not self.has_uninitialized_params():
+            super().reset_parameters()
+
+    def initialize_parameters(self, x: Tensor, *args: Any, **kwargs: Any) -> None:
+        if not self.has_uninitialized_params():  # materialised by load_state_dict
+            self.num_channels = self.points.shape[0] if self.points.dim() == 2 else None
+            return
+        if not isinstance(x, Tensor) or x.dim() < 2:
+            raise ValueError(f"LazyPWLU: needs a tensor with a channel axis, but got {x!r}")
+        if self._auto_channel_dim:
+            self.channel_dim = -1 if x.dim() == 3 else 1
+        channels = x.shape[self.channel_dim]
+        with torch.no_grad():
+            kw = dict(device=x.device, dtype=x.dtype if x.is_floating_point() else None)
+            self.points.materialize((channels, self.num_intervals + 1), **kw)
+            for pname in ("left_bound", "right_bound", "left_slope", "right_slope"):
+                getattr(self, pname).materialize((channels,), **kw)
+        self.num_channels = channels
+        self.reset_parameters()
+
+    def extra_repr(self) -> str:
+        if self.has_uninitialized_params():
+            return f"num_intervals={self.num_intervals}, num_channels=<lazy>"
+        return super().extra_repr()
+
+
+TimmPWLU = LazyPWLU
+"""Alias of :class:`LazyPWLU`, the name to pass as timm's ``act_layer=``."""

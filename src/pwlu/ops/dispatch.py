@@ -1,4 +1,4 @@
-"""The one place that chooses which backend computes PWLU.
+"""The one place that chooses which backend computes an op.
 
 ``auto`` (the default) picks Triton for CUDA tensors and the compiled CPU kernel for CPU
 tensors, each when available, and the vectorised-torch backend otherwise. The choice can
@@ -6,6 +6,12 @@ be forced globally with the ``PWLU_BACKEND`` environment variable (``auto``, ``t
 ``cpu``, ``triton`` or ``reference``) or locally with the :func:`use_backend` context
 manager. ``reference`` makes :func:`pwlu.pwlu` call :func:`pwlu.pwlu_reference`, for
 debugging.
+
+The setting is shared by every op. Each op has a :class:`BackendTable` that maps the backend
+names to the modules implementing it and caches the choice per device type; a backend
+module declares its implementation as one object (``BACKEND``) that satisfies the op's
+typed Protocol (:class:`PWLUBackend` for PWLU). A new op writes its own Protocol and table
+and reuses the rest.
 """
 
 from __future__ import annotations
@@ -14,17 +20,13 @@ import contextlib
 import functools
 import importlib
 import os
-from collections.abc import Iterator
-from types import ModuleType
+from collections.abc import Callable, Iterator
+from typing import Generic, Protocol, TypeVar
 
 import torch
+from torch import Tensor
 
 BACKENDS = ("auto", "torch", "cpu", "triton", "reference")
-_MODULES = {
-    "torch": "pwlu.ops.torch_backend",
-    "cpu": "pwlu.ops.cpu.backend",
-    "triton": "pwlu.ops.triton_backend",
-}
 
 
 def _check_name(name: str, source: str) -> str:
@@ -52,53 +54,132 @@ def use_backend(name: str) -> Iterator[None]:
         _backend = previous
 
 
-@functools.cache
-def _load(name: str) -> ModuleType | None:
-    try:
-        module = importlib.import_module(_MODULES[name])
-    except ImportError:
-        return None
-    return module
+class Backend(Protocol):
+    """What every backend of every op declares."""
+
+    name: str
+
+    def is_available(self, device: torch.device) -> bool: ...
 
 
-def is_available(name: str, device: torch.device) -> bool:
-    """Whether backend ``name`` can run on ``device`` here."""
-    if name == "reference":
-        return True
-    module = _load(name)
-    if module is None:
-        return False
-    check = getattr(module, "is_available", None)
-    return True if check is None else bool(check(device))
+B = TypeVar("B", bound=Backend)
+
+#: Every table, so that :func:`forget_selection` reaches them all.
+_TABLES: list[BackendTable] = []
 
 
-#: ``(setting, device type) -> backend module``; cleared by :func:`forget_selection`.
-_selected: dict[tuple[str, str], ModuleType] = {}
+class BackendTable(Generic[B]):
+    """The backends of one op: ``{"torch": module path, "cpu": ..., "triton": ...}``; each module
+    has a ``BACKEND`` attribute (the implementation, of the op's Protocol type). A backend whose
+    module cannot be imported (no triton installed) is unavailable."""
+
+    def __init__(self, op: str, modules: dict[str, str]) -> None:
+        if "torch" not in modules:
+            raise ValueError(f"{op}: the torch backend is the fallback and must exist")
+        self.op = op
+        self.modules = dict(modules)
+        self._selected: dict[tuple[str, str], B] = {}
+        _TABLES.append(self)
+
+    @functools.cache  # noqa: B019 - tables live as long as the process
+    def load(self, name: str) -> B | None:
+        """The implementation of backend ``name``, or ``None`` if its module cannot be imported."""
+        try:
+            module = importlib.import_module(self.modules[name])
+        except ImportError:
+            return None
+        return module.BACKEND
+
+    def is_available(self, name: str, device: torch.device) -> bool:
+        """Whether backend ``name`` can run this op on ``device`` here."""
+        if name == "reference":
+            return True
+        if name not in self.modules:
+            return False
+        backend = self.load(name)
+        return backend is not None and bool(backend.is_available(device))
+
+    def forget(self) -> None:
+        self._selected.clear()
+
+    def select(self, device: torch.device) -> B:
+        """The backend that computes this op on ``device`` under the current setting (the torch
+        backend stands in for ``reference``, whose routing is the caller's)."""
+        key = (_backend, device.type)
+        backend = self._selected.get(key)
+        if backend is None:
+            backend = self._selected[key] = self._select(device)
+        return backend
+
+    def _select(self, device: torch.device) -> B:
+        name = _backend
+        if name == "auto":
+            preferred = "triton" if device.type == "cuda" else "cpu"
+            name = preferred if self.is_available(preferred, device) else "torch"
+        elif name == "reference":
+            name = "torch"
+        elif not self.is_available(name, device):
+            raise RuntimeError(f"{self.op} backend {name!r} was forced but is not available for {device} tensors")
+        backend = self.load(name)
+        assert backend is not None, f"{self.op}: backend {name!r} vanished after its availability check"
+        return backend
 
 
 def forget_selection() -> None:
-    """Drop the cached choices (after a backend's availability changed, e.g. a failed build)."""
-    _selected.clear()
+    """Drop every table's cached choices (after a backend's availability changed, e.g. a failed build)."""
+    for table in _TABLES:
+        table.forget()
 
 
-def select(device: torch.device) -> ModuleType:
-    """The backend module that computes a PWLU on ``device`` (never ``reference``)."""
-    key = (_backend, device.type)
-    module = _selected.get(key)
-    if module is None:
-        module = _selected[key] = _select(device)
-    return module
+# ----------------------------------------------------------------------------------- PWLU
+
+#: ``(points, left_bound, right_bound, left_slope, right_slope)``
+Params = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
 
 
-def _select(device: torch.device) -> ModuleType:
-    name = _backend
-    if name == "auto":
-        preferred = "triton" if device.type == "cuda" else "cpu"
-        name = preferred if is_available(preferred, device) else "torch"
-    elif name == "reference":
-        name = "torch"
-    elif not is_available(name, device):
-        raise RuntimeError(f"PWLU backend {name!r} was forced but is not available for {device} tensors")
-    module = _load(name)
-    assert module is not None
-    return module
+class PWLUBackend(Backend, Protocol):
+    """A PWLU backend. The semantics are those of the torch backend (``torch_backend.py``).
+
+    Required, on the folded tables of :func:`pwlu.ops.fold_tables` (channel form, compute
+    dtype, ``C = 1`` and ``channel_dim = None`` layer-wise):
+
+    * ``forward(x, slopes, intercepts, left, right, inv_d, channel_dim, shift) -> y``
+    * ``backward(grad, x, slopes, left, right, inv_d, channel_dim) -> (dx, hist)``, ``hist``
+      a ``Tensor[C, N+2, 2]`` of per-region ``sum(g)`` and ``sum(g * r)``.
+
+    Optional entry points, declared (``None`` where a backend has none):
+
+    * ``fold(points, left_bound, right_bound, left_slope, right_slope) -> tables``: the
+      backend's own (non-differentiable) :func:`~pwlu.ops.fold_tables`;
+    * ``forward_from_params(x, *params, channel_dim) -> y | None`` and
+      ``backward_from_params(grad, x, *params, channel_dim) -> (dx, param_grads) | None``:
+      fold and compute in one native call (``None``: not applicable to this call);
+    * ``planned_forward(x, params, channel_dim, setting, create) -> y | None``: a
+      gradient-free forward through a cached inference plan. With ``create=False`` it may be
+      called before validation and only answers from a plan made earlier for exactly this
+      call's parameter tensors, geometry and settings; with ``create=True`` (validated
+      arguments, ``channel_dim`` normalised) it may make one.
+    """
+
+    forward: Callable[..., Tensor]
+    backward: Callable[..., tuple[Tensor, Tensor]]
+    fold: Callable[..., tuple[Tensor, ...]] | None
+    forward_from_params: Callable[..., Tensor | None] | None
+    backward_from_params: Callable[..., tuple[Tensor, tuple[Tensor, ...]] | None] | None
+    planned_forward: Callable[..., Tensor | None] | None
+
+
+PWLU_BACKENDS: BackendTable[PWLUBackend] = BackendTable(
+    "PWLU",
+    {"torch": "pwlu.ops.torch_backend", "cpu": "pwlu.ops.cpu", "triton": "pwlu.ops.triton_backend"},
+)
+
+
+def is_available(name: str, device: torch.device) -> bool:
+    """Whether PWLU backend ``name`` can run on ``device`` here."""
+    return PWLU_BACKENDS.is_available(name, device)
+
+
+def select(device: torch.device) -> PWLUBackend:
+    """The PWLU backend for ``device`` under the current setting (never ``reference``)."""
+    return PWLU_BACKENDS.select(device)

@@ -1,7 +1,7 @@
 """Folded PWLU forward in plain, exportable torch ops (SPEC section 5).
 
-This is the forward of the vectorised torch backend (``torch_backend.forward`` calls
-:func:`pwlu_folded_torch`) and the path a :class:`pwlu.PWLU` takes while it is being
+This is the forward of the vectorised torch backend (``torch_backend.forward`` is
+:func:`pwlu_from_tables`) and the path a :class:`pwlu.PWLU` takes while it is being
 scripted (``torch.jit.script``), traced (``torch.jit.trace``) or exported to ONNX, where
 the custom op ``torch.ops.pwlu.pwlu`` and its compiled kernels cannot go. Every function
 here is TorchScript-compatible and lowers to standard ONNX operators only (``Sub``,
@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .common import compute_dtype, fold_tables
+from .folding import compute_dtype, fold_tables
 
 
 def channel_view(p: Tensor, ndim: int, channel_dim: int | None) -> Tensor:
@@ -55,7 +55,7 @@ def flat_index(k: Tensor, num_channels: int, n: int, channel_dim: int | None) ->
     return k + channel_view(channel, k.dim(), channel_dim) * (n + 2)
 
 
-def pwlu_folded_torch(
+def pwlu_from_tables(
     x: Tensor,
     slopes: Tensor,
     intercepts: Tensor,
@@ -102,7 +102,7 @@ def pwlu_folded(
     right_slope: Tensor,
     channel_dim: int | None,
 ) -> Tensor:
-    """PWLU from its parameters through :func:`fold_tables` and :func:`pwlu_folded_torch`.
+    """PWLU from its parameters through :func:`fold_tables` and :func:`pwlu_from_tables`.
 
     Same arguments as :func:`pwlu.pwlu`, except that ``channel_dim`` must already be
     non-negative (or ``None`` for layer-wise parameters). Forward only: autograd
@@ -118,4 +118,4 @@ def pwlu_folded(
         right_slope.to(dtype).reshape(-1),
     )
     slopes, intercepts, left, right, inv_d, shift = tables
-    return pwlu_folded_torch(x, slopes, intercepts, left, right, inv_d, shift, channel_dim)
+    return pwlu_from_tables(x, slopes, intercepts, left, right, inv_d, shift, channel_dim)

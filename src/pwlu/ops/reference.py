@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .common import compute_dtype, effective_bounds
+from .folding import compute_dtype, effective_bounds
 from .validation import check_params
 
 

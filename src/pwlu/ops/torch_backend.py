@@ -1,6 +1,7 @@
 """Backend in vectorised torch ops: runs on any device, used where no faster kernel applies.
 
-Every backend implements the same two functions on the folded tables (see ``common.py``):
+Every backend implements the same two functions on the folded tables (see ``folding.py`` and
+the Protocol :class:`pwlu.ops.dispatch.PWLUBackend`):
 
 ``forward(x, slopes, intercepts, left, right, inv_d, channel_dim, shift) -> y``
 ``backward(grad, x, slopes, left, right, inv_d, channel_dim) -> (dx, hist)``
@@ -19,13 +20,13 @@ from __future__ import annotations
 import torch
 
 from .folded import flat_index as _flat_index
-from .folded import pwlu_folded_torch
+from .folded import pwlu_from_tables
 from .folded import regions as _regions
 
 
 def forward(x, slopes, intercepts, left, right, inv_d, channel_dim, shift):
     # the exportable folded path (pwlu.ops.folded) is this backend's forward
-    return pwlu_folded_torch(x, slopes, intercepts, left, right, inv_d, shift, channel_dim)
+    return pwlu_from_tables(x, slopes, intercepts, left, right, inv_d, shift, channel_dim)
 
 
 def backward(grad, x, slopes, left, right, inv_d, channel_dim):
@@ -43,3 +44,22 @@ def backward(grad, x, slopes, left, right, inv_d, channel_dim):
     hist[:, 0].index_add_(0, flat, g_flat)
     hist[:, 1].index_add_(0, flat, (g * r).reshape(-1))
     return dx, hist.reshape(num_channels, n + 2, 2)
+
+
+class TorchBackend:
+    """The vectorised-torch PWLU backend (:class:`pwlu.ops.dispatch.PWLUBackend`)."""
+
+    name = "torch"
+    forward = staticmethod(forward)
+    backward = staticmethod(backward)
+    fold = None
+    forward_from_params = None
+    backward_from_params = None
+    planned_forward = None
+
+    @staticmethod
+    def is_available(device: torch.device) -> bool:
+        return True
+
+
+BACKEND = TorchBackend()

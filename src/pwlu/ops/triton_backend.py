@@ -303,3 +303,19 @@ def backward(grad, x, slopes, left, right, inv_d, channel_dim):
             REGIONS_PAD=triton.next_power_of_2(n + 2),
         )  # fmt: skip
     return dx, partial.sum(0)
+
+
+class TritonBackend:
+    """The Triton PWLU backend (:class:`pwlu.ops.dispatch.PWLUBackend`)."""
+
+    name = "triton"
+    forward = staticmethod(forward)
+    backward = staticmethod(backward)
+    is_available = staticmethod(is_available)
+    fold = None
+    forward_from_params = None
+    backward_from_params = None
+    planned_forward = None
+
+
+BACKEND = TritonBackend()

@@ -1,2 +1,28 @@
-"""The compiled CPU backend: ``build`` (compiler, cache, loading), ``backend`` (kernel calls),
-``plan`` (inference plans)."""
+"""The compiled CPU backend of PWLU: ``build`` (compiler, cache, loading), ``backend`` (kernel
+calls), ``plan`` (inference plans and their cache), declared here as :data:`BACKEND`."""
+
+from __future__ import annotations
+
+import torch
+
+from . import backend as _kernels
+from . import plan as _plans
+
+
+class CPUBackend:
+    """The C/AVX-512 PWLU backend (:class:`pwlu.ops.dispatch.PWLUBackend`)."""
+
+    name = "cpu"
+    forward = staticmethod(_kernels.forward)
+    backward = staticmethod(_kernels.backward)
+    fold = staticmethod(_kernels.fold_tables)
+    forward_from_params = staticmethod(_kernels.forward_from_params)
+    backward_from_params = staticmethod(_kernels.backward_from_params)
+    planned_forward = staticmethod(_plans.planned_forward)
+
+    @staticmethod
+    def is_available(device: torch.device) -> bool:
+        return _kernels.is_available(device)
+
+
+BACKEND = CPUBackend()

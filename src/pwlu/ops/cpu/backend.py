@@ -66,7 +66,7 @@ import ctypes
 import torch
 from torch import Tensor
 
-from .. import common
+from .. import folding
 from .build import _DTYPE_CODES, GRAIN_SIZE, is_available, library
 
 __all__ = ["backward", "backward_from_params", "fold_tables", "forward", "forward_from_params", "is_available"]
@@ -137,16 +137,16 @@ def _kernel_dtype(x: Tensor, lib: ctypes.CDLL) -> int:
 
 
 def fold_tables(points, left_bound, right_bound, left_slope, right_slope):
-    """:func:`pwlu.ops.common.fold_tables` in C (not differentiable): one call instead of ~20
+    """:func:`pwlu.ops.folding.fold_tables` in C (not differentiable): one call instead of ~20
     small torch ops, which dominate the cost of a PWLU on small tensors."""
     if points.dtype not in (torch.float32, torch.float64):
-        return common.fold_tables(points, left_bound, right_bound, left_slope, right_slope)
+        return folding.fold_tables(points, left_bound, right_bound, left_slope, right_slope)
     lib = library()
     num_channels, n = points.shape[0], points.shape[1] - 1
     params = [t.detach().contiguous() for t in (points, left_bound, right_bound, left_slope, right_slope)]
     out = torch.empty(2 * num_channels * (n + 2) + 4 * num_channels, dtype=points.dtype)
     fn = lib.pwlu_fold_f64 if points.dtype == torch.float64 else lib.pwlu_fold_f32
-    rc = fn(*(t.data_ptr() for t in params), num_channels, n, common.MIN_WIDTH, out.data_ptr())
+    rc = fn(*(t.data_ptr() for t in params), num_channels, n, folding.MIN_WIDTH, out.data_ptr())
     assert rc == 0
     size = num_channels * (n + 2)
     rest = out[2 * size :].view(4, num_channels)
@@ -198,7 +198,7 @@ def forward_from_params(x, points, left_bound, right_bound, left_slope, right_sl
         return y
     fn = lib.pwlu_fold_forward_f64 if x.dtype == torch.float64 else lib.pwlu_fold_forward_f32c
     rc = fn(
-        *(t.data_ptr() for t in params), common.MIN_WIDTH, x.data_ptr(), y.data_ptr(), _kernel_dtype(x, lib),
+        *(t.data_ptr() for t in params), folding.MIN_WIDTH, x.data_ptr(), y.data_ptr(), _kernel_dtype(x, lib),
         outer, channels, inner, points.shape[-1] - 1, _num_threads(x.numel()),
     )  # fmt: skip
     if rc != 0:
@@ -223,7 +223,7 @@ def backward_from_params(grad, x, points, left_bound, right_bound, left_slope, r
     grads = [torch.empty(p.shape, dtype=params[0].dtype) for p in originals]
     fn = lib.pwlu_fold_backward_f64 if x.dtype == torch.float64 else lib.pwlu_fold_backward_f32c
     rc = fn(
-        *(t.data_ptr() for t in params), common.MIN_WIDTH, grad.data_ptr(), x.data_ptr(), dx.data_ptr(),
+        *(t.data_ptr() for t in params), folding.MIN_WIDTH, grad.data_ptr(), x.data_ptr(), dx.data_ptr(),
         _kernel_dtype(x, lib), outer, channels, inner, n, _num_threads(x.numel()), *(g.data_ptr() for g in grads),
     )  # fmt: skip
     if rc != 0:
@@ -255,10 +255,3 @@ def backward(grad, x, slopes, left, right, inv_d, channel_dim):
             raise MemoryError("pwlu cpu backend: could not allocate the histogram buffers")
     return dx, hist.to(slopes.dtype)
 
-
-
-def inference_plan(*args, **kwargs):
-    """See :func:`pwlu.ops.cpu.plan.inference_plan`."""
-    from .plan import inference_plan as make
-
-    return make(*args, **kwargs)
