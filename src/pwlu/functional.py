@@ -47,7 +47,7 @@ def pwlu(
     params = (points, left_bound, right_bound, left_slope, right_slope)
     setting = dispatch.get_backend_name()
     compiling = torch.compiler.is_compiling()
-    gradient_free = not compiling and setting != "reference" and not _needs_grad(x, params)
+    gradient_free = not compiling and setting != "reference" and not (torch.is_grad_enabled() and _needs_grad(x, params))
     planned = None
     if gradient_free and type(x) is Tensor:
         planned = PWLU_BACKENDS.select(x.device).planned_forward
@@ -60,7 +60,7 @@ def pwlu(
         return pwlu_reference(x, *params, channel_dim)
     if gradient_free:
         if planned is not None:
-            y = planned(x, params, channel_dim, setting, create=True, normalized_channel_dim=cd)
+            y = planned(x, params, channel_dim, setting, True, cd)
             if y is not None:
                 return y
         return pwlu_fwd(x, *params, cd)
@@ -68,8 +68,6 @@ def pwlu(
 
 
 def _needs_grad(x, params) -> bool:
-    if not torch.is_grad_enabled():
-        return False
     try:
         return x.requires_grad or any(p.requires_grad for p in params)
     except AttributeError:  # not tensors: validation names the culprit

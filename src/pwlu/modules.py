@@ -158,11 +158,11 @@ class PWLU(nn.Module):
         self.right_slope.copy_(slope_r.detach())
 
     def forward(self, x: Tensor) -> Tensor:
-        if torch.jit.is_scripting():
+        # torch.jit.script, torch.jit.trace (and the TorchScript-based ONNX exporter), the
+        # torch.export-based ONNX exporter: the pure-torch folded path
+        if torch.jit.is_scripting() or torch.jit.is_tracing():
             return self._forward_folded(x)
-        if torch.jit.is_tracing():  # torch.jit.trace and the TorchScript-based ONNX exporter
-            return self._forward_folded(x)
-        if torch.compiler.is_compiling() and torch.onnx.is_in_onnx_export():  # the torch.export-based one
+        if torch.compiler.is_compiling() and torch.onnx.is_in_onnx_export():
             return self._forward_folded(x)
         return self._forward(x)
 
@@ -184,7 +184,7 @@ class PWLU(nn.Module):
             params = (found["points"], found["left_bound"], found["right_bound"], found["left_slope"], found["right_slope"])  # fmt: skip
         except KeyError:  # e.g. under torch.nn.utils.parametrize
             params = (self.points, self.left_bound, self.right_bound, self.left_slope, self.right_slope)
-        y = pwlu(x, *params, channel_dim=self.channel_dim)
+        y = pwlu(x, *params, self.channel_dim)
         if self.training and self._collecting:
             cd = None if self.num_channels is None else self.channel_dim % x.dim()
             self._update_statistics(x, cd)

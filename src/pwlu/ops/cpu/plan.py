@@ -94,8 +94,9 @@ _lock = threading.Lock()
 
 
 def _key(x: Tensor, channel_dim: int | None, setting: str) -> tuple:
-    # everything besides the parameters that changes what the plan computes
-    return (x.shape, x.stride(), x.dtype, x.device, channel_dim, setting, torch.get_num_threads())
+    # everything besides the parameters that changes what the plan computes or how (threads);
+    # the device is always the CPU (plans are only made for CPU tensors)
+    return (x.shape, x.stride(), x.dtype, channel_dim, setting, torch.get_num_threads())
 
 
 def planned_forward(
@@ -114,16 +115,16 @@ def planned_forward(
     ``create=True``: the arguments are validated and ``normalized_channel_dim`` is what
     :func:`pwlu.ops.validation.check_params` returned; make a plan if none fits.
     """
-    if type(x) is not Tensor:  # subclasses (DTensor, Parameter...) take the general path
-        return None
     entry = _CACHE.get(id(params[0]))
-    if entry is not None and entry.holds(params):
-        plan = entry.plans.get(_key(x, channel_dim, setting))
-        if plan is not None:
+    if entry is not None and type(x) is Tensor:  # subclasses (DTensor, Parameter...) take the general path
+        plan = entry.plans.get((x.shape, x.stride(), x.dtype, channel_dim, setting, torch.get_num_threads()))
+        if plan is not None and entry.holds(params):
             y = plan(x, params)
             if y is not None:
                 return y
-    if not create or not all(type(p) is nn.Parameter for p in params):
+    if not create or type(x) is not Tensor or not x.is_cpu:
+        return None
+    if not all(type(p) is nn.Parameter for p in params):
         return None
     plan = _make_plan(x, params, normalized_channel_dim)
     if plan is None:
