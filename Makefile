@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-12)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[dev,vision,plot,onnx]"
+	$(PY) -m pip install -q -e ".[dev,app,vision,plot,onnx]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -20,7 +20,7 @@ demo: install
 	@test -f $(FASHION)/train-images-idx3-ubyte.gz || ! command -v apt-get >/dev/null || \
 	  { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; } || \
 	  echo "could not install dataset-fashion-mnist; the demo will try torchvision's downloader"
-	$(PY) -m pwlu.demo
+	$(PY) -m pwlu.app.demo
 
 test: install
 	$(PY) -m pytest -q -n 2 tests

@@ -84,8 +84,9 @@ def compare_table() -> list[str]:
 
 def _boundary_iou(checkpoint: pathlib.Path, data_cache: dict) -> torch.Tensor:
     """Per-channel boundary IOUs of every PWLU of a checkpoint over 2048 test images."""
-    from pwlu.realign import boundary_iou
-    from pwlu.train import TrainConfig, load_trained, prepare_data
+    from pwlu import boundary_iou
+    from pwlu.app.config import TrainConfig
+    from pwlu.app.train import load_trained, prepare_data
 
     if "data" not in data_cache:  # every ablation run uses the same data
         config = json.loads((checkpoint.parent / "metrics.json").read_text())["config"]
@@ -95,7 +96,7 @@ def _boundary_iou(checkpoint: pathlib.Path, data_cache: dict) -> torch.Tensor:
 
 
 def ablation_table() -> list[str]:
-    from pwlu.cli import ablation_slug
+    from pwlu.app.cli import ablation_slug
 
     runs = ROOT / "ablate" / "runs"
     lines = ["| variant | top-1 (%) | Δ vs stat-realign (channel) (pp, paired) | seeds | boundary IOU, mean (median) over channels and seeds |",

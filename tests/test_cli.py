@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from pwlu.cli import main
-from pwlu.data import load_fashion_mnist, read_idx
-from pwlu.train import TrainConfig, train
+from pwlu.app.cli import main
+from pwlu.app.config import TrainConfig
+from pwlu.app.data import load_fashion_mnist, read_idx
+from pwlu.app.train import train
 
 FAST = ["--dataset", "synthetic", "--batch-size", "64", "--no-progress"]
 
@@ -109,7 +110,7 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, args, needle):
 
 
 def test_cli_missing_data_dir(tmp_path, monkeypatch):
-    monkeypatch.setattr("pwlu.data.DEBIAN_FASHION_MNIST", tmp_path / "nowhere")
+    monkeypatch.setattr("pwlu.app.data.DEBIAN_FASHION_MNIST", tmp_path / "nowhere")
     out = tmp_path / "out"
     code = main(["train", "--data-dir", str(tmp_path / "missing"), "--out", str(out), "--no-progress"])
     assert code == 2 and not out.exists()

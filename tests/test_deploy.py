@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pwlu
-from pwlu.cli import main
+from pwlu.app.cli import main
 from pwlu.export import ONNX_OPSET, max_relative_error
 
 torchvision = pytest.importorskip("torchvision")
@@ -259,7 +259,8 @@ def test_channels_last_converted_resnet18():
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from pwlu.train import TrainConfig, train
+    from pwlu.app.config import TrainConfig
+    from pwlu.app.train import train
 
     out = tmp_path_factory.mktemp("ckpt")
     train(TrainConfig(model="cnn", dataset="synthetic", epochs=2, warmup_epochs=1, batch_size=64, out=str(out),
@@ -277,7 +278,8 @@ def test_cli_export_writes_and_verifies(checkpoint, tmp_path, capsys, fmt, suffi
     err = float(text.rsplit("max relative error", 1)[1].split()[0])
     assert err <= 1e-5
     if fmt == "torchscript":  # independent check: the file runs and matches the rebuilt model
-        from pwlu.export import model_from_checkpoint, run_exported
+        from pwlu.app.checkpoint import model_from_checkpoint
+        from pwlu.export import run_exported
 
         model, example = model_from_checkpoint(checkpoint)
         with torch.no_grad():

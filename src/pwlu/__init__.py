@@ -4,6 +4,12 @@ The library needs only torch. The command-line application (training recipe, dat
 models, plots, demo) is :mod:`pwlu.app`, which the library never imports.
 """
 
+import warnings
+
+with warnings.catch_warnings():  # torch warns at import when numpy is absent; the library needs no numpy
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
+    import torch  # noqa: F401
+
 from .baselines import ACTIVATIONS, APL, PAU, FReLU, PReLU, Swish, get_activation
 from .convert import ConversionError, convert_activations
 from .functional import pwlu, pwlu_reference

@@ -1,23 +1,21 @@
-"""Ship a trained PWLU model: ONNX and TorchScript export of a checkpoint, verified by running both.
+"""Generic exporters for models that contain PWLUs: ONNX and TorchScript, and running the exported file.
 
 In eval mode a :class:`pwlu.PWLU` computes the folded form of SPEC section 5
 (``y = a[k] * (x - shift) + b[k]``). While it is scripted, traced or exported to ONNX it
-takes a pure-torch copy of that path (:func:`pwlu.ops.folded.pwlu_folded_torch`) instead of
+takes a pure-torch copy of that path (:func:`pwlu.ops.folded.pwlu_folded`) instead of
 its custom op, so the exported graph holds only standard operators: ONNX opset
 :data:`ONNX_OPSET` (domain ``""``: ``Where``, ``GatherND``/``Gather``, ``Floor``, ``Clip``,
 ``Less``, ``GreaterOrEqual``, ``IsInf``, ``IsNaN``, ``Mul``, ``Add``, ``Sub``, ``Cast``...).
 ``torch.export.export`` and ``torch.compile`` keep the custom op (it has a fake kernel).
 
-The exported model takes the *normalised* input that the training loop feeds it,
-``(x / 255 - mean) / std`` with the checkpoint's per-channel ``normalisation``.
+:func:`run_exported` runs an exported file (onnxruntime or ``torch.jit.load``) and
+:func:`max_relative_error` compares it with eager PyTorch. Rebuilding and exporting a model
+from a training checkpoint is the application's job (``pwlu export``, :mod:`pwlu.app.checkpoint`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import pathlib
-from typing import Any
 
 import torch
 from torch import nn
@@ -26,54 +24,12 @@ from torch import nn
 ONNX_OPSET = 18
 
 FORMATS = ("onnx", "torchscript")
+#: The default file suffix of each format.
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt"}
-
-#: Image side of the built-in datasets (checkpoints do not store it).
-IMAGE_SIZES = {"fashion-mnist": 28, "cifar10": 32, "synthetic": 16}
 
 
 class ExportError(RuntimeError):
-    """Export or verification failed (the CLI prints it as a one-line error)."""
-
-
-def model_from_checkpoint(path: str | os.PathLike, image_size: int | None = None) -> tuple[nn.Module, torch.Tensor]:
-    """Rebuild the model of a :func:`pwlu.train.train` checkpoint, in eval mode, with an example input.
-
-    The input channels come from the checkpoint's normalisation, the number of classes from
-    the classifier weight, the image side from the dataset (or ``image_size``); no dataset is
-    loaded.
-
-    Returns:
-        ``(model, example)``: ``example`` is a ``Tensor[2, C, S, S]`` of normalised-scale noise.
-    """
-    from .models import build_model
-    from .train import ConfigError, TrainConfig, load_checkpoint, make_activation_factory
-
-    ckpt = load_checkpoint(path)
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    try:
-        cfg = TrainConfig(**{k: v for k, v in ckpt["config"].items() if k in fields})
-        state = ckpt["model"]
-        classifier = [v for k, v in state.items() if k.endswith("weight") and v.dim() == 2]
-        if "normalisation" in ckpt:
-            in_channels = int(torch.as_tensor(ckpt["normalisation"][0]).numel())
-        else:
-            in_channels = int(next(v for k, v in state.items() if k.endswith("weight") and v.dim() == 4).shape[1])
-        num_classes = int(classifier[-1].shape[0])
-    except (TypeError, AttributeError, IndexError, StopIteration, KeyError) as e:
-        raise ConfigError(f"checkpoint {path} has an unexpected layout ({type(e).__name__}: {e})") from None
-    size = image_size or IMAGE_SIZES.get(cfg.dataset)
-    if size is None:
-        raise ConfigError(f"the image size of dataset {cfg.dataset!r} is unknown; pass --image-size")
-    model = build_model(cfg.model, make_activation_factory(cfg), in_channels, num_classes)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise ConfigError(f"checkpoint {path} does not match its config: {first}") from None
-    model.eval()
-    example = torch.randn(2, in_channels, size, size, generator=torch.Generator().manual_seed(0))
-    return model, example
+    """Export or verification failed; the message is one line (``pwlu export`` prints it as its error)."""
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike, opset: int = ONNX_OPSET) -> None:
@@ -136,49 +92,3 @@ def max_relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     scale = expected.abs().max().clamp_min(torch.finfo(expected.dtype).tiny)
     return float((actual.to(expected.dtype) - expected).abs().max() / scale)
 
-
-def export_checkpoint(
-    checkpoint: str | os.PathLike,
-    fmt: str,
-    out: str | os.PathLike | None = None,
-    image_size: int | None = None,
-    rtol: float = 1e-5,
-) -> dict[str, Any]:
-    """Export a checkpoint to ``fmt`` and verify it against eager PyTorch on a random batch.
-
-    Args:
-        checkpoint: a ``checkpoint.pt`` written by :func:`pwlu.train.train`.
-        fmt (str): ``"onnx"`` or ``"torchscript"``.
-        out: output file; default next to the checkpoint, ``model.onnx`` or ``model.pt``.
-        image_size (int, optional): image side, needed only for ``imagefolder`` datasets.
-        rtol (float): largest accepted max relative error of the exported file.
-
-    Returns:
-        dict with ``path``, ``format``, ``method``, ``max_rel_err``, ``input_shape``.
-
-    Raises:
-        ValueError: unknown format. ExportError: export failed or the outputs differ.
-    """
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown export format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    model, example = model_from_checkpoint(checkpoint, image_size)
-    path = pathlib.Path(out) if out is not None else pathlib.Path(checkpoint).with_name("model" + SUFFIXES[fmt])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    how = "torch.onnx.export (dynamo)"
-    try:
-        if fmt == "onnx":
-            export_onnx(model, example, path)
-        else:
-            how = export_torchscript(model, example, path)
-    except ExportError:
-        raise
-    except Exception as e:  # noqa: BLE001 - exporters raise many types
-        raise ExportError(f"{fmt} export failed: {type(e).__name__}: {str(e).strip().splitlines()[0]}") from None
-    # verify on a batch of a different size than the example (the batch axis is dynamic)
-    x = torch.randn(3, *example.shape[1:], generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        expected = model(x)
-    err = max_relative_error(run_exported(path, fmt, x), expected)
-    if not err <= rtol:  # also catches NaN
-        raise ExportError(f"{path}: exported model differs from PyTorch (max relative error {err:.3g} > {rtol:g})")
-    return {"path": str(path), "format": fmt, "method": how, "max_rel_err": err, "input_shape": list(x.shape)}

@@ -1,4 +1,7 @@
-"""The ``pwlu`` command line: train, compare, ablate, plot (also ``python -m pwlu``)."""
+"""The ``pwlu`` command line: train, compare, ablate, plot, export (also ``python -m pwlu``).
+
+Started through :mod:`pwlu.app.launcher`, which checks the ``app`` extra first.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +10,12 @@ import csv
 import dataclasses
 import json
 import pathlib
-import statistics
+import statistics  # the standard library's
 import sys
 
+from .config import ConfigError, TrainConfig
 from .data import DataError
-from .train import ConfigError, TrainConfig
+from .launcher import MissingExtraError
 
 TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 
@@ -159,8 +163,9 @@ def cmd_ablate(args) -> int:
 def cmd_plot(args) -> int:
     import torch
 
+    from pwlu import boundary_iou
+
     from .plotting import collect_inputs, plot_iou, plot_shapes
-    from .realign import boundary_iou
     from .train import load_trained
 
     runs = []
@@ -182,7 +187,9 @@ def cmd_plot(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import ExportError, export_checkpoint
+    from pwlu.export import ExportError
+
+    from .checkpoint import export_checkpoint
 
     try:
         res = export_checkpoint(args.checkpoint, args.format, args.out, image_size=args.image_size)
@@ -239,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
+    except MissingExtraError as e:
+        print(f"pwlu: {e}", file=sys.stderr)
+        return 2
     except (DataError, ConfigError, FileNotFoundError, ValueError) as e:
         print(f"pwlu: error: {e}", file=sys.stderr)
         return 2

@@ -89,7 +89,13 @@ def load_fashion_mnist(data_dir: str | None = None, download: bool = True) -> Te
         target = pathlib.Path(data_dir or "data")
         try:
             from torchvision.datasets import FashionMNIST
-
+        except ImportError:
+            raise DataError(
+                f"Fashion-MNIST not found in {data_dir or '(no --data-dir)'} or {DEBIAN_FASHION_MNIST}, "
+                "and downloading it needs torchvision (pip install 'pwlu[app]'); "
+                "install Debian's dataset-fashion-mnist or pass --data-dir with the *-ubyte.gz files"
+            ) from None
+        try:
             FashionMNIST(str(target), train=True, download=True)
             FashionMNIST(str(target), train=False, download=True)
         except Exception as e:  # noqa: BLE001 - any downloader failure becomes one clear message
@@ -119,7 +125,7 @@ def load_cifar10(data_dir: str | None, download: bool = True) -> TensorData:
     try:
         from torchvision.datasets import CIFAR10
     except ImportError:
-        raise DataError("CIFAR-10 needs torchvision: pip install 'pwlu[vision]'") from None
+        raise DataError("CIFAR-10 needs torchvision: pip install 'pwlu[app]'") from None
     root = data_dir or "data"
     try:
         train = CIFAR10(root, train=True, download=download)
@@ -176,7 +182,7 @@ def load_imagefolder(path: str, image_size: int = 64) -> TensorData:
     try:
         from torchvision import datasets, transforms
     except ImportError:
-        raise DataError("image folders need torchvision: pip install 'pwlu[vision]'") from None
+        raise DataError("image folders need torchvision: pip install 'pwlu[app]'") from None
     tf = transforms.Compose([transforms.Resize(image_size), transforms.CenterCrop(image_size), transforms.PILToTensor()])
 
     def load(split):

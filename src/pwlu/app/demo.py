@@ -1,10 +1,13 @@
 """The main job (``make demo``): ReLU vs Swish vs PWLU on Fashion-MNIST, a table and the learned shapes.
 
-Trains the small CNN of :mod:`pwlu.models` three times on the same Fashion-MNIST data with
+Trains the small CNN of :mod:`pwlu.app.models` three times on the same Fashion-MNIST data with
 the same seed and recipe (SGD momentum 0.9, one-cycle cosine; PWLU with one epoch of
 statistic-based realignment), prints the test accuracies and writes the learned PWLU shapes
-to ``runs/demo/shapes.png``. The full 60,000-image training set, 5 epochs: about 4 minutes on
-2 CPU cores (``--train-subset``/``--epochs`` make it shorter).
+to ``runs/demo/shapes.png``. The full 60,000-image training set, 5 epochs: a few minutes on
+a couple of CPU cores (``--train-subset``/``--epochs`` make it shorter).
+
+Run it with ``python -m pwlu.app.demo`` (``make demo``); like ``pwlu``, it first checks the
+``app`` extra (:mod:`pwlu.app.launcher`).
 """
 
 from __future__ import annotations
@@ -14,21 +17,24 @@ import pathlib
 import sys
 import time
 
-from .data import DataError
+from .launcher import require, run
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pwlu.demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m pwlu.app.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out", default="runs/demo")
     parser.add_argument("--train-subset", type=int, default=None, help="train on this many images (default: all)")
     parser.add_argument("--epochs", type=int, default=5)
     args = parser.parse_args(argv)
+    require("matplotlib")  # for the shapes figure: fail before training, not after
 
     import torch
 
+    from .config import TrainConfig
+    from .data import DataError
     from .plotting import collect_inputs, plot_shapes
-    from .train import TrainConfig, prepare_data, train
+    from .train import load_trained, prepare_data, train
 
     base = dict(model="cnn", dataset="fashion-mnist", data_dir=args.data_dir, epochs=args.epochs, warmup_epochs=1,
                 train_subset=args.train_subset, lr=0.1, seed=0)  # fmt: skip
@@ -52,8 +58,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nBest: {best[0]} (one seed and {args.epochs} epochs: differences under ~0.5 points are within seed noise;")
     print("see experiments/ in the repository for 3 seeds x 3 architectures x 7 activations).")
 
-    from .train import load_trained
-
     model, _, batches = load_trained(pathlib.Path(args.out) / "pwlu" / "checkpoint.pt", data=data, test_batches=4)
     with torch.no_grad():
         plot_shapes(model, collect_inputs(model, batches), pathlib.Path(args.out) / "shapes.png")
@@ -62,4 +66,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

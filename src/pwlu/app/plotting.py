@@ -8,19 +8,16 @@ import pathlib
 import torch
 from torch import Tensor, nn
 
-from .functional import pwlu
-from .modules import PWLU
+from pwlu import PWLU, pwlu
+
+from .launcher import require
 
 
 def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ImportError("plots need matplotlib: pip install 'pwlu[plot]'") from None
-    return plt
+    """``matplotlib.pyplot`` with the Agg backend; :class:`~pwlu.app.launcher.MissingExtraError` without matplotlib."""
+    matplotlib = require("matplotlib")
+    matplotlib.use("Agg")
+    return require("matplotlib.pyplot")
 
 
 @torch.no_grad()

@@ -1,4 +1,7 @@
-"""Training with the paper's recipe at CPU scale: SGD + one-cycle cosine, realignment, checkpoints."""
+"""Training with the paper's recipe at CPU scale: SGD + one-cycle cosine, realignment, checkpoints.
+
+The run's settings are a :class:`~pwlu.app.config.TrainConfig`.
+"""
 
 from __future__ import annotations
 
@@ -9,74 +12,24 @@ import math
 import os
 import pathlib
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pwlu import PWLU, BoundaryRealigner, fix_init, get_activation, parameter_groups
+from pwlu.baselines import call_factory
+
+from .config import ConfigError, TrainConfig
 from .data import TensorData, augment, channel_stats, load_dataset, normalise
-from .models import ARCHITECTURES, WEIGHT_DECAY, build_model
-from .modules import PWLU
+from .models import WEIGHT_DECAY, build_model
 
 CHECKPOINT = "checkpoint.pt"
 
 
-class ConfigError(ValueError):
-    """A bad command-line or config value (the CLI prints it as a one-line error)."""
-
-
-@dataclass
-class TrainConfig:
-    model: str = "cnn"
-    activation: str = "pwlu"
-    dataset: str = "fashion-mnist"
-    data_dir: str | None = None
-    epochs: int = 5
-    warmup_epochs: float = 1  # may be fractional: warmup_steps = round(warmup_epochs * steps_per_epoch)
-    batch_size: int = 128
-    lr: float = 0.1
-    weight_decay: float | None = None  # None: the per-architecture default (SPEC section 7)
-    intervals: int = 16
-    mode: str = "channel"
-    fix_init: float | None = None
-    rebound_every: int | None = None
-    seed: int = 0
-    train_subset: int | None = None
-    test_subset: int | None = None
-    out: str = "runs/default"
-    progress: bool = True
-    stop_after: int | None = None  # stop (as if killed) after this many epochs; for resume tests
-
-    def validate(self) -> None:
-        from .baselines import ACTIVATIONS
-
-        if self.model not in ARCHITECTURES:
-            raise ConfigError(f"unknown model {self.model!r}; expected one of {', '.join(ARCHITECTURES)}")
-        if self.activation not in ACTIVATIONS:
-            raise ConfigError(f"unknown activation {self.activation!r}; expected one of {', '.join(ACTIVATIONS)}")
-        if self.mode not in ("channel", "layer"):
-            raise ConfigError(f"--mode must be 'channel' or 'layer', but got {self.mode!r}")
-        for name in ("epochs", "batch_size", "intervals"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, but got {getattr(self, name)}")
-        if not 0 <= self.warmup_epochs < self.epochs:
-            raise ConfigError(f"--warmup-epochs must be in [0, epochs), but got {self.warmup_epochs}")
-        if self.fix_init is not None and self.fix_init <= 0:
-            raise ConfigError(f"--fix-init must be > 0, but got {self.fix_init}")
-        if self.lr <= 0:
-            raise ConfigError(f"--lr must be > 0, but got {self.lr}")
-
-    @property
-    def uses_realignment(self) -> bool:
-        return self.activation == "pwlu" and self.fix_init is None and self.warmup_epochs > 0
-
-
 def make_activation_factory(cfg: TrainConfig):
     """``act(num_channels) -> nn.Module`` for the configured activation."""
-    from .baselines import call_factory, get_activation
-
     factory = get_activation(cfg.activation)
     if cfg.activation == "pwlu":
         return lambda c: PWLU(None if cfg.mode == "layer" else c, num_intervals=cfg.intervals, channel_dim=1)
@@ -177,8 +130,6 @@ def load_trained(
 
 def train(cfg: TrainConfig, data: TensorData | None = None, resume: bool = False) -> dict:
     """Train one model; returns the metrics summary (also written to ``cfg.out/metrics.json``)."""
-    from .realign import BoundaryRealigner, fix_init, parameter_groups
-
     cfg.validate()
     _maybe_init_distributed()
     rank, world = _dist_info()
