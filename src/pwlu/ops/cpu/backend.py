@@ -1,4 +1,4 @@
-"""Compiled CPU backend: a small plain-C kernel (``csrc/pwlu_cpu.c``) built on first use.
+"""Compiled CPU backend: a small plain-C kernel (``csrc/``, entry ``pwlu_cpu.c``) built on first use.
 
 Same interface as ``torch_backend.py`` (which defines the semantics)::
 
@@ -13,14 +13,13 @@ gradient epilogue cost more than the kernel::
     forward_from_params(x, points, left_bound, right_bound, left_slope, right_slope, channel_dim) -> y
     backward_from_params(grad, x, points, ..., channel_dim) -> (dx, (d_points, d_left_bound, ...))
 
-How it works. On the first call the C source is compiled with the system C compiler
-(``$CC``, default ``gcc``; flags ``-O3 -march=native -fopenmp -shared -fPIC``, about 1 s)
-into ``$PWLU_CPU_BUILD_DIR`` or ``$XDG_CACHE_HOME/pwlu`` (default ``~/.cache/pwlu``),
-under a name that hashes the source, the compiler, the flags and the CPU's feature flags,
-written atomically; later processes just load it with :mod:`ctypes` (which releases the
-GIL during the call). Where no compiler exists or the build fails, :func:`is_available`
-returns ``False`` after one warning, and dispatch falls back to the torch backend, so
-``pip install pwlu`` never needs a compiler.
+How it works. On the first call the C sources are compiled with the system C compiler and
+cached (:mod:`pwlu.ops.cpu.build`: compiler, flags, cache, loading; ctypes releases the GIL
+during the call). Where no compiler exists or the build fails, :func:`is_available` returns
+``False`` after one warning, and dispatch falls back to the torch backend, so
+``pip install pwlu`` never needs a compiler. Every kernel returns a code that
+:func:`pwlu.ops.cpu.build.check` turns into an exception (``MemoryError`` when a scratch
+buffer could not be allocated).
 
 The kernel views x as ``(outer, C, inner)`` in memory order (any dense layout: NCHW,
 channels-last, ``(B, T, C)`` with ``channel_dim=-1``; other strides are copied once with
@@ -31,43 +30,36 @@ two compares and looks the slope and intercept up in registers (``vpermt2ps`` ov
 ``N + 2 <= 32`` entries of the channel; a gather beyond that); fp16/bf16 are loaded and
 stored in their dtype and computed in fp32 (F16C conversion; bf16 by bit shifts, round to
 nearest even). The parameter-gradient histogram uses lane-private accumulators, one
-compare and two masked adds per region and 16 elements (float for at most 256 terms per
-lane, then double), per thread over a static partition, reduced in a fixed order: the
+compare and two masked adds per region and 16 elements (float for at most ``LANE_TERMS``
+terms per lane, then double), per thread over a static partition, reduced in a fixed order: the
 parameter gradients are bit-identical run to run for a fixed thread count
 (``torch.get_num_threads()``, or one thread below :data:`GRAIN_SIZE` elements). Where the
 channels are the fastest axis (channels-last, ``(B, T, C)``) lanes are channels: the
 histogram is the same lane-private one; the forward transposes 16x16 tiles in registers so
 that it can use the in-register lookup (C a multiple of 16), the backward gathers the slope
-per lane. Rows shorter than 512 elements (small feature maps) go channel by channel, each
-channel's tables loaded once for all its rows (forward: rows under 256 elements), and the
+per lane. Rows shorter than ``SHORT_SEG`` elements (small feature maps) go channel by channel,
+each channel's tables loaded once for all its rows (forward: under ``SHORT_ROW``), and the
 backward adds each element's region, g and g*r into that channel's double bins, from one
 thread per channel (no partial histograms). Without AVX-512, and for fp64, a portable scalar
-loop is used.
+loop is used. (The constants named here are in ``csrc/pwlu_common.h``.)
 
 Eval-mode calls without gradients go through an :class:`InferencePlan` (made by the
 ``PWLU`` module on its first such call): folded tables and kernel arguments prepared once
 per input geometry; before each call the C side compares the parameters byte for byte with
 the snapshot the tables were folded from, so a plan can never run with stale tables.
 
-Alternatives measured (2 cores, NCHW (32, 64, 56, 56) fp32, N = 16, interleaved with ReLU
-in the same run; details in ``benchmarks/results/cpu_backend_choice.md``): the eager
-vectorised-torch backend is ~54x ReLU forward and ~59x ReLU backward; ``torch.compile``
-(inductor C++) of the same code is 5.6x forward and 29.5x backward (the histogram stays an
-``index_add_`` scatter), needs a compiler as well and takes ~8 s on first call; this kernel
-is 1.07x forward and 2.3x ReLU's ``threshold_backward``. For the histogram, a scalar
-scatter into double bins (4 or 8 copies, blocked or not) cost 4-5x the rest of the
-backward; the vectorised compare-and-masked-add form costs 1.5x.
+The alternatives measured against this kernel (the eager vectorised-torch backend,
+``torch.compile`` of the same code, scalar scatter histograms into double bins) and the
+timings behind these choices are in ``benchmarks/results/cpu_backend_choice.md``.
 """
 
 from __future__ import annotations
-
-import ctypes
 
 import torch
 from torch import Tensor
 
 from .. import folding
-from .build import _DTYPE_CODES, GRAIN_SIZE, is_available, library
+from .build import _DTYPE_CODES, GRAIN_SIZE, check, is_available, library
 
 __all__ = ["backward", "backward_from_params", "fold_tables", "forward", "forward_from_params", "is_available"]
 
@@ -130,7 +122,7 @@ def _tables(*tables: Tensor) -> list[Tensor]:
     return [t.detach().contiguous() for t in tables]
 
 
-def _kernel_dtype(x: Tensor, lib: ctypes.CDLL) -> int:
+def _kernel_dtype(x: Tensor) -> int:
     if x.dtype not in _DTYPE_CODES:
         raise TypeError(f"pwlu cpu backend: unsupported dtype {x.dtype}")
     return _DTYPE_CODES[x.dtype]
@@ -146,16 +138,21 @@ def fold_tables(points, left_bound, right_bound, left_slope, right_slope):
     params = [t.detach().contiguous() for t in (points, left_bound, right_bound, left_slope, right_slope)]
     out = torch.empty(2 * num_channels * (n + 2) + 4 * num_channels, dtype=points.dtype)
     fn = lib.pwlu_fold_f64 if points.dtype == torch.float64 else lib.pwlu_fold_f32
-    rc = fn(*(t.data_ptr() for t in params), num_channels, n, folding.MIN_WIDTH, out.data_ptr())
-    assert rc == 0
+    check(fn(*(t.data_ptr() for t in params), num_channels, n, folding.MIN_WIDTH, out.data_ptr()), fn.__name__)
     size = num_channels * (n + 2)
     rest = out[2 * size :].view(4, num_channels)
     return out[:size].view(num_channels, n + 2), out[size : 2 * size].view(num_channels, n + 2), *rest.unbind(0)
 
 
-def forward(x, slopes, intercepts, left, right, inv_d, channel_dim, shift):
+def _available_library():
     lib = library()
-    assert lib is not None, "cpu backend used while unavailable"
+    if lib is None:
+        raise RuntimeError("pwlu: the cpu backend was used while unavailable")
+    return lib
+
+
+def forward(x, slopes, intercepts, left, right, inv_d, channel_dim, shift):
+    lib = _available_library()
     if x.dtype == torch.float16 and not lib.pwlu_cpu_has_f16():
         return forward(x.float(), slopes, intercepts, left, right, inv_d, channel_dim, shift).half()
     x, order, (outer, channels, inner) = _layout(x, channel_dim)
@@ -165,13 +162,14 @@ def forward(x, slopes, intercepts, left, right, inv_d, channel_dim, shift):
     n = slopes.shape[-1] - 2
     slopes, intercepts, left, right, inv_d, shift = _tables(slopes, intercepts, left, right, inv_d, shift)
     fn = lib.pwlu_forward_f64 if x.dtype == torch.float64 else lib.pwlu_forward_f32c
-    assert slopes.dtype == (torch.float64 if x.dtype == torch.float64 else torch.float32)
+    if slopes.dtype != (torch.float64 if x.dtype == torch.float64 else torch.float32):
+        raise TypeError(f"pwlu cpu backend: {slopes.dtype} tables for a {x.dtype} input")
     rc = fn(
-        x.data_ptr(), y.data_ptr(), _kernel_dtype(x, lib), outer, channels, inner,
+        x.data_ptr(), y.data_ptr(), _kernel_dtype(x), outer, channels, inner,
         slopes.data_ptr(), intercepts.data_ptr(), left.data_ptr(), right.data_ptr(), inv_d.data_ptr(),
         shift.data_ptr(), n, _num_threads(x.numel()),
     )  # fmt: skip
-    assert rc == 0
+    check(rc, fn.__name__)
     return y
 
 
@@ -198,13 +196,11 @@ def forward_from_params(x, points, left_bound, right_bound, left_slope, right_sl
         return y
     fn = lib.pwlu_fold_forward_f64 if x.dtype == torch.float64 else lib.pwlu_fold_forward_f32c
     rc = fn(
-        *(t.data_ptr() for t in params), folding.MIN_WIDTH, x.data_ptr(), y.data_ptr(), _kernel_dtype(x, lib),
+        *(t.data_ptr() for t in params), folding.MIN_WIDTH, x.data_ptr(), y.data_ptr(), _kernel_dtype(x),
         outer, channels, inner, points.shape[-1] - 1, _num_threads(x.numel()),
     )  # fmt: skip
-    if rc != 0:
-        raise MemoryError("pwlu cpu backend: could not allocate the folded tables")
+    check(rc, fn.__name__)
     return y
-
 
 
 def backward_from_params(grad, x, points, left_bound, right_bound, left_slope, right_slope, channel_dim):
@@ -224,16 +220,14 @@ def backward_from_params(grad, x, points, left_bound, right_bound, left_slope, r
     fn = lib.pwlu_fold_backward_f64 if x.dtype == torch.float64 else lib.pwlu_fold_backward_f32c
     rc = fn(
         *(t.data_ptr() for t in params), folding.MIN_WIDTH, grad.data_ptr(), x.data_ptr(), dx.data_ptr(),
-        _kernel_dtype(x, lib), outer, channels, inner, n, _num_threads(x.numel()), *(g.data_ptr() for g in grads),
+        _kernel_dtype(x), outer, channels, inner, n, _num_threads(x.numel()), *(g.data_ptr() for g in grads),
     )  # fmt: skip
-    if rc != 0:
-        raise MemoryError("pwlu cpu backend: could not allocate the histogram buffers")
+    check(rc, fn.__name__)
     return dx, tuple(g if g.dtype == p.dtype else g.to(p.dtype) for g, p in zip(grads, originals))
 
 
 def backward(grad, x, slopes, left, right, inv_d, channel_dim):
-    lib = library()
-    assert lib is not None, "cpu backend used while unavailable"
+    lib = _available_library()
     if x.dtype == torch.float16 and not lib.pwlu_cpu_has_f16():
         dx, hist = backward(grad.float(), x.float(), slopes, left, right, inv_d, channel_dim)
         return dx.half(), hist
@@ -247,11 +241,9 @@ def backward(grad, x, slopes, left, right, inv_d, channel_dim):
         slopes, left, right, inv_d = _tables(slopes, left, right, inv_d)
         fn = lib.pwlu_backward_f64 if x.dtype == torch.float64 else lib.pwlu_backward_f32c
         rc = fn(
-            grad.data_ptr(), x.data_ptr(), dx.data_ptr(), _kernel_dtype(x, lib), outer, channels, inner,
+            grad.data_ptr(), x.data_ptr(), dx.data_ptr(), _kernel_dtype(x), outer, channels, inner,
             slopes.data_ptr(), left.data_ptr(), right.data_ptr(), inv_d.data_ptr(),
             n, _num_threads(x.numel()), hist.data_ptr(),
         )  # fmt: skip
-        if rc != 0:
-            raise MemoryError("pwlu cpu backend: could not allocate the histogram buffers")
+        check(rc, fn.__name__)
     return dx, hist.to(slopes.dtype)
-

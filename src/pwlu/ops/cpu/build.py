@@ -1,13 +1,27 @@
-"""Building and loading the CPU kernels: compiler, flags, cache, ctypes declarations.
+"""Building and loading native kernels: compiler, flags, cache, ctypes loading.
 
-The C source in ``csrc/`` is compiled on first use with the system C compiler (``$CC``,
-default ``gcc``; flags ``-O3 -march=native -fopenmp -shared -fPIC``, falling back to fewer
-flags) into ``$PWLU_CPU_BUILD_DIR`` or ``$XDG_CACHE_HOME/pwlu`` (default ``~/.cache/pwlu``),
-under a name that hashes the source, the compiler, the flags and the CPU's feature flags,
-written atomically; later processes just load it with :mod:`ctypes` (which releases the
-GIL during the call). Where no compiler exists or the build fails, :func:`is_available`
-returns ``False`` after one warning, and dispatch falls back to the torch backend, so
+A :class:`NativeLibrary` is one C entry file in ``csrc/`` (which includes the shared headers
+there), compiled on first use with the system C compiler (``$CC``, default ``gcc``; flags
+``-O3 -march=native -fopenmp -shared -fPIC``, falling back to fewer flags only where the
+compiler rejects them) into ``$PWLU_CPU_BUILD_DIR`` or ``$XDG_CACHE_HOME/pwlu`` (default
+``~/.cache/pwlu``), under a name that hashes every ``.c`` and ``.h`` file of ``csrc/``, the
+entry file's name, the compiler, the flags and the CPU's feature flags, written atomically;
+later processes just load it with :mod:`ctypes` (which releases the GIL during the call). A
+cached file that is cut short (:func:`intact`), does not load or reports another ABI version is
+rebuilt with the same flags. Where no compiler exists or the build fails, :meth:`NativeLibrary.get`
+returns ``None`` after one warning, and dispatch falls back to the torch backend, so
 ``pip install pwlu`` never needs a compiler.
+
+The ABI version, the dtype codes and the return codes are defined once, in
+``csrc/pwlu_common.h``; this module reads them from there (:func:`header_constants`), and every
+library must export ``<name>_abi_version()`` returning ``PWLU_ABI_VERSION``.
+
+The PWLU kernels are one such library (``csrc/pwlu_cpu.c``, :data:`PWLU_CPU`; module-level
+:func:`library`). A new op adds its own entry file and ctypes declarations::
+
+    MY_OP = NativeLibrary("pwlu_my_op", "pwlu_my_op.c", declare=_declare_my_op)
+    lib = MY_OP.get()  # a ctypes.CDLL, or None
+    check(lib.pwlu_my_op_forward(...), "pwlu_my_op_forward")
 """
 
 from __future__ import annotations
@@ -15,29 +29,66 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import re
 import shutil
+import struct
 import subprocess
+import sys
 import tempfile
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-_SOURCE = Path(__file__).with_name("csrc") / "pwlu_cpu.c"
+#: The C sources: entry files and the headers they share.
+CSRC = Path(__file__).with_name("csrc")
+#: Where the ABI version, dtype codes and return codes are defined.
+COMMON_HEADER = "pwlu_common.h"
+#: Tried in order; a flag set moves on to the next only when the compiler rejects it.
 _FLAG_SETS = (
     ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"),
     ("-O3", "-fopenmp", "-shared", "-fPIC"),
     ("-O3", "-shared", "-fPIC"),
 )
-_DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
-_ABI_VERSION = 6
 #: Below this many elements one thread runs the kernel (as ATen's grain size): waking a
 #: second thread costs more than it saves, and on a busy machine it can cost a time slice.
 GRAIN_SIZE = 65536
 
-_lock = threading.Lock()
-_state: dict[str, object] = {}  # "lib": ctypes.CDLL, or "error": str once a build failed
+_DEFINE = re.compile(r"^[ \t]*#[ \t]*define[ \t]+(PWLU_\w+)[ \t]+(-?\d+)\b", re.MULTILINE)
+
+
+def header_constants(header: Path) -> dict[str, int]:
+    """The integer ``#define PWLU_<NAME> <value>`` lines of a C header, by name."""
+    return {name: int(value) for name, value in _DEFINE.findall(header.read_text())}
+
+
+def abi_version(csrc: Path = CSRC) -> int:
+    """``PWLU_ABI_VERSION`` of ``csrc``'s common header: what a loaded library must report."""
+    return header_constants(csrc / COMMON_HEADER)["PWLU_ABI_VERSION"]
+
+
+_CONSTANTS = header_constants(CSRC / COMMON_HEADER)
+_DTYPE_CODES = {
+    torch.float32: _CONSTANTS["PWLU_F32"],
+    torch.float64: _CONSTANTS["PWLU_F64"],
+    torch.float16: _CONSTANTS["PWLU_F16"],
+    torch.bfloat16: _CONSTANTS["PWLU_BF16"],
+}
+OK = _CONSTANTS["PWLU_OK"]
+ERR_NOMEM = _CONSTANTS["PWLU_ERR_NOMEM"]
+_ERROR_NAMES = {value: name for name, value in _CONSTANTS.items() if name.startswith("PWLU_ERR_")}
+
+
+def check(rc: int, function: str) -> None:
+    """Raise if a kernel's return code ``rc`` is not ``PWLU_OK``: :class:`MemoryError` for
+    ``PWLU_ERR_NOMEM``, :class:`RuntimeError` naming ``function`` and the code otherwise."""
+    if rc == OK:
+        return
+    if rc == ERR_NOMEM:
+        raise MemoryError(f"pwlu: {function} could not allocate its scratch buffers")
+    raise RuntimeError(f"pwlu: {function} failed with return code {rc} ({_ERROR_NAMES.get(rc, 'unknown code')})")
 
 
 def build_dir() -> Path:
@@ -67,29 +118,189 @@ def _cpu_flags() -> str:
     return platform.machine() + platform.processor()
 
 
-def _library_path(source: bytes, cc: str, flags: tuple[str, ...]) -> Path:
-    key = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(flags).encode(), _cpu_flags().encode()]))
-    return build_dir() / f"pwlu_cpu_{key.hexdigest()[:20]}.so"
+def source_digest(csrc: Path) -> str:
+    """A hash of every ``.c`` and ``.h`` file in ``csrc`` (names and bytes): editing any of them rebuilds."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in csrc.iterdir() if p.suffix in (".c", ".h") and p.is_file()):
+        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
 
 
-def _compile(cc: str, flags: tuple[str, ...], target: Path) -> None:
-    """Compile to a temporary file next to ``target`` and rename it into place (atomic)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp.so", dir=target.parent)
-    os.close(fd)
+# ELF layouts, 32- and 64-bit: header fields (offset of e_phoff, e_shoff; of e_phentsize, e_phnum,
+# e_shentsize, e_shnum; the address format), the program and section header sizes, and the
+# offsets of p_offset, p_filesz, sh_offset, sh_size.
+_ELF = {
+    1: (0x1C, 0x2A, "I", 32, 40, 4, 16, 16, 20),
+    2: (0x20, 0x36, "Q", 56, 64, 8, 32, 24, 32),
+}
+
+
+def intact(path: Path) -> bool:
+    """Whether a cached library is whole: on ELF platforms, every header table, loaded segment
+    and section its headers name lies inside the file. ``dlopen`` of a truncated library can
+    kill the process with SIGBUS (it maps segments past the end of the file) instead of failing,
+    so a cached file is checked before it is loaded."""
     try:
-        result = subprocess.run(
-            [cc, *flags, str(_SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=120
-        )
-        if result.returncode != 0:
-            raise RuntimeError(f"{cc} exited with {result.returncode}: {result.stderr.strip()[-2000:]}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        data = path.read_bytes()
+    except OSError:
+        return False
+    if data[:4] != b"\x7fELF":
+        return not sys.platform.startswith("linux") and len(data) > 0
+    if len(data) < 64 or data[4] not in _ELF or data[5] not in (1, 2):
+        return False
+    tables, counts, addr, ph_size, sh_size, p_offset, p_filesz, sh_offset, sh_bytes = _ELF[data[4]]
+    end = "<" if data[5] == 1 else ">"
+    try:
+        phoff, shoff = struct.unpack_from(end + 2 * addr, data, tables)
+        phentsize, phnum, shentsize, shnum = struct.unpack_from(end + "HHHH", data, counts)
+        if phentsize != ph_size or shentsize != sh_size:
+            return False
+        if phoff + phnum * ph_size > len(data) or shoff + shnum * sh_size > len(data):
+            return False
+        for at in range(phoff, phoff + phnum * ph_size, ph_size):
+            (p_type,) = struct.unpack_from(end + "I", data, at)
+            (offset,), (size,) = (struct.unpack_from(end + addr, data, at + f) for f in (p_offset, p_filesz))
+            if p_type == 1 and offset + size > len(data):  # PT_LOAD
+                return False
+        for at in range(shoff, shoff + shnum * sh_size, sh_size):
+            (sh_type,) = struct.unpack_from(end + "I", data, at + 4)
+            (offset,), (size,) = (struct.unpack_from(end + addr, data, at + f) for f in (sh_offset, sh_bytes))
+            if sh_type != 8 and offset + size > len(data):  # not SHT_NOBITS: has file contents
+                return False
+    except struct.error:
+        return False
+    return True
+
+
+class CompileError(RuntimeError):
+    """The compiler rejected a flag set (or could not run): the next flag set is tried."""
+
+
+class AbiMismatch(RuntimeError):
+    """A library reports another ABI version than ``csrc``'s common header defines."""
+
+
+def _unload(lib: ctypes.CDLL) -> None:
+    """Best effort ``dlclose``, so that a rebuilt file at the same path is really loaded again."""
+    try:
+        import _ctypes
+
+        _ctypes.dlclose(lib._handle)
+    except (ImportError, AttributeError, OSError):
+        pass
+
+
+class NativeLibrary:
+    """One C entry file of ``csrc`` built into a shared library on first use (see the module docstring).
+
+    ``name``: the library's file-name prefix and the prefix of its ``<name>_abi_version``
+    export; ``entry``: its C file in ``csrc``; ``declare(lib)``: sets the ctypes ``argtypes``
+    and ``restype`` of its functions.
+    """
+
+    def __init__(self, name: str, entry: str, declare: Callable[[ctypes.CDLL], None], csrc: Path = CSRC) -> None:
+        self.name, self.entry, self.declare, self.csrc = name, entry, declare, Path(csrc)
+        self._lock = threading.Lock()
+        self._state: dict[str, object] = {}  # "lib": ctypes.CDLL, or "error": str once a build failed
+
+    def __repr__(self) -> str:
+        return f"NativeLibrary({self.name!r}, {self.entry!r}, csrc={str(self.csrc)!r})"
+
+    def path(self, flags: tuple[str, ...], cc: str | None = None) -> Path:
+        """The cached library for these flags (and compiler, sources, CPU)."""
+        parts = [source_digest(self.csrc), self.entry, cc or _compiler(), " ".join(flags), _cpu_flags()]
+        key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
+        return build_dir() / f"{self.name}_{key}.so"
+
+    def compile(self, flags: tuple[str, ...], target: Path, cc: str | None = None) -> None:
+        """Compile to a temporary file next to ``target`` and rename it into place (atomic);
+        :class:`CompileError` if the compiler fails."""
+        cc = cc or _compiler()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp.so", dir=target.parent)
+        os.close(fd)
+        command = [cc, *flags, f"-I{self.csrc}", str(self.csrc / self.entry), "-o", tmp, "-lm"]
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+            if result.returncode != 0:
+                raise CompileError(f"{cc} exited with {result.returncode}: {result.stderr.strip()[-2000:]}")
+            os.replace(tmp, target)
+        except (OSError, subprocess.SubprocessError) as e:
+            raise CompileError(f"{cc} could not run: {e}") from e
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def load(self, path: Path) -> ctypes.CDLL:
+        """Load a built library and check its ABI version; :class:`OSError` (not a loadable
+        library), :class:`AttributeError` (a function is missing) or :class:`AbiMismatch`."""
+        lib = ctypes.CDLL(str(path))
+        try:
+            version_fn = getattr(lib, f"{self.name}_abi_version")
+            version_fn.argtypes, version_fn.restype = [], ctypes.c_int
+            found, expected = version_fn(), abi_version(self.csrc)
+            if found != expected:
+                raise AbiMismatch(
+                    f"{path} has ABI version {found}, but {self.csrc / COMMON_HEADER} defines "
+                    f"PWLU_ABI_VERSION {expected}"
+                )
+            self.declare(lib)
+        except BaseException:
+            _unload(lib)
+            raise
+        return lib
+
+    def _build(self) -> ctypes.CDLL:
+        cc = _compiler()
+        if shutil.which(cc) is None:
+            raise RuntimeError(f"no C compiler: {cc!r} was not found (set CC to a C compiler)")
+        errors = []
+        for flags in _FLAG_SETS:
+            path = self.path(flags, cc)
+            if path.exists() and intact(path):
+                try:
+                    return self.load(path)
+                except (OSError, AttributeError, AbiMismatch):
+                    pass  # damaged or foreign: rebuilt below with the same flags, never skipped
+            try:
+                self.compile(flags, path, cc)
+            except CompileError as e:
+                errors.append(f"{' '.join(flags)}: {e}")
+                continue
+            return self.load(path)  # a fresh build that does not load is an error, not a reason for slower flags
+        raise RuntimeError("\n".join(errors))
+
+    def get(self) -> ctypes.CDLL | None:
+        """The compiled library, building it on first use; ``None`` (after one warning) if it cannot be built."""
+        lib = self._state.get("lib")
+        if lib is not None or "error" in self._state:
+            return lib  # type: ignore[return-value]
+        with self._lock:
+            if "lib" not in self._state and "error" not in self._state:
+                try:
+                    self._state["lib"] = self._build()
+                except Exception as e:  # noqa: BLE001 - any failure means: fall back
+                    self._state["error"] = str(e)
+                    warnings.warn(
+                        f"pwlu: the compiled CPU kernel ({self.entry}) is unavailable, falling back to the slower "
+                        f"torch backend ({e}). Install a C compiler (gcc) or set CC; kernels are cached in "
+                        f"{build_dir()}.",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
+        return self._state.get("lib")  # type: ignore[return-value]
+
+    def is_available(self) -> bool:
+        return self.get() is not None
+
+    def reset(self) -> None:
+        """Forget the loaded library and any build error (the next :meth:`get` builds or loads again)."""
+        with self._lock:
+            self._state.clear()
 
 
 def _declare(lib: ctypes.CDLL) -> None:
+    """The ctypes signatures of ``csrc/pwlu_cpu.c``'s exports; every one returns a ``PWLU_*`` code."""
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     for name in ("pwlu_forward_f32c", "pwlu_forward_f64"):
         fn = getattr(lib, name)
@@ -117,51 +328,21 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, name).restype = i32
 
 
-def _build() -> ctypes.CDLL:
-    source = _SOURCE.read_bytes()
-    cc = _compiler()
-    if shutil.which(cc) is None:
-        raise RuntimeError(f"no C compiler: {cc!r} was not found (set CC to a C compiler)")
-    errors = []
-    for flags in _FLAG_SETS:
-        path = _library_path(source, cc, flags)
-        try:
-            if not path.exists():
-                _compile(cc, flags, path)
-            lib = ctypes.CDLL(str(path))
-            _declare(lib)
-            if lib.pwlu_cpu_abi_version() != _ABI_VERSION:
-                raise RuntimeError(f"{path} has ABI version {lib.pwlu_cpu_abi_version()}, expected {_ABI_VERSION}")
-            return lib
-        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-            errors.append(f"{' '.join(flags)}: {e}")
-    raise RuntimeError("\n".join(errors))
+#: The PWLU kernels (``csrc/pwlu_cpu.c``).
+PWLU_CPU = NativeLibrary("pwlu_cpu", "pwlu_cpu.c", declare=_declare)
+#: Every library of this package, for :func:`_reset_for_tests`.
+LIBRARIES: list[NativeLibrary] = [PWLU_CPU]
 
 
 def library() -> ctypes.CDLL | None:
-    """The compiled kernel library, building it on first use; ``None`` (after one warning) if it cannot be built."""
-    lib = _state.get("lib")
-    if lib is not None or "error" in _state:
-        return lib  # type: ignore[return-value]
-    with _lock:
-        if "lib" not in _state and "error" not in _state:
-            try:
-                _state["lib"] = _build()
-            except Exception as e:  # noqa: BLE001 - any failure means: fall back
-                _state["error"] = str(e)
-                warnings.warn(
-                    f"pwlu: the compiled CPU kernel is unavailable, falling back to the slower torch backend "
-                    f"({e}). Install a C compiler (gcc) or set CC; kernels are cached in {build_dir()}.",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-    return _state.get("lib")  # type: ignore[return-value]
+    """The PWLU kernel library, building it on first use; ``None`` (after one warning) if it cannot be built."""
+    return PWLU_CPU.get()
 
 
 def _reset_for_tests() -> None:
-    """Forget the loaded library and any build error (the next call builds again)."""
-    with _lock:
-        _state.clear()
+    """Forget the loaded libraries and any build error (the next call builds or loads again)."""
+    for lib in LIBRARIES:
+        lib.reset()
     from .. import dispatch
 
     dispatch.forget_selection()
@@ -169,5 +350,3 @@ def _reset_for_tests() -> None:
 
 def is_available(device: torch.device) -> bool:
     return torch.device(device).type == "cpu" and library() is not None
-
-

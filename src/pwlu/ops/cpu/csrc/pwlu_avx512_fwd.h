@@ -1,0 +1,230 @@
+/* AVX-512 forward, float compute (fp32, fp16, bf16 storage), 16 elements per vector.
+ *
+ * Three ways through an (outer, C, inner) tensor, chosen by the driver (pwlu_cpu.c):
+ *   avx512_fwd_range     elements [pb, pe) row segment by row segment (long rows);
+ *   avx512_fwd_channels  channels [cb, ce), each channel's tables loaded once for its `outer`
+ *                        rows (short rows: small feature maps);
+ *   avx512_fwd_rows      rows of C channels, channels fastest (inner == 1).
+ * With N + 2 <= REG_TABLE the slope and intercept are looked up in registers (vpermt2ps), else
+ * gathered. `dt` is a compile-time constant in the drivers' dtype switch: these are inlined.
+ */
+#ifndef PWLU_AVX512_FWD_H
+#define PWLU_AVX512_FWD_H
+
+#include "pwlu_common.h"
+
+#if PWLU_AVX512
+/* y = a (x - sh) + b; a flat piece gives its value b, also at x = +-inf (not 0 * inf = NaN);
+ * NaN x stays NaN. */
+static inline __m512 finish16(__m512 x, __m512 sh, __m512 a, __m512 b) {
+    const __mmask16 use_fma = _mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_NEQ_UQ) |
+                              _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+    return _mm512_mask3_fmadd_ps(a, _mm512_sub_ps(x, sh), b, use_fma);
+}
+
+/* Forward lookup of one channel (N + 2 <= REG_TABLE), everything in registers. The tables are
+ * rotated so that the region index needs no +1: entry j < N is interval j, entry N is the
+ * right piece and entry REG_TABLE - 1 the left one. Per 16 elements: the floor of
+ * (x - B_L) / d as an int (one conversion), clamped to N - 1, the two boundary compares, two
+ * permutes, one FMA. */
+typedef struct { /* per call: depends on N only */
+    __mmask16 m0, m1;
+    __m512i last, right, left;
+} fwd_consts;
+typedef struct { /* per channel */
+    __m512 a0, a1, b0, b1, lo, hi, inv, sh;
+} fwd_chan;
+static inline fwd_consts make_fwd_consts(int64_t n) {
+    const int64_t cnt = n + 1; /* entries 1 .. N + 1 of the channel's tables */
+    fwd_consts k = {tail_mask(cnt), cnt > 16 ? tail_mask(cnt - 16) : (__mmask16)0, _mm512_set1_epi32((int)(n - 1)),
+                    _mm512_set1_epi32((int)n), _mm512_set1_epi32(REG_TABLE - 1)};
+    return k;
+}
+static inline __attribute__((always_inline)) fwd_chan load_fwd_chan(const float *sl, const float *ic, float lo,
+                                                                    float hi, float inv, float sh,
+                                                                    const fwd_consts *k) {
+    /* masked loads of entries 1 .. N + 1 (nothing read past the channel), entry 0 into the top lane */
+    const __mmask16 top = (__mmask16)0x8000;
+    fwd_chan t;
+    t.a0 = _mm512_maskz_loadu_ps(k->m0, sl + 1);
+    t.a1 = _mm512_mask_mov_ps(_mm512_maskz_loadu_ps(k->m1, sl + 17), top, _mm512_set1_ps(sl[0]));
+    t.b0 = _mm512_maskz_loadu_ps(k->m0, ic + 1);
+    t.b1 = _mm512_mask_mov_ps(_mm512_maskz_loadu_ps(k->m1, ic + 17), top, _mm512_set1_ps(ic[0]));
+    t.lo = _mm512_set1_ps(lo);
+    t.hi = _mm512_set1_ps(hi);
+    t.inv = _mm512_set1_ps(inv);
+    t.sh = _mm512_set1_ps(sh);
+    return t;
+}
+static inline __attribute__((always_inline)) __m512 fwd16(__m512 x, const fwd_chan *t, const fwd_consts *c) {
+    const __m512 u = _mm512_mul_ps(_mm512_sub_ps(x, t->lo), t->inv);
+    /* NaN and out-of-range u convert to INT_MIN: the permutes read its low 5 bits (entry 0) */
+    __m512i k = _mm512_cvt_roundps_epi32(u, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    k = _mm512_min_epi32(k, c->last);
+    k = _mm512_mask_mov_epi32(k, _mm512_cmp_ps_mask(x, t->lo, _CMP_LT_OQ), c->left);
+    k = _mm512_mask_mov_epi32(k, _mm512_cmp_ps_mask(x, t->hi, _CMP_GE_OQ), c->right);
+    return finish16(x, t->sh, _mm512_permutex2var_ps(t->a0, k, t->a1), _mm512_permutex2var_ps(t->b0, k, t->b1));
+}
+
+/* One segment of one channel (x[b:e], all of channel c), N + 2 > REG_TABLE: tables by gather. */
+static inline void fwd_seg_gather_f(const void *x, void *y, int64_t b, int64_t e, int dt, const float *sl,
+                                    const float *ic, float lo_s, float hi_s, float inv_s, float sh_s, int64_t n) {
+    const __m512 lo = _mm512_set1_ps(lo_s), hi = _mm512_set1_ps(hi_s), inv = _mm512_set1_ps(inv_s);
+    const __m512 sh = _mm512_set1_ps(sh_s);
+    const __m512 nm1 = _mm512_set1_ps((float)(n - 1));
+    const __m512i np1 = _mm512_set1_epi32((int)(n + 1));
+    for (int64_t i = b; i < e; i += 16) {
+        __mmask16 m = tail_mask(e - i);
+        __m512 xv = ld16(x, i, m, dt), xl, u, fi;
+        __m512i k = region16(xv, lo, hi, inv, nm1, np1, &xl, &u, &fi);
+        __m512 a = _mm512_i32gather_ps(k, sl, 4);
+        __m512 bb = _mm512_i32gather_ps(k, ic, 4);
+        st16(y, i, finish16(xv, sh, a, bb), m, dt);
+    }
+}
+
+/* x[b:e], all of one channel, with the in-register lookup. */
+static inline __attribute__((always_inline)) void fwd_lookup_seg(const void *x, void *y, int64_t b, int64_t e,
+                                                                 const int dt, const fwd_chan *t,
+                                                                 const fwd_consts *k) {
+    const __mmask16 all = (__mmask16)0xFFFF;
+    int64_t i = b;
+    for (; i + 16 <= e; i += 16) st16(y, i, fwd16(ld16(x, i, all, dt), t, k), all, dt);
+    if (i < e) {
+        const __mmask16 tm = tail_mask(e - i);
+        st16(y, i, fwd16(ld16(x, i, tm, dt), t, k), tm, dt);
+    }
+}
+
+/* Elements [pb, pe) of an (outer, C, inner) tensor, row segment by row segment, no call per
+ * row (a 4x4 feature map is one vector per row). The per-call constants are set up once;
+ * each row costs its table loads and broadcasts. */
+static inline __attribute__((always_inline)) void avx512_fwd_range(const void *x, void *y, int64_t pb, int64_t pe,
+                                                                   int64_t inner, int64_t C, const int dt,
+                                                                   const float *sl, const float *ic,
+                                                                   const float *left, const float *right,
+                                                                   const float *invd, const float *shift,
+                                                                   int64_t n) {
+    const int64_t m = n + 2;
+    if (m <= REG_TABLE) {
+        const fwd_consts k = make_fwd_consts(n);
+        for (seg_iter s = seg_first(pb, pe, inner, C); s.b < pe; seg_next(&s, pe, inner, C)) {
+            const int64_t c = s.c;
+            const fwd_chan t = load_fwd_chan(sl + c * m, ic + c * m, left[c], right[c], invd[c], shift[c], &k);
+            fwd_lookup_seg(x, y, s.b, s.e, dt, &t, &k);
+        }
+    } else {
+        for (seg_iter s = seg_first(pb, pe, inner, C); s.b < pe; seg_next(&s, pe, inner, C)) {
+            const int64_t c = s.c;
+            fwd_seg_gather_f(x, y, s.b, s.e, dt, sl + c * m, ic + c * m, left[c], right[c], invd[c], shift[c], n);
+        }
+    }
+}
+
+/* Channels [cb, ce) of an (outer, C, inner) tensor with short rows (small feature maps), channel
+ * by channel: each channel's tables are loaded once for its `outer` rows, not once per row.
+ * In row order the tables of all C channels stream through the cache once per batch element,
+ * which for a 4x4 map is as much traffic as x itself. N + 2 <= REG_TABLE. */
+static inline __attribute__((always_inline)) void avx512_fwd_channels(const void *x, void *y, int64_t cb,
+                                                                      int64_t ce, int64_t outer, int64_t C,
+                                                                      int64_t inner, const int dt, const float *sl,
+                                                                      const float *ic, const float *left,
+                                                                      const float *right, const float *invd,
+                                                                      const float *shift, int64_t n) {
+    const int64_t m = n + 2;
+    const fwd_consts k = make_fwd_consts(n);
+    for (int64_t c = cb; c < ce; c++) {
+        const fwd_chan t = load_fwd_chan(sl + c * m, ic + c * m, left[c], right[c], invd[c], shift[c], &k);
+        for (int64_t o = 0; o < outer; o++) fwd_lookup_seg(x, y, (o * C + c) * inner, (o * C + c + 1) * inner, dt, &t, &k);
+    }
+}
+
+/* Channels fastest (inner == 1): a row of C channels, per-lane tables by gather. */
+static inline void fwd_row_f(const void *x, void *y, int64_t off, int64_t C, int dt, const float *sl,
+                             const float *ic, const float *left, const float *right, const float *invd,
+                             const float *shift, int64_t n) {
+    const __m512 nm1 = _mm512_set1_ps((float)(n - 1));
+    const __m512i np1 = _mm512_set1_epi32((int)(n + 1));
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512i lane_m = _mm512_mullo_epi32(lane, _mm512_set1_epi32((int)(n + 2)));
+    for (int64_t c = 0; c < C; c += 16) {
+        __mmask16 m = tail_mask(C - c);
+        __m512 lo = _mm512_maskz_loadu_ps(m, left + c), hi = _mm512_maskz_loadu_ps(m, right + c);
+        __m512 inv = _mm512_maskz_loadu_ps(m, invd + c), sh = _mm512_maskz_loadu_ps(m, shift + c);
+        __m512 xv = ld16(x, off + c, m, dt), xl, u, fi;
+        __m512i k = region16(xv, lo, hi, inv, nm1, np1, &xl, &u, &fi);
+        /* table entry of lane l: (c + l) * (N+2) + k, with lane * (N+2) hoisted out of the loop */
+        __m512i idx = _mm512_add_epi32(k, _mm512_add_epi32(lane_m, _mm512_set1_epi32((int)(c * (n + 2)))));
+        __m512 a = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, sl, 4);
+        __m512 bb = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, ic, 4);
+        st16(y, off + c, finish16(xv, sh, a, bb), m, dt);
+    }
+}
+
+/* In-register transpose of a 16x16 float tile (its own inverse): after it, r[j] holds
+ * element j of each of the 16 input vectors. */
+static inline void transpose16(__m512 *r) {
+    __m512 t[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) {
+        const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+        const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+        r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+        r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+        r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+        r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+    }
+    for (int i = 0; i < 2; i++)
+        for (int j = 0; j < 4; j++) {
+            t[8 * i + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + 4 + j], 0x88);
+            t[8 * i + 4 + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + 4 + j], 0xdd);
+        }
+    for (int j = 0; j < 8; j++) {
+        r[j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88);
+        r[8 + j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0xdd);
+    }
+}
+
+/* Channels fastest, forward, 16 rows x 16 channels at a time: transpose the tile so that each
+ * vector holds one channel, use the in-register table lookup of the NCHW path (no gathers),
+ * transpose back. Needs C % 16 == 0 and N + 2 <= REG_TABLE; returns the first row it did not do. */
+static inline int64_t fwd_tiles_f(const void *x, void *y, int64_t rb, int64_t re, int64_t C, int dt,
+                                  const float *sl, const float *ic, const float *left, const float *right,
+                                  const float *invd, const float *shift, int64_t n) {
+    const int64_t m = n + 2;
+    if (C % 16 != 0 || m > REG_TABLE) return rb;
+    const fwd_consts k = make_fwd_consts(n);
+    const __mmask16 all = (__mmask16)0xFFFF;
+    int64_t r0 = rb;
+    for (; r0 + 16 <= re; r0 += 16) {
+        for (int64_t c0 = 0; c0 < C; c0 += 16) {
+            __m512 v[16];
+            for (int j = 0; j < 16; j++) v[j] = ld16(x, (r0 + j) * C + c0, all, dt);
+            transpose16(v); /* v[j]: channel c0 + j of rows r0 .. r0 + 15 */
+            for (int j = 0; j < 16; j++) {
+                const int64_t c = c0 + j;
+                const fwd_chan t = load_fwd_chan(sl + c * m, ic + c * m, left[c], right[c], invd[c], shift[c], &k);
+                v[j] = fwd16(v[j], &t, &k);
+            }
+            transpose16(v);
+            for (int j = 0; j < 16; j++) st16(y, (r0 + j) * C + c0, v[j], all, dt);
+        }
+    }
+    return r0;
+}
+
+/* Rows [rb, re) of C channels (inner == 1): whole 16-row tiles transposed, the rest by gather. */
+static inline __attribute__((always_inline)) void avx512_fwd_rows(const void *x, void *y, int64_t rb, int64_t re,
+                                                                  int64_t C, const int dt, const float *sl,
+                                                                  const float *ic, const float *left,
+                                                                  const float *right, const float *invd,
+                                                                  const float *shift, int64_t n) {
+    for (int64_t r = fwd_tiles_f(x, y, rb, re, C, dt, sl, ic, left, right, invd, shift, n); r < re; r++)
+        fwd_row_f(x, y, r * C, C, dt, sl, ic, left, right, invd, shift, n);
+}
+#endif /* PWLU_AVX512 */
+
+#endif /* PWLU_AVX512_FWD_H */
