@@ -70,12 +70,13 @@ class PWLU(nn.Module):
         Input ``(*)`` with ``num_channels`` channels on ``channel_dim``; output the same.
     """
 
-    #: Eq. 5 momentum of the running statistics (``None``: cumulative average); set by
-    #: :class:`pwlu.BoundaryRealigner`.
-    stats_momentum: float | None = 0.1
+    # Attributes that pwlu.BoundaryRealigner sets (declared here, with class defaults for
+    # modules pickled by older versions; no class annotation, which TorchScript would parse):
+    #: Eq. 5 momentum of the running statistics, a float or ``None`` (cumulative average).
+    stats_momentum = 0.1
     #: ``torch.distributed`` group the statistics are merged over (``None``: the world, when
-    #: one is initialised); set by :class:`pwlu.BoundaryRealigner`.
-    stats_process_group: Any = None
+    #: one is initialised).
+    stats_process_group = None
 
     def __init__(
         self,
@@ -109,8 +110,8 @@ class PWLU(nn.Module):
         self.left_slope = nn.Parameter(torch.empty(shape))
         self.right_slope = nn.Parameter(torch.empty(shape))
         # running input statistics for realignment (SPEC Eq. 5; see pwlu.running_stats)
-        self.stats_momentum = 0.1
-        self.stats_process_group = None
+        self.stats_momentum: float | None = 0.1
+        self.stats_process_group: Any = None
         self.register_buffer("running_mean", torch.zeros(shape))
         self.register_buffer("running_std", torch.ones(shape))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
@@ -179,7 +180,7 @@ class PWLU(nn.Module):
     @torch.jit.unused
     def _forward(self, x: Tensor) -> Tensor:
         """Eager and ``torch.compile``: :func:`pwlu.pwlu`, then the statistics update while collecting."""
-        found = self._parameters  # nn.Module.__getattr__ costs ~1 us per name; a small tensor notices
+        found = self._parameters  # read directly: nn.Module.__getattr__ per name shows on small tensors
         try:
             params = (found["points"], found["left_bound"], found["right_bound"], found["left_slope"], found["right_slope"])  # fmt: skip
         except KeyError:  # e.g. under torch.nn.utils.parametrize

@@ -258,3 +258,20 @@ def fix_init(model: nn.Module, bound: float) -> None:
         _relu_reset(module, torch.tensor(-float(bound)), torch.tensor(float(bound)))
         module.reset_running_stats()
         module.set_collecting(False)
+
+
+_MOVED = {
+    "BoundaryRealigner": "schedule",
+    "parameter_groups": "schedule",
+    "boundary_iou": "metrics",
+    "interval_iou": "metrics",
+}
+
+
+def __getattr__(name: str):
+    """Names that lived here before the schedule and the metric got modules of their own."""
+    if name in _MOVED:
+        import importlib
+
+        return getattr(importlib.import_module(f"pwlu.{_MOVED[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
