@@ -1,4 +1,4 @@
-"""The eval-time shortcut of the CPU backend (``pwlu.ops.cpu.plan``).
+"""The eval-time shortcut: inference plans (``pwlu.ops.plans``, made by ``pwlu.ops.cpu.plan``).
 
 Gradient-free calls with the same parameter tensors and a repeated input geometry reuse
 prepared tables and kernel arguments. These tests check that the shortcut gives exactly what the general path gives,
@@ -18,6 +18,7 @@ import torch
 
 import pwlu
 from helpers import random_params
+from pwlu.ops import plans as plans_mod
 from pwlu.ops.cpu import backend as cpu_backend
 from pwlu.ops.cpu import plan as cpu_plan
 
@@ -29,12 +30,12 @@ def params_of(m):
 
 
 def plans(m):
-    return cpu_plan.plans_for(params_of(m))
+    return plans_mod.plans_for(params_of(m))
 
 
 def current_plan(m, x):
     """The plan that a call of ``m`` on ``x`` would use now (``None`` if there is none)."""
-    key = cpu_plan._key(x, m.channel_dim, pwlu.get_backend_name())
+    key = plans_mod.call_key(x, m.channel_dim, pwlu.get_backend_name())
     return plans(m).get(key)
 
 
@@ -195,10 +196,10 @@ def test_alternating_geometries_keep_their_plans():
 def test_at_most_max_plans_per_parameter_set():
     m = make_module(8)
     with torch.no_grad():
-        for size in range(3, 4 + cpu_plan.MAX_PLANS):
+        for size in range(3, 4 + plans_mod.MAX_PLANS):
             x = spread((1, 8, size, size), seed=size)
             assert torch.equal(m(x), general_path(m, x))
-    assert len(plans(m)) == cpu_plan.MAX_PLANS
+    assert len(plans(m)) == plans_mod.MAX_PLANS
 
 
 def test_changed_channel_dim_is_seen():
@@ -226,7 +227,7 @@ def test_functional_calls_with_parameters_use_plans_and_plain_tensors_do_not():
     plain = [p.detach().clone() for p in params_of(m)]
     with torch.no_grad():
         assert torch.equal(pwlu.pwlu(x, *plain, channel_dim=1), y)
-    assert cpu_plan.plans_for(tuple(plain)) == {}
+    assert plans_mod.plans_for(tuple(plain)) == {}
 
 
 def test_plans_do_not_keep_parameters_alive():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .ops import dispatch
+from .ops import dispatch, plans
 from .ops.autograd import PWLU_OP, pwlu_fwd
 from .ops.dispatch import PWLU_BACKENDS
 from .ops.reference import pwlu_reference
@@ -47,20 +47,18 @@ def pwlu(
     params = (points, left_bound, right_bound, left_slope, right_slope)
     setting = dispatch.get_backend_name()
     compiling = torch.compiler.is_compiling()
-    gradient_free = not compiling and setting != "reference" and not (torch.is_grad_enabled() and _needs_grad(x, params))
-    planned = None
-    if gradient_free and type(x) is Tensor:
-        planned = PWLU_BACKENDS.select(x.device).planned_forward
-        if planned is not None:  # a plan made earlier from validated arguments: no checks again
-            y = planned(x, params, channel_dim, setting)
-            if y is not None:
-                return y
+    gradient_free = not compiling and not (torch.is_grad_enabled() and _needs_grad(x, params))
+    if gradient_free:  # a plan made earlier from validated arguments with this key: no checks again
+        y = plans.run(x, params, channel_dim, setting)
+        if y is not None:
+            return y
     cd = check_params(x, *params, channel_dim)
     if setting == "reference":
         return pwlu_reference(x, *params, channel_dim)
     if gradient_free:
-        if planned is not None:
-            y = planned(x, params, channel_dim, setting, True, cd)
+        make = PWLU_BACKENDS.select(x.device).make_plan
+        if make is not None:
+            y = plans.make_and_run(make, x, params, channel_dim, cd, setting)
             if y is not None:
                 return y
         return pwlu_fwd(x, *params, cd)

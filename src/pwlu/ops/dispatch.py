@@ -154,11 +154,9 @@ class PWLUBackend(Backend, Protocol):
     * ``forward_from_params(x, *params, channel_dim) -> y | None`` and
       ``backward_from_params(grad, x, *params, channel_dim) -> (dx, param_grads) | None``:
       fold and compute in one native call (``None``: not applicable to this call);
-    * ``planned_forward(x, params, channel_dim, setting, create) -> y | None``: a
-      gradient-free forward through a cached inference plan. With ``create=False`` it may be
-      called before validation and only answers from a plan made earlier for exactly this
-      call's parameter tensors, geometry and settings; with ``create=True`` (validated
-      arguments, ``channel_dim`` normalised) it may make one.
+    * ``make_plan(x, params, channel_dim) -> plan | None``: a gradient-free forward prepared
+      for repeated calls with these parameters and this input geometry (validated arguments,
+      ``channel_dim`` normalised), kept and looked up by :mod:`pwlu.ops.plans`.
     """
 
     forward: Callable[..., Tensor]
@@ -166,7 +164,7 @@ class PWLUBackend(Backend, Protocol):
     fold: Callable[..., tuple[Tensor, ...]] | None
     forward_from_params: Callable[..., Tensor | None] | None
     backward_from_params: Callable[..., tuple[Tensor, tuple[Tensor, ...]] | None] | None
-    planned_forward: Callable[..., Tensor | None] | None
+    make_plan: Callable[..., Callable[[Tensor], Tensor | None] | None] | None
 
 
 PWLU_BACKENDS: BackendTable[PWLUBackend] = BackendTable(

@@ -55,7 +55,7 @@ class TorchBackend:
     fold = None
     forward_from_params = None
     backward_from_params = None
-    planned_forward = None
+    make_plan = None
 
     @staticmethod
     def is_available(device: torch.device) -> bool:

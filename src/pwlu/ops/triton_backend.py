@@ -315,7 +315,7 @@ class TritonBackend:
     fold = None
     forward_from_params = None
     backward_from_params = None
-    planned_forward = None
+    make_plan = None
 
 
 BACKEND = TritonBackend()

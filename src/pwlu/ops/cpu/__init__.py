@@ -1,5 +1,5 @@
 """The compiled CPU backend of PWLU: ``build`` (compiler, cache, loading), ``backend`` (kernel
-calls), ``plan`` (inference plans and their cache), declared here as :data:`BACKEND`."""
+calls), ``plan`` (inference plans), declared here as :data:`BACKEND`."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ class CPUBackend:
     fold = staticmethod(_kernels.fold_tables)
     forward_from_params = staticmethod(_kernels.forward_from_params)
     backward_from_params = staticmethod(_kernels.backward_from_params)
-    planned_forward = staticmethod(_plans.planned_forward)
+    make_plan = staticmethod(_plans.make_plan)
 
     @staticmethod
     def is_available(device: torch.device) -> bool:
