@@ -48,10 +48,15 @@ def scale_bwd(grad, x, w, flag):
     return SCALE_BACKENDS.select(x.device).backward(grad, x, w)
 
 
+def scale_composite(x, w, flag):
+    return x * w
+
+
 SCALE_OP = DifferentiableOp(
     "pwlu_test::scale",
     scale_fwd,
     scale_bwd,
+    scale_composite,
     tensor_names=("x", "w"),
     static_schema="int flag",
     function_name="ScaleFunction",

@@ -10,6 +10,7 @@ from .ops import dispatch, plans
 from .ops.autograd import PWLU_OP, pwlu_fwd
 from .ops.dispatch import PWLU_BACKENDS
 from .ops.reference import pwlu_reference
+from .ops.registration import in_transform
 from .ops.validation import check_params
 
 __all__ = ["pwlu", "pwlu_reference"]
@@ -47,7 +48,9 @@ def pwlu(
     params = (points, left_bound, right_bound, left_slope, right_slope)
     setting = dispatch.get_backend_name()
     compiling = torch.compiler.is_compiling()
-    gradient_free = not compiling and not (torch.is_grad_enabled() and _needs_grad(x, params))
+    gradient_free = (
+        not compiling and not (torch.is_grad_enabled() and _needs_grad(x, params)) and not in_transform()
+    )
     if gradient_free:  # a plan made earlier from validated arguments with this key: no checks again
         y = plans.run(x, params, channel_dim, setting)
         if y is not None:

@@ -49,6 +49,12 @@ def _outer_slopes(fn: Callable[[Tensor], Tensor], left: Tensor, right: Tensor) -
         return (fn(left) - fn(left - h)) / h, (fn(right + h) - fn(right)) / h
 
 
+def _recomputing() -> bool:
+    """Whether this forward runs inside a backward pass: the recomputation of
+    ``torch.utils.checkpoint`` (either variant), whose batch was already counted."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+
+
 class PWLU(nn.Module):
     """Piecewise Linear Unit: a learnable activation (https://arxiv.org/abs/2104.03693).
 
@@ -186,7 +192,7 @@ class PWLU(nn.Module):
         except KeyError:  # e.g. under torch.nn.utils.parametrize
             params = (self.points, self.left_bound, self.right_bound, self.left_slope, self.right_slope)
         y = pwlu(x, *params, self.channel_dim)
-        if self.training and self._collecting:
+        if self.training and self._collecting and not _recomputing():
             cd = None if self.num_channels is None else self.channel_dim % x.dim()
             self._update_statistics(x, cd)
         return y

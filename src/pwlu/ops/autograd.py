@@ -6,8 +6,10 @@ validated by :func:`pwlu.ops.validation.check_params`); :data:`PWLU_OP` routes a
 autograd Function, the custom op or the bare forward. The user-facing door is
 :func:`pwlu.pwlu`, which validates and then calls these.
 
-Autograd saves only the input and the five parameter tensors; the backward recomputes the
-regions from them (no per-element index or fraction tensors are kept).
+Autograd saves only the input and the five parameter tensors; the first-order backward
+recomputes the regions from them (no per-element index or fraction tensors are kept).
+Second-order, forward-mode and ``torch.func`` derivatives are those of the reference
+(:func:`pwlu_composite`), see :mod:`pwlu.ops.registration`.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from torch import Tensor
 
 from .dispatch import PWLU_BACKENDS
 from .folding import channel_form, compute_dtype, fold_tables, param_grads_from_histogram
+from .reference import pwlu_reference
 from .registration import DifferentiableOp
 
-__all__ = ["PWLUFunction", "PWLU_OP", "pwlu_bwd", "pwlu_fwd", "pwlu_op"]
+__all__ = ["PWLUFunction", "PWLU_OP", "pwlu_bwd", "pwlu_composite", "pwlu_fwd", "pwlu_op"]
 
 
 def pwlu_fwd(
@@ -67,10 +70,27 @@ def pwlu_bwd(
     return (dx, *(g.reshape(p.shape).to(p.dtype, copy=True) for g, p in zip(grads, originals)))
 
 
+def pwlu_composite(
+    x: Tensor,
+    points: Tensor,
+    left_bound: Tensor,
+    right_bound: Tensor,
+    left_slope: Tensor,
+    right_slope: Tensor,
+    channel_dim: int | None,
+) -> Tensor:
+    """:func:`pwlu_reference` with :func:`pwlu_fwd`'s arguments: what higher-order, forward-mode
+    and ``torch.func`` derivatives are taken of."""
+    return pwlu_reference(
+        x, points, left_bound, right_bound, left_slope, right_slope, 0 if channel_dim is None else channel_dim
+    )
+
+
 PWLU_OP = DifferentiableOp(
     "pwlu::pwlu",
     pwlu_fwd,
     pwlu_bwd,
+    pwlu_composite,
     tensor_names=("x", "points", "left_bound", "right_bound", "left_slope", "right_slope"),
     static_schema="int? channel_dim",
     function_name="PWLUFunction",

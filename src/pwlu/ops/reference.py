@@ -62,7 +62,12 @@ def pwlu_reference(
     view = lambda p: _channel_view(p, x.dim(), cd)  # noqa: E731
     bl_v, br_v, kl_v, kr_v, inv_d_v = (view(p) for p in (bl, br, kl, kr, inv_d))
 
-    u = (xc - bl_v) * inv_d_v
+    is_left = xc < bl_v
+    is_right = xc >= br_v
+    # Each piece is evaluated only where it is selected and at the boundary elsewhere, so an
+    # unselected piece never sees ±inf: its zero gradient stays zero (not 0 * inf = NaN).
+    x_inner = torch.where(is_left | is_right, bl_v, xc)
+    u = (x_inner - bl_v) * inv_d_v
     # interval index; NaN goes to interval 0 (the output stays NaN through t)
     i = torch.nan_to_num(torch.floor(u.detach()), nan=0.0).clamp(0, n - 1).long()
     t = u - i.to(dt)
@@ -75,13 +80,48 @@ def pwlu_reference(
         y_lo, y_hi = flat[base + i], flat[base + i + 1]
     inner = (1 - t) * y_lo + t * y_hi
 
-    def outer(y_edge: Tensor, bound: Tensor, slope: Tensor) -> Tensor:
-        term = (xc - bound) * slope
-        # inf * 0 would be NaN: a flat outer piece maps ±inf to its constant value
-        term = torch.where(torch.isinf(xc) & (slope == 0), torch.zeros_like(term), term)
-        return y_edge + term
+    def outer(selected: Tensor, y_edge: Tensor, bound: Tensor, slope: Tensor) -> Tensor:
+        # y_edge + K (x - B); a flat piece maps ±inf to its constant value (not inf * 0 = NaN)
+        return y_edge + _OuterTerm.apply(slope, torch.where(selected, xc, bound) - bound)
 
     y0 = view(pts[..., 0])
     yn = view(pts[..., n])
-    out = torch.where(xc < bl_v, outer(y0, bl_v, kl_v), torch.where(xc >= br_v, outer(yn, br_v, kr_v), inner))
+    out = torch.where(is_left, outer(is_left, y0, bl_v, kl_v), torch.where(is_right, outer(is_right, yn, br_v, kr_v), inner))
     return out.to(out_dtype)
+
+
+def _sum_to(t: Tensor, shape: torch.Size) -> Tensor:
+    return t.sum_to_size(shape) if t.shape != shape else t
+
+
+class _OuterTerm(torch.autograd.Function):
+    """``K * d`` of an outer piece (``d = x - B``), with the limit of a flat piece: 0 where
+    ``K == 0`` and ``d`` is ±inf. Derivatives ``g * d`` and ``g * K`` everywhere, so at an
+    infinite input ``dK = g * (x - B)`` is ±inf as in the kernels' histograms, and ``dB`` is
+    ``-g * K`` (finite). Plain torch inside; vmap, jvp and higher orders are supported."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(slope: Tensor, d: Tensor) -> Tensor:
+        return torch.where((slope == 0) & torch.isinf(d), torch.zeros_like(d), slope * d)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*inputs)
+        ctx.save_for_forward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
+        slope, d = ctx.saved_tensors
+        return _sum_to(grad * d, slope.shape), _sum_to(grad * slope, d.shape)
+
+    @staticmethod
+    def jvp(ctx, slope_t: Tensor | None, d_t: Tensor | None) -> Tensor:
+        slope, d = ctx.saved_tensors
+        out = torch.zeros_like(d)
+        if slope_t is not None:  # a zero tangent on a flat piece at infinity moves nothing
+            out = out + torch.where(slope_t == 0, torch.zeros_like(d), slope_t * d)
+        if d_t is not None:
+            out = out + slope * d_t
+        return out
