@@ -67,7 +67,10 @@ def pwlu_reference(
     # Each piece is evaluated only where it is selected and at the boundary elsewhere, so an
     # unselected piece never sees ±inf: its zero gradient stays zero (not 0 * inf = NaN).
     x_inner = torch.where(is_left | is_right, bl_v, xc)
-    u = (x_inner - bl_v) * inv_d_v
+    # nan_one is 1, or NaN for a NaN input: such an element's gradients to the parameters are
+    # NaN, as in the kernels (its dx is its interval's slope, as there)
+    nan_one = x_inner.detach() * 0 + 1
+    u = (x_inner - bl_v * nan_one) * inv_d_v
     # interval index; NaN goes to interval 0 (the output stays NaN through t)
     i = torch.nan_to_num(torch.floor(u.detach()), nan=0.0).clamp(0, n - 1).long()
     t = u - i.to(dt)
