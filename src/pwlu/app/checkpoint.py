@@ -30,7 +30,7 @@ from pwlu.export import (
 
 from .config import ConfigError, TrainConfig
 from .models import build_model
-from .train import load_checkpoint, make_activation_factory
+from .train import check_writable_file, load_checkpoint, make_activation_factory, state_dict_error
 
 #: Image side of the built-in datasets (checkpoints do not store it).
 IMAGE_SIZES = {"fashion-mnist": 28, "cifar10": 32, "synthetic": 16}
@@ -46,6 +46,8 @@ def model_from_checkpoint(path: str | os.PathLike, image_size: int | None = None
     Returns:
         ``(model, example)``: ``example`` is a ``Tensor[2, C, S, S]`` of normalised-scale noise.
     """
+    if image_size is not None and image_size < 1:
+        raise ConfigError(f"--image-size must be >= 1, but got {image_size}")
     ckpt = load_checkpoint(path)
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     try:
@@ -66,8 +68,7 @@ def model_from_checkpoint(path: str | os.PathLike, image_size: int | None = None
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise ConfigError(f"checkpoint {path} does not match its config: {first}") from None
+        raise ConfigError(f"checkpoint {path} does not match its config: {state_dict_error(e)}") from None
     model.eval()
     example = torch.randn(2, in_channels, size, size, generator=torch.Generator().manual_seed(0))
     return model, example
@@ -93,12 +94,14 @@ def export_checkpoint(
         dict with ``path``, ``format``, ``method``, ``max_rel_err``, ``input_shape``.
 
     Raises:
-        ValueError: unknown format. ExportError: export failed or the outputs differ.
+        ValueError: unknown format. ConfigError: a bad ``image_size``, an unwritable ``out``, or a
+        checkpoint that does not match its config. ExportError: export failed or the outputs differ.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; expected one of {', '.join(FORMATS)}")
     model, example = model_from_checkpoint(checkpoint, image_size)
     path = pathlib.Path(out) if out is not None else pathlib.Path(checkpoint).with_name("model" + SUFFIXES[fmt])
+    check_writable_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     how = "torch.onnx.export (dynamo)"
     try:

@@ -8,12 +8,11 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import json
 import pathlib
 import statistics  # the standard library's
 import sys
 
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, config_differences
 from .data import DataError
 from .launcher import MissingExtraError
 
@@ -30,7 +29,7 @@ def _add_train_options(p: argparse.ArgumentParser, single: bool = True) -> None:
         p.add_argument("--intervals", type=int, default=d.intervals, help="PWLU intervals N")
         p.add_argument("--fix-init", type=float, default=None, metavar="X", help="fix-init-X: range [-X, X], no phase I")
         p.add_argument("--rebound-every", type=int, default=None, help="function-preserving re-bound every k steps")
-        p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+        p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt (same options required)")
         p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--dataset", default=d.dataset, help="fashion-mnist, cifar10, synthetic or imagefolder:PATH")
     p.add_argument("--data-dir", default=None, help="directory holding the dataset files")
@@ -42,6 +41,8 @@ def _add_train_options(p: argparse.ArgumentParser, single: bool = True) -> None:
     p.add_argument("--train-subset", type=int, default=None, help="use this many training images")
     p.add_argument("--test-subset", type=int, default=None, help="use this many test images")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bars")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a run in OUT (compare/ablate: the runs made with other options)")  # fmt: skip
 
 
 def _config(args: argparse.Namespace, **overrides) -> TrainConfig:
@@ -50,17 +51,57 @@ def _config(args: argparse.Namespace, **overrides) -> TrainConfig:
     return TrainConfig(**values)
 
 
-def _run_or_reuse(cfg: TrainConfig, data=None) -> dict:
-    """Train ``cfg`` unless ``cfg.out`` already holds a finished run with the same config."""
-    from .train import train
+def _plan_runs(configs: list[TrainConfig], overwrite: bool) -> list[tuple[TrainConfig, str, str]]:
+    """What to do with each run directory of a grid, decided before anything runs:
+    ``(cfg, action, detail)`` with action ``train``, ``reuse`` (a finished run with the same
+    configuration), ``resume`` (an unfinished one), ``restart`` (an unfinished one without a
+    checkpoint) or ``retrain`` (one made with other options, only with ``overwrite``).
 
-    metrics = pathlib.Path(cfg.out) / "metrics.json"
-    if metrics.exists():
-        old = json.loads(metrics.read_text())
-        if old.get("finished") and old.get("config") == dataclasses.asdict(cfg):
-            print(f"reusing finished run {cfg.out}", file=sys.stderr)
-            return old
-    return train(cfg, data=data, resume=True)
+    Raises:
+        ConfigError: some run was made with other options and ``overwrite`` is not set.
+    """
+    from .train import recorded_run
+
+    plan, conflicts = [], []
+    for cfg in configs:
+        run = recorded_run(cfg.out)
+        if run is None:
+            plan.append((cfg, "train", ""))
+            continue
+        diffs = config_differences(run["config"], cfg)
+        if diffs:
+            conflicts.append((cfg, diffs))
+            plan.append((cfg, "retrain", "; ".join(diffs)))
+        elif run["finished"] and run["metrics"] is not None and "final_test_acc" in run["metrics"]:
+            plan.append((cfg, "reuse", ""))
+        elif run["has_checkpoint"]:
+            plan.append((cfg, "resume", f"{run['epochs_done']} of {cfg.epochs} epochs done"))
+        else:
+            plan.append((cfg, "restart", "no checkpoint to resume from"))
+    if conflicts and not overwrite:
+        cfg, diffs = conflicts[0]
+        more = f" (and {len(conflicts) - 1} more of the {len(configs)} runs)" if len(conflicts) > 1 else ""
+        raise ConfigError(f"{cfg.out} holds a run made with other options ({'; '.join(diffs)}){more}; "
+                          "pass --overwrite to retrain such runs, or choose another --out")  # fmt: skip
+    return plan
+
+
+def _run_grid(configs: list[TrainConfig], data, plan: list[tuple[TrainConfig, str, str]]) -> list[dict]:
+    """Run (or reuse) every planned run; says on stderr what it does with each."""
+    from .train import recorded_run, train
+
+    results = []
+    for cfg, action, detail in plan:
+        if action == "reuse":
+            print(f"reusing finished run {cfg.out} (same options)", file=sys.stderr)
+            results.append(recorded_run(cfg.out)["metrics"])
+            continue
+        if action == "retrain":
+            detail = f"--overwrite; it was made with other options: {detail}"
+        verb = {"train": "training", "resume": "resuming", "restart": "restarting", "retrain": "retraining"}[action]
+        print(f"{verb} {cfg.out}" + (f" ({detail})" if detail else ""), file=sys.stderr)
+        results.append(train(cfg, data=data, resume=action == "resume", overwrite=action in ("restart", "retrain")))
+    return results
 
 
 def _write_table(rows: list[dict], group_keys: list[str], out: pathlib.Path, title: str) -> str:
@@ -93,14 +134,14 @@ def _write_table(rows: list[dict], group_keys: list[str], out: pathlib.Path, tit
 def cmd_train(args) -> int:
     from .train import train
 
-    result = train(_config(args, out=args.out), resume=args.resume)
+    result = train(_config(args, out=args.out), resume=args.resume, overwrite=args.overwrite)
     if "final_test_acc" in result:
         print(f"final test accuracy {100 * result['final_test_acc']:.2f}% ({args.out}/metrics.json)")
     return 0
 
 
 def cmd_compare(args) -> int:
-    from .train import prepare_data
+    from .train import check_writable_dir, prepare_data
 
     configs = [
         _config(args, model=model, activation=act, seed=seed, out=f"{args.out}/runs/{model}_{act}_s{seed}")
@@ -110,10 +151,11 @@ def cmd_compare(args) -> int:
     ]
     for cfg in configs:  # every bad value is reported before any run starts
         cfg.validate()
+    check_writable_dir(args.out)
+    plan = _plan_runs(configs, args.overwrite)
     data = prepare_data(configs[0])
     rows = []
-    for cfg in configs:
-        res = _run_or_reuse(cfg, data)
+    for cfg, res in zip(configs, _run_grid(configs, data, plan)):
         rows.append({"model": cfg.model, "activation": cfg.activation, "seed": cfg.seed, "final_test_acc": res["final_test_acc"]})
     print(_write_table(rows, ["model", "activation"], pathlib.Path(args.out), "Activation comparison"))
     return 0
@@ -139,7 +181,7 @@ def ablation_slug(name: str) -> str:
 
 
 def cmd_ablate(args) -> int:
-    from .train import prepare_data
+    from .train import check_writable_dir, prepare_data
 
     for name in args.variants:
         if name not in ABLATIONS:
@@ -151,10 +193,12 @@ def cmd_ablate(args) -> int:
                           **ABLATIONS[name])  # fmt: skip
             cfg.validate()
             runs.append((name, cfg))
-    data = prepare_data(runs[0][1])
+    check_writable_dir(args.out)
+    configs = [cfg for _, cfg in runs]
+    plan = _plan_runs(configs, args.overwrite)
+    data = prepare_data(configs[0])
     rows = []
-    for name, cfg in runs:
-        res = _run_or_reuse(cfg, data)
+    for (name, cfg), res in zip(runs, _run_grid(configs, data, plan)):
         rows.append({"variant": name, "seed": cfg.seed, "final_test_acc": res["final_test_acc"]})
     print(_write_table(rows, ["variant"], pathlib.Path(args.out), f"PWLU ablations ({args.model})"))
     return 0
@@ -166,8 +210,11 @@ def cmd_plot(args) -> int:
     from pwlu import boundary_iou
 
     from .plotting import collect_inputs, plot_iou, plot_shapes
-    from .train import load_trained
+    from .train import check_writable_dir, load_trained
 
+    if args.batches < 1:
+        raise ConfigError(f"--batches must be >= 1, but got {args.batches}")
+    check_writable_dir(args.out)
     runs = []
     for path in [args.checkpoint] + ([args.compare] if args.compare else []):
         model, _, batches = load_trained(path, args.data_dir, test_batches=args.batches)
@@ -249,7 +296,10 @@ def main(argv: list[str] | None = None) -> int:
     except MissingExtraError as e:
         print(f"pwlu: {e}", file=sys.stderr)
         return 2
-    except (DataError, ConfigError, FileNotFoundError, ValueError) as e:
+    except (DataError, ConfigError, ValueError) as e:
+        print(f"pwlu: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file that cannot be read or written (FileNotFoundError, PermissionError, ...)
         print(f"pwlu: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from pwlu import ACTIVATIONS
 
@@ -44,16 +48,57 @@ class TrainConfig:
             raise ConfigError(f"unknown activation {self.activation!r}; expected one of {', '.join(ACTIVATIONS)}")
         if self.mode not in ("channel", "layer"):
             raise ConfigError(f"--mode must be 'channel' or 'layer', but got {self.mode!r}")
-        for name in ("epochs", "batch_size", "intervals"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, but got {getattr(self, name)}")
-        if not 0 <= self.warmup_epochs < self.epochs:
+        for name in ("epochs", "batch_size", "intervals", "train_subset", "test_subset", "rebound_every", "stop_after"):
+            value = getattr(self, name)
+            if value is not None and value < 1:  # None: unset (the optional ones)
+                raise ConfigError(f"{option_name(name)} must be >= 1, but got {value}")
+        if not 0 <= self.warmup_epochs < self.epochs:  # also rejects NaN
             raise ConfigError(f"--warmup-epochs must be in [0, epochs), but got {self.warmup_epochs}")
-        if self.fix_init is not None and self.fix_init <= 0:
-            raise ConfigError(f"--fix-init must be > 0, but got {self.fix_init}")
-        if self.lr <= 0:
-            raise ConfigError(f"--lr must be > 0, but got {self.lr}")
+        if self.fix_init is not None and not (math.isfinite(self.fix_init) and self.fix_init > 0):
+            raise ConfigError(f"--fix-init must be a finite number > 0, but got {self.fix_init}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"--lr must be a finite number > 0, but got {self.lr}")
+        if self.weight_decay is not None and not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ConfigError(f"--weight-decay must be a finite number >= 0, but got {self.weight_decay}")
 
     @property
     def uses_realignment(self) -> bool:
         return self.activation == "pwlu" and self.fix_init is None and self.warmup_epochs > 0
+
+
+#: Fields that may differ between a run and its continuation (``--resume``) or its reuse by
+#: ``compare``/``ablate``: where the run is written (a run directory may be moved), where the
+#: dataset's files are read from, and how the run reports and stops. Every other field
+#: changes what is trained and must match the recorded configuration exactly.
+RUN_ONLY_FIELDS = frozenset({"out", "data_dir", "progress", "stop_after"})
+
+
+def option_name(field: str) -> str:
+    """The command-line option of a :class:`TrainConfig` field: ``"warmup_epochs"`` -> ``"--warmup-epochs"``."""
+    return "--" + field.replace("_", "-")
+
+
+def _show(value: Any) -> str:
+    return "unset" if value is None else str(value)
+
+
+def config_differences(recorded: Mapping[str, Any], cfg: TrainConfig) -> list[str]:
+    """How ``cfg`` differs from a run's ``recorded`` configuration (its ``config`` dict), ignoring
+    :data:`RUN_ONLY_FIELDS`: one ``"--lr was 0.1, now 0.001"`` entry per differing option.
+
+    A field missing from ``recorded`` (a run written before the field existed) counts as its
+    default; a recorded field that this version does not know counts as a difference.
+    """
+    defaults = dataclasses.asdict(TrainConfig())
+    new = dataclasses.asdict(cfg)
+    diffs = []
+    for name, value in new.items():
+        if name in RUN_ONLY_FIELDS:
+            continue
+        old = recorded.get(name, defaults[name])
+        if old != value:  # 1 == 1.0: a JSON round trip may turn a float into an int
+            diffs.append(f"{option_name(name)} was {_show(old)}, now {_show(value)}")
+    for name in recorded:
+        if name not in new:
+            diffs.append(f"{name} (recorded, unknown to this version) was {_show(recorded[name])}")
+    return diffs

@@ -68,47 +68,54 @@ def read_idx(path: pathlib.Path) -> np.ndarray:
     return data.reshape(dims)
 
 
-def _find_fashion_dir(data_dir: str | None) -> pathlib.Path | None:
-    candidates = [pathlib.Path(data_dir)] if data_dir else []
-    candidates.append(DEBIAN_FASHION_MNIST)
-    for d in candidates:
-        for sub in (d, d / "FashionMNIST" / "raw", d / "fashion-mnist"):
-            if all((sub / f).exists() for f in FASHION_FILES.values()):
-                return sub
+def _find_fashion_dir(place: pathlib.Path) -> pathlib.Path | None:
+    for sub in (place, place / "FashionMNIST" / "raw", place / "fashion-mnist"):
+        if all((sub / f).exists() for f in FASHION_FILES.values()):
+            return sub
     return None
 
 
+def check_data_dir(data_dir: str | None) -> None:
+    """A given ``data_dir`` must be an existing directory (:class:`DataError` otherwise)."""
+    if data_dir is not None and not pathlib.Path(data_dir).is_dir():
+        what = "is not a directory" if pathlib.Path(data_dir).exists() else "does not exist"
+        raise DataError(f"data directory {data_dir} {what}")
+
+
 def load_fashion_mnist(data_dir: str | None = None, download: bool = True) -> TensorData:
-    """Fashion-MNIST from ``data_dir``, else Debian's ``dataset-fashion-mnist`` package
-    (``/usr/share/datasets/fashion-mnist``), else torchvision's downloader into ``data_dir``
-    (or ``./data``)."""
-    if data_dir is not None and not pathlib.Path(data_dir).is_dir() and not download:
-        raise DataError(f"data directory {data_dir} does not exist")
-    found = _find_fashion_dir(data_dir)
+    """Fashion-MNIST from ``data_dir`` (which must exist; torchvision's downloader fills it
+    when the files are missing). Without ``data_dir``: Debian's ``dataset-fashion-mnist``
+    package (``/usr/share/datasets/fashion-mnist``), else torchvision's downloader into ``./data``.
+    A given ``data_dir`` is never replaced by another copy of the data."""
+    check_data_dir(data_dir)
+    place = pathlib.Path(data_dir) if data_dir is not None else DEBIAN_FASHION_MNIST
+    where = str(place) if data_dir is not None else f"{DEBIAN_FASHION_MNIST} (no --data-dir)"
+    hint = (
+        "put the four *-ubyte.gz files there"
+        if data_dir is not None
+        else "install Debian's dataset-fashion-mnist or pass --data-dir with the *-ubyte.gz files"
+    )
+    found = _find_fashion_dir(place)
     if found is None and download:
         target = pathlib.Path(data_dir or "data")
         try:
             from torchvision.datasets import FashionMNIST
         except ImportError:
             raise DataError(
-                f"Fashion-MNIST not found in {data_dir or '(no --data-dir)'} or {DEBIAN_FASHION_MNIST}, "
-                "and downloading it needs torchvision (pip install 'pwlu[app]'); "
-                "install Debian's dataset-fashion-mnist or pass --data-dir with the *-ubyte.gz files"
+                f"Fashion-MNIST not found in {where}, and downloading it needs torchvision "
+                f"(pip install 'pwlu[app]'); {hint}"
             ) from None
         try:
             FashionMNIST(str(target), train=True, download=True)
             FashionMNIST(str(target), train=False, download=True)
         except Exception as e:  # noqa: BLE001 - any downloader failure becomes one clear message
             raise DataError(
-                f"Fashion-MNIST not found in {data_dir or '(no --data-dir)'} or {DEBIAN_FASHION_MNIST}, "
-                f"and the download failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                "install Debian's dataset-fashion-mnist or pass --data-dir with the *-ubyte.gz files"
+                f"Fashion-MNIST not found in {where}, and the download into {target} failed "
+                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); {hint}"
             ) from None
-        found = _find_fashion_dir(str(target))
+        found = _find_fashion_dir(target)
     if found is None:
-        raise DataError(
-            f"Fashion-MNIST *-ubyte.gz files not found in {data_dir or '(no --data-dir)'} or {DEBIAN_FASHION_MNIST}"
-        )
+        raise DataError(f"Fashion-MNIST *-ubyte.gz files not found in {where}")
     arrays = {k: read_idx(found / f) for k, f in FASHION_FILES.items()}
     to_x = lambda a: torch.from_numpy(a.copy()).unsqueeze(1)  # noqa: E731  uint8 N,1,28,28
     return TensorData(
@@ -161,7 +168,11 @@ def make_synthetic(
 
 
 def load_dataset(name: str, data_dir: str | None = None, download: bool = True) -> TensorData:
-    """``fashion-mnist``, ``cifar10``, ``synthetic`` (in memory). Image folders: :func:`load_imagefolder`."""
+    """``fashion-mnist``, ``cifar10``, ``synthetic`` (in memory). Image folders: :func:`load_imagefolder`.
+
+    A given ``data_dir`` must be an existing directory, whatever the dataset.
+    """
+    check_data_dir(data_dir)
     if name == "fashion-mnist":
         return load_fashion_mnist(data_dir, download)
     if name == "cifar10":

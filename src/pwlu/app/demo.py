@@ -31,16 +31,18 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from .config import TrainConfig
+    from .config import ConfigError, TrainConfig
     from .data import DataError
     from .plotting import collect_inputs, plot_shapes
-    from .train import load_trained, prepare_data, train
+    from .train import check_writable_dir, load_trained, prepare_data, train
 
     base = dict(model="cnn", dataset="fashion-mnist", data_dir=args.data_dir, epochs=args.epochs, warmup_epochs=1,
                 train_subset=args.train_subset, lr=0.1, seed=0)  # fmt: skip
     try:
+        TrainConfig(**base).validate()
+        check_writable_dir(args.out)
         data = prepare_data(TrainConfig(**base))
-    except DataError as e:
+    except (DataError, ConfigError) as e:
         print(f"pwlu demo: {e}", file=sys.stderr)
         return 2
     subset = " (subset)" if args.train_subset else ""
@@ -48,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for act in ("relu", "swish", "pwlu"):
         t0 = time.perf_counter()
-        result = train(TrainConfig(**base, activation=act, out=f"{args.out}/{act}"), data=data)
+        # the demo's own run directories: a rerun of the demo replaces them
+        result = train(TrainConfig(**base, activation=act, out=f"{args.out}/{act}"), data=data, overwrite=True)
         rows.append((act, 100 * result["final_test_acc"], time.perf_counter() - t0))
         print(f"  {act:6s} test top-1 {rows[-1][1]:.2f}%  ({rows[-1][2]:.0f} s)")
     print("\n| activation | test top-1 (%) | train time (s) |\n|---|---|---|")

@@ -21,11 +21,12 @@ from torch import nn
 from pwlu import PWLU, BoundaryRealigner, fix_init, get_activation, parameter_groups
 from pwlu.baselines import call_factory
 
-from .config import ConfigError, TrainConfig
-from .data import TensorData, augment, channel_stats, load_dataset, normalise
+from .config import ConfigError, TrainConfig, config_differences
+from .data import TensorData, augment, channel_stats, check_data_dir, load_dataset, normalise
 from .models import WEIGHT_DECAY, build_model
 
 CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.json"
 
 
 def make_activation_factory(cfg: TrainConfig):
@@ -104,8 +105,134 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         ckpt = torch.load(p, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - unpickling errors have many types
         raise ConfigError(f"checkpoint {p} is corrupt or not a pwlu checkpoint ({type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict) or "model" not in ckpt:
         raise ConfigError(f"checkpoint {p} is not a pwlu checkpoint (missing config/model)")
+    return ckpt
+
+
+def config_from_checkpoint(ckpt: dict, path: str | os.PathLike) -> TrainConfig:
+    """The :class:`TrainConfig` recorded in a loaded checkpoint (fields this version does not know are dropped)."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    try:
+        cfg = TrainConfig(**{k: v for k, v in ckpt["config"].items() if k in fields})
+        cfg.validate()
+    except (ConfigError, TypeError) as e:
+        raise ConfigError(f"checkpoint {path} has an invalid config: {e}") from None
+    return cfg
+
+
+def state_dict_error(e: BaseException) -> str:
+    """The informative line of a ``load_state_dict`` error (the first mismatch, not the header)."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Error(s) in loading state_dict"):
+        return lines[1] + (f" (and {len(lines) - 2} more)" if len(lines) > 2 else "")
+    return lines[0] if lines else type(e).__name__
+
+
+def check_writable_dir(path: str | os.PathLike, option: str = "--out") -> None:
+    """Raise :class:`ConfigError` unless directory ``path`` exists and is writable, or can be created.
+
+    Checks without writing anything: ``path`` (or, when it does not exist yet, its nearest
+    existing ancestor) must be a directory the process may write to.
+    """
+    p = pathlib.Path(path)
+    if p.exists() or p.is_symlink():
+        if not p.is_dir():
+            raise ConfigError(f"cannot write to {option} {path}: it exists and is not a directory")
+        target = p
+    else:
+        target = p.parent
+        while not target.exists() and target != target.parent:
+            target = target.parent
+        if not target.is_dir():
+            raise ConfigError(f"cannot create {option} {path}: {target} is not a directory")
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write to {option} {path}: {target} is not writable")
+
+
+def check_writable_file(path: str | os.PathLike, option: str = "--out") -> None:
+    """Like :func:`check_writable_dir` for a file to be (over)written: ``path`` must not be a
+    directory, and its directory must be writable or creatable."""
+    p = pathlib.Path(path)
+    if p.is_dir():
+        raise ConfigError(f"cannot write to {option} {path}: it is a directory")
+    if p.exists() and not os.access(p, os.W_OK):
+        raise ConfigError(f"cannot write to {option} {path}: it is not writable")
+    check_writable_dir(p.parent, option=f"{option} {path}: its directory")
+
+
+def recorded_run(out: str | os.PathLike) -> dict | None:
+    """What run directory ``out`` holds, without changing it: ``None`` when it holds no run, else
+    ``{"config", "finished", "epochs_done", "has_checkpoint", "metrics"}`` read from ``metrics.json``
+    (or, without one, from ``checkpoint.pt``; ``metrics`` is then ``None``)."""
+    out = pathlib.Path(out)
+    ckpt_path, metrics_path = out / CHECKPOINT, out / METRICS
+    has_ckpt = ckpt_path.exists()
+    if metrics_path.exists():
+        try:
+            metrics = json.loads(metrics_path.read_text())
+            config = metrics["config"]
+            if not isinstance(config, dict):
+                raise TypeError("config is not a mapping")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"{metrics_path} is corrupt or not a pwlu metrics file ({type(e).__name__})") from None
+        return {"config": config, "finished": bool(metrics.get("finished")), "epochs_done": len(metrics.get("history", [])),
+                "has_checkpoint": has_ckpt, "metrics": metrics}  # fmt: skip
+    if has_ckpt:
+        ckpt = load_checkpoint(ckpt_path)
+        done = int(ckpt.get("epoch", -1)) + 1
+        return {"config": ckpt["config"], "finished": done >= int(ckpt["config"].get("epochs", 0)), "epochs_done": done,
+                "has_checkpoint": True, "metrics": None}  # fmt: skip
+    return None
+
+
+def describe_run(run: dict) -> str:
+    """``"a finished run (5 epochs)"`` / ``"an unfinished run (2 of 5 epochs done)"``."""
+    total = run["config"].get("epochs", "?")
+    if run["finished"]:
+        return f"a finished run ({total} epoch{'' if total == 1 else 's'})"
+    return f"an unfinished run ({run['epochs_done']} of {total} epochs done)"
+
+
+def check_run_dir(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict | None:
+    """The checks :func:`train` makes before it writes anything; returns the checkpoint to resume from.
+
+    * a directory holding a run (``checkpoint.pt`` or ``metrics.json``) is continued only with
+      ``resume`` and replaced only with ``overwrite``;
+    * ``resume`` requires the checkpoint's configuration to equal ``cfg`` except for
+      :data:`~pwlu.app.config.RUN_ONLY_FIELDS`;
+    * ``cfg.out`` must be writable (or creatable), ``cfg.data_dir`` an existing directory.
+
+    Raises:
+        ConfigError: naming what is wrong and the option that overrides it, if any.
+    """
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other: --resume continues the run in --out, "
+                          "--overwrite replaces it")  # fmt: skip
+    out = pathlib.Path(cfg.out)
+    ckpt_path = out / CHECKPOINT
+    check_writable_dir(out)
+    ckpt = None
+    if resume:
+        if ckpt_path.exists():
+            ckpt = load_checkpoint(ckpt_path)
+            diffs = config_differences(ckpt["config"], cfg)
+            if diffs:
+                raise ConfigError(
+                    f"cannot resume {out}: the options differ from its checkpoint's ({'; '.join(diffs)}); "
+                    "resume with the run's values, or start a new run with another --out (or --overwrite without --resume)"
+                )
+        elif (out / METRICS).exists():
+            raise ConfigError(f"cannot resume {out}: it has {METRICS} but no {CHECKPOINT}; "
+                              "pass --overwrite (without --resume) to start it again, or choose another --out")  # fmt: skip
+    elif not overwrite and (ckpt_path.exists() or (out / METRICS).exists()):
+        try:
+            what = describe_run(recorded_run(out))
+        except ConfigError:  # unreadable: still a run not to lose
+            what = "a run"
+        raise ConfigError(f"{out} already holds {what}; pass --resume to continue it, "
+                          "--overwrite to replace it, or choose another --out")  # fmt: skip
+    check_data_dir(cfg.data_dir)
     return ckpt
 
 
@@ -116,21 +243,30 @@ def load_trained(
     ``test_batches`` normalised test batches of 256 images (``data`` is loaded from the
     checkpoint's dataset, in ``data_dir`` if given, unless passed in)."""
     ckpt = load_checkpoint(path)
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    cfg = TrainConfig(**{k: v for k, v in ckpt["config"].items() if k in fields})
+    cfg = config_from_checkpoint(ckpt, path)
     if data_dir:
         cfg.data_dir = data_dir
     data = data if data is not None else prepare_data(cfg)
     model = build(cfg, data)
-    model.load_state_dict(ckpt["model"])
-    mean, std = ckpt["normalisation"]
+    try:
+        model.load_state_dict(ckpt["model"])
+        mean, std = ckpt["normalisation"]
+    except (RuntimeError, KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"checkpoint {path} does not match its config: {state_dict_error(e)}") from None
     n = min(len(data.test_y), 256 * test_batches)
     return model, cfg, [normalise(data.test_x[i : i + 256], mean, std) for i in range(0, n, 256)]
 
 
-def train(cfg: TrainConfig, data: TensorData | None = None, resume: bool = False) -> dict:
-    """Train one model; returns the metrics summary (also written to ``cfg.out/metrics.json``)."""
+def train(cfg: TrainConfig, data: TensorData | None = None, resume: bool = False, overwrite: bool = False) -> dict:
+    """Train one model; returns the metrics summary (also written to ``cfg.out/metrics.json``).
+
+    ``resume`` continues the run in ``cfg.out`` (whose checkpoint must have the same
+    configuration, see :func:`check_run_dir`); ``overwrite`` replaces it. Without either, a
+    ``cfg.out`` that already holds a run is refused. Every check is made before anything is
+    written (:class:`~pwlu.app.config.ConfigError` / :class:`~pwlu.app.data.DataError`).
+    """
     cfg.validate()
+    ckpt = check_run_dir(cfg, resume=resume, overwrite=overwrite)
     _maybe_init_distributed()
     rank, world = _dist_info()
     data = data if data is not None else prepare_data(cfg)  # fails before anything is written
@@ -161,15 +297,17 @@ def train(cfg: TrainConfig, data: TensorData | None = None, resume: bool = False
     history: list[dict] = []
     start_epoch = 0
     ckpt_path = out / CHECKPOINT
-    if resume and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if realigner is not None:
-            realigner.load_state_dict(ckpt["realigner"])
-        history = ckpt["history"]
-        start_epoch = ckpt["epoch"] + 1
+    if ckpt is not None:
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            if realigner is not None:
+                realigner.load_state_dict(ckpt["realigner"])
+            history = list(ckpt["history"])
+            start_epoch = int(ckpt["epoch"]) + 1
+        except (RuntimeError, KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"cannot resume from {ckpt_path}: it does not match its config: {state_dict_error(e)}") from None
 
     try:
         from tqdm import tqdm

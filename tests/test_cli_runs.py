@@ -1,0 +1,295 @@
+"""The CLI never loses or mixes up a run: overwrites, resumes with another configuration, reuse in
+``compare``/``ablate``, a missing ``--data-dir``, an unwritable ``--out``, and bad values.
+
+Every refusal is one line on stderr, exit status 2, and leaves every file as it was.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from pwlu.app.cli import main
+from pwlu.app.data import DataError, load_fashion_mnist
+
+FAST = ["--dataset", "synthetic", "--batch-size", "64", "--no-progress"]
+ONE_EPOCH = [*FAST, "--epochs", "1", "--warmup-epochs", "0"]
+
+
+def _snapshot(root) -> dict:
+    """Every file under ``root`` (or ``root`` itself) with its bytes and modification time."""
+    root = os.fspath(root)
+    if not os.path.exists(root):
+        return {}
+    if os.path.isfile(root):
+        return {root: (open(root, "rb").read(), os.stat(root).st_mtime_ns)}
+    snap = {}
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            p = os.path.join(dirpath, name)
+            with open(p, "rb") as f:
+                snap[os.path.relpath(p, root)] = (f.read(), os.stat(p).st_mtime_ns)
+    return snap
+
+
+def _refused(code: int, capsys, *needles: str) -> str:
+    """Assert a one-line ``pwlu: error:`` refusal with exit status 2 that contains every needle."""
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("pwlu: error:"), err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def run_dirs(tmp_path_factory):
+    """A finished one-epoch run and an unfinished (killed after epoch 1 of 2) run, built once."""
+    base = tmp_path_factory.mktemp("runs")
+    assert main(["train", *ONE_EPOCH, "--out", str(base / "finished")]) == 0
+    assert main(["train", *FAST, "--epochs", "2", "--warmup-epochs", "1", "--stop-after", "1",
+                 "--out", str(base / "unfinished")]) == 0  # fmt: skip
+    return base
+
+
+def _copy(run_dirs, name, tmp_path):
+    dst = tmp_path / name
+    shutil.copytree(run_dirs / name, dst)
+    return dst
+
+
+# 1. train --out over an existing run -----------------------------------------------------------
+
+
+def test_train_over_an_existing_run_needs_overwrite(run_dirs, tmp_path, capsys):
+    for name in ("finished", "unfinished"):
+        out = _copy(run_dirs, name, tmp_path)
+        before = _snapshot(out)
+        code = main(["train", *ONE_EPOCH, "--seed", "7", "--out", str(out)])
+        _refused(code, capsys, str(out), "--overwrite", "--resume")
+        assert _snapshot(out) == before
+    # --overwrite replaces it
+    out = tmp_path / "finished"
+    assert main(["train", *ONE_EPOCH, "--seed", "7", "--out", str(out), "--overwrite"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["finished"] and metrics["config"]["seed"] == 7
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["config"]["seed"] == 7
+    capsys.readouterr()
+    # --resume and --overwrite together make no sense
+    before = _snapshot(out)
+    _refused(main(["train", *ONE_EPOCH, "--seed", "7", "--out", str(out), "--overwrite", "--resume"]), capsys,
+             "--resume", "--overwrite")  # fmt: skip
+    assert _snapshot(out) == before
+
+
+# 2. --resume with another configuration ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "extra,option",
+    [
+        (["--lr", "0.05"], "--lr"),
+        (["--seed", "3"], "--seed"),
+        (["--activation", "relu"], "--activation"),
+        (["--model", "resnet"], "--model"),
+        (["--epochs", "3"], "--epochs"),
+        (["--batch-size", "32"], "--batch-size"),
+        (["--intervals", "8", "--mode", "layer"], "--intervals"),
+        (["--train-subset", "100"], "--train-subset"),
+    ],
+)
+def test_resume_with_another_configuration_is_refused(run_dirs, tmp_path, capsys, extra, option):
+    out = _copy(run_dirs, "unfinished", tmp_path)
+    before = _snapshot(out)
+    args = ["train", *FAST, "--epochs", "2", "--warmup-epochs", "1", *extra, "--out", str(out), "--resume"]
+    line = _refused(main(args), capsys, option, "resume")
+    if extra[0] == "--intervals":
+        assert "--mode" in line  # every differing option is named
+    assert _snapshot(out) == before
+
+
+def test_resume_may_change_where_and_how_it_runs(run_dirs, tmp_path, capsys):
+    """out (a moved run), data_dir, progress and stop_after may differ on resume."""
+    out = _copy(run_dirs, "unfinished", tmp_path / "moved")
+    args = ["train", "--dataset", "synthetic", "--batch-size", "64", "--epochs", "2", "--warmup-epochs", "1",
+            "--data-dir", str(tmp_path), "--out", str(out), "--resume"]  # fmt: skip
+    assert main(args) == 0, capsys.readouterr().err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["finished"] and [h["epoch"] for h in metrics["history"]] == [1, 2]
+    assert metrics["config"]["out"] == str(out)
+
+
+# 3. compare / ablate reuse only runs with the same configuration --------------------------------
+
+
+def test_compare_reuses_only_runs_with_the_same_configuration(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    grid = ["compare", *ONE_EPOCH, "--models", "cnn", "--activations", "relu", "--seeds", "0", "--out", str(out)]
+    assert main(grid) == 0
+    run = out / "runs" / "cnn_relu_s0"
+    first = json.loads((run / "metrics.json").read_text())
+    capsys.readouterr()
+    # the same grid with another lr: refused, nothing touched (the old table is kept)
+    before = _snapshot(out)
+    line = _refused(main([*grid, "--lr", "0.001"]), capsys, str(run), "--lr", "--overwrite")
+    assert "0.1" in line and "0.001" in line
+    assert _snapshot(out) == before
+    # --overwrite retrains it, and says so
+    assert main([*grid, "--lr", "0.001", "--overwrite"]) == 0
+    err = capsys.readouterr().err
+    assert "retraining" in err and str(run) in err
+    second = json.loads((run / "metrics.json").read_text())
+    assert second["config"]["lr"] == 0.001 and second["history"] != first["history"]
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["config"]["lr"] == 0.001
+    rows = (out / "runs.csv").read_text().strip().splitlines()
+    assert rows[1].endswith(str(second["final_test_acc"]))
+    # the same configuration again is reused (not retrained), whatever --no-progress says
+    before = _snapshot(run)
+    assert main([a for a in grid if a != "--no-progress"] + ["--lr", "0.001"]) == 0
+    assert "reusing" in capsys.readouterr().err
+    assert _snapshot(run) == before
+
+
+def test_ablate_reuses_only_runs_with_the_same_configuration(tmp_path, capsys):
+    out = tmp_path / "abl"
+    grid = ["ablate", *ONE_EPOCH, "--variants", "N=4", "--seeds", "0", "--out", str(out)]
+    assert main(grid) == 0
+    capsys.readouterr()
+    before = _snapshot(out)
+    _refused(main([*grid, "--batch-size", "32"]), capsys, "--batch-size", "--overwrite")
+    assert _snapshot(out) == before
+
+
+# 4. --data-dir that does not exist --------------------------------------------------------------
+
+
+def _write_idx(path, array):
+    header = struct.pack(">BBBB", 0, 0, 8, array.ndim) + b"".join(struct.pack(">I", s) for s in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture
+def other_fashion_copy(tmp_path, monkeypatch):
+    """A (tiny) Fashion-MNIST copy where Debian's package puts it: the copy a fallback would use."""
+    debian = tmp_path / "debian-fashion-mnist"
+    debian.mkdir()
+    rng = np.random.default_rng(0)
+    for prefix in ("train", "t10k"):
+        _write_idx(debian / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (32, 28, 28)))
+        _write_idx(debian / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, (32,)))
+    monkeypatch.setattr("pwlu.app.data.DEBIAN_FASHION_MNIST", debian)
+    return debian
+
+
+def test_missing_data_dir_is_an_error_not_a_fallback(tmp_path, capsys, other_fashion_copy):
+    missing, out = tmp_path / "nonexistent", tmp_path / "out"
+    code = main(["train", "--data-dir", str(missing), "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "16",
+                 "--no-progress", "--out", str(out)])  # fmt: skip
+    _refused(code, capsys, str(missing))
+    assert not out.exists() and not missing.exists()
+    # an existing --data-dir without the files is not replaced by another copy either
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="empty"):
+        load_fashion_mnist(str(empty), download=False)
+    # without --data-dir the other copy is used, as documented
+    assert len(load_fashion_mnist(None, download=False).train_y) == 32
+
+
+# 5. an unwritable --out is found before training ------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["train", "compare", "plot"])
+@pytest.mark.parametrize("where", ["under-a-file", "is-a-file"])
+def test_unwritable_out_is_refused_before_training(run_dirs, tmp_path, capsys, monkeypatch, command, where):
+    blocker = tmp_path / "somefile"
+    blocker.write_text("not a directory")
+    out = blocker / "run" if where == "under-a-file" else blocker
+    built = []  # no model is built (for training, or for plotting) before the check
+    import pwlu.app.train as train_module
+
+    real_build = train_module.build
+    monkeypatch.setattr(train_module, "build", lambda *a, **k: built.append(1) or real_build(*a, **k))
+    args = {
+        "train": ["train", *ONE_EPOCH],
+        "compare": ["compare", *ONE_EPOCH, "--models", "cnn", "--activations", "relu", "--seeds", "0"],
+        "plot": ["plot", str(run_dirs / "finished" / "checkpoint.pt"), "--batches", "1"],
+    }[command]
+    _refused(main([*args, "--out", str(out)]), capsys, str(blocker))
+    assert blocker.read_text() == "not a directory" and not built
+
+
+def test_read_only_out_is_refused_before_training(tmp_path, capsys, monkeypatch):
+    """A directory the user may not write to (simulated: tests run as root, where chmod does not stop writes)."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    prefix = os.path.realpath(locked)
+    real_access = os.access
+
+    def access(path, mode, *a, **k):
+        if os.path.realpath(path).startswith(prefix) and mode & os.W_OK:
+            return False
+        return real_access(path, mode, *a, **k)
+
+    monkeypatch.setattr(os, "access", access)
+    for out in (locked, locked / "run"):
+        _refused(main(["train", *ONE_EPOCH, "--out", str(out)]), capsys, str(locked), "not writable")
+        assert os.listdir(locked) == []
+
+
+# 6. plot on a mismatched checkpoint, and bad numbers --------------------------------------------
+
+
+def test_plot_checkpoint_whose_config_does_not_match_its_weights(run_dirs, tmp_path, capsys):
+    ckpt = torch.load(run_dirs / "finished" / "checkpoint.pt", weights_only=False)
+    ckpt["config"]["intervals"] = 8  # the weights have 16 intervals
+    bad = tmp_path / "checkpoint.pt"
+    torch.save(ckpt, bad)
+    out = tmp_path / "plots"
+    _refused(main(["plot", str(bad), "--out", str(out), "--batches", "1"]), capsys, str(bad), "does not match")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["train", "--lr", "nan"], "--lr"),
+        (["train", "--lr", "inf"], "--lr"),
+        (["train", "--lr", "-0.1"], "--lr"),
+        (["train", "--train-subset", "0"], "--train-subset"),
+        (["train", "--train-subset", "-5"], "--train-subset"),
+        (["train", "--test-subset", "0"], "--test-subset"),
+        (["train", "--weight-decay", "-0.0001"], "--weight-decay"),
+        (["train", "--weight-decay", "nan"], "--weight-decay"),
+        (["train", "--warmup-epochs", "nan"], "--warmup-epochs"),
+        (["train", "--fix-init", "nan"], "--fix-init"),
+        (["train", "--fix-init", "inf"], "--fix-init"),
+        (["train", "--rebound-every", "0"], "--rebound-every"),
+        (["train", "--epochs", "0"], "--epochs"),
+        (["train", "--batch-size", "0"], "--batch-size"),
+        (["compare", "--lr", "nan", "--models", "cnn", "--activations", "relu", "--seeds", "0"], "--lr"),
+        (["plot", "CKPT", "--batches", "0"], "--batches"),
+        (["plot", "CKPT", "--batches", "-1"], "--batches"),
+        (["export", "CKPT", "--format", "torchscript", "--image-size", "0"], "--image-size"),
+        (["export", "CKPT", "--format", "torchscript", "--image-size", "-3"], "--image-size"),
+    ],
+)
+def test_bad_values_are_one_line_errors(run_dirs, tmp_path, capsys, args, needle):
+    ckpt = run_dirs / "finished" / "checkpoint.pt"
+    before = _snapshot(run_dirs / "finished")
+    args = [str(ckpt) if a == "CKPT" else a for a in args]
+    if args[0] in ("train", "compare"):
+        args = [args[0], "--dataset", "synthetic", "--no-progress", "--epochs", "2", "--warmup-epochs", "1", *args[1:]]
+    out = tmp_path / ("model.pt" if args[0] == "export" else "out")
+    value = args[len(args) - args[::-1].index(needle)]  # the value after the last occurrence
+    _refused(main([*args, "--out", str(out)]), capsys, needle, value)
+    assert not out.exists() and _snapshot(run_dirs / "finished") == before
