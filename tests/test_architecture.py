@@ -106,3 +106,19 @@ def test_new_op_is_one_custom_op_under_compile():
     torch.testing.assert_close(x.grad, gx)
     torch.testing.assert_close(w.grad, gw)
     assert torch.ops.pwlu_test.scale.default is not None
+
+
+@pytest.mark.parametrize("name", ["torch", "cpu", "triton"])
+def test_every_pwlu_backend_declares_the_whole_protocol(name):
+    """Each BACKEND has every member of PWLUBackend (optional entry points declared as None,
+    never left to be discovered)."""
+    from pwlu.ops.dispatch import PWLU_BACKENDS, PWLUBackend
+
+    backend = PWLU_BACKENDS.load(name)
+    if backend is None:
+        pytest.skip(f"{name} backend not importable here")
+    assert isinstance(backend, PWLUBackend)
+    members = set(PWLUBackend.__annotations__) | {"name", "is_available"}
+    missing = sorted(m for m in members if not hasattr(type(backend), m))
+    assert not missing, f"{name} backend lacks {missing}"
+    assert backend.name == name

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import io
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -268,13 +269,16 @@ def test_gradients_and_statistics_bypass_the_plan():
 def test_thread_count_change_and_inference_mode():
     m, x = make_module(16), spread((4, 16, 32, 32))  # above the one-thread grain size
     want = planned(m, x)
+    plan_now = current_plan(m, x)
     threads = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)
+        torch.set_num_threads(1 if threads != 1 else 2)
         with torch.no_grad():
             assert torch.equal(m(x), want)
+            other = current_plan(m, x)
     finally:
         torch.set_num_threads(threads)
+    assert other is not None and other is not plan_now, "no plan of its own for the other thread count"
     with torch.inference_mode():
         assert torch.equal(m(x), want)
         assert torch.equal(m(x), want)
@@ -325,3 +329,82 @@ def test_relu_init_keeps_nan_and_infinities(shape, channel_dim, dtype):
     with torch.no_grad():
         for y in (m(x), m(x)):
             torch.testing.assert_close(y, torch.relu(x), rtol=1e-6, atol=1e-6, equal_nan=True)
+
+
+def test_modules_pickled_by_pwlu_0_1_with_a_plan_still_load():
+    """A module saved whole (``torch.save(model)``) by pwlu 0.1 after an eval call: its pickled
+    plan refers to ``pwlu.ops.cpu_backend._no_plan``, which must still exist."""
+    path = Path(__file__).parent / "fixtures" / "pwlu_0_1_module_with_plan.pkl"
+    m = torch.load(path, weights_only=False)
+    x = spread((2, 4, 3, 3))
+    with torch.no_grad():
+        assert torch.equal(m(x), general_path(m, x))
+        assert torch.equal(m(x), general_path(m, x))
+
+
+def test_another_device_is_not_served_by_a_cpu_plan():
+    """The device is part of the key: a meta (or CUDA) input of the same shape gets the general
+    path's clear error, not the CPU plan (which would read its data pointer)."""
+    m, x = make_module(4), spread((2, 4, 8, 8))
+    planned(m, x)
+    with torch.no_grad(), pytest.raises(ValueError, match="points is on cpu but x is on meta"):
+        m(torch.empty(2, 4, 8, 8, device="meta"))
+
+
+def test_channel_dim_must_still_be_an_int_after_a_plan_hit():
+    m, x = make_module(4), spread((2, 4, 8, 8))
+    planned(m, x)
+    for bad in (True, 1.0):
+        with torch.no_grad(), pytest.raises(TypeError, match="channel_dim must be an int"):
+            pwlu.pwlu(x, *params_of(m), channel_dim=bad)
+
+
+def test_tied_parameters_keep_one_entry_each():
+    """Two modules sharing ``points`` (tied weights) but not the rest: each keeps its own
+    plans, reused call after call, and the cache does not grow."""
+    a, b = make_module(4, seed=1), make_module(4, seed=2)
+    b.points = a.points
+    x = spread((2, 4, 8, 8))
+    with torch.no_grad():
+        a(x), b(x)
+        plan_a, plan_b = current_plan(a, x), current_plan(b, x)
+        size = len(plans_mod._CACHE)
+        for _ in range(50):
+            assert torch.equal(a(x), general_path(a, x))
+            assert torch.equal(b(x), general_path(b, x))
+    assert plan_a is not None and plan_b is not None and plan_a is not plan_b
+    assert current_plan(a, x) is plan_a and current_plan(b, x) is plan_b, "plans were rebuilt"
+    assert len(plans_mod._CACHE) == size
+
+
+def test_a_finalizer_inside_remember_does_not_deadlock():
+    """An allocation inside ``_remember`` (which holds the lock) can run the cycle collector,
+    which can run a parameter's finalizer, ``_forget``, on the same thread."""
+    import threading
+
+    def forget_while_holding_the_lock():
+        with plans_mod._lock:
+            plans_mod._forget((0,), object())
+
+    worker = threading.Thread(target=forget_while_holding_the_lock, daemon=True)
+    worker.start()
+    worker.join(timeout=10)
+    assert not worker.is_alive(), "deadlock: _forget waits for the lock its own thread holds"
+
+
+def test_error_codes_of_the_plan_call_raise():
+    """Only 'stale' means 'take the general path'; other C error codes raise."""
+    from pwlu.ops.cpu import build
+
+    m, x = make_module(4), spread((2, 4, 8, 8))
+    planned(m, x)
+    plan = current_plan(m, x)
+    original = plan.run
+    try:
+        plan.run = lambda *args: build.ERR_NOMEM
+        with pytest.raises(MemoryError):
+            plan(x)
+        plan.run = lambda *args: build.PLAN_STALE
+        assert plan(x) is None
+    finally:
+        plan.run = original

@@ -21,7 +21,7 @@ import functools
 import importlib
 import os
 from collections.abc import Callable, Iterator
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -54,6 +54,7 @@ def use_backend(name: str) -> Iterator[None]:
         _backend = previous
 
 
+@runtime_checkable
 class Backend(Protocol):
     """What every backend of every op declares."""
 
@@ -137,6 +138,7 @@ def forget_selection() -> None:
 Params = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
 
 
+@runtime_checkable
 class PWLUBackend(Backend, Protocol):
     """A PWLU backend. The semantics are those of the torch backend (``torch_backend.py``).
 

@@ -4,8 +4,8 @@ A backend that can prepare a call (the CPU kernel: folded tables and kernel argu
 struct, see :mod:`pwlu.ops.cpu.plan`) declares ``make_plan`` in its Protocol; the plans it
 makes are kept here, per parameter set (the tensors held by weak reference: a plan never keeps
 a module's parameters alive), up to :data:`MAX_PLANS` per set, keyed on everything besides the
-parameters that changes the result or how it is computed: the input's shape, strides and
-dtype, the caller's ``channel_dim``, the backend setting and the thread count. Plans are made
+parameters that changes the result or how it is computed: the input's shape, strides, dtype
+and device, the caller's ``channel_dim`` (an ``int``), the backend setting and the thread count. Plans are made
 only for ``nn.Parameter`` tensors (a module's parameters, reused call after call) and plain
 tensors as input, after the arguments were validated; a later call with the same key needs no
 validation again.
@@ -19,6 +19,7 @@ general path, which makes a new plan.
 
 from __future__ import annotations
 
+import operator
 import threading
 import weakref
 from collections.abc import Callable
@@ -26,6 +27,9 @@ from typing import Protocol
 
 import torch
 from torch import Tensor, nn
+
+_deref = weakref.ref.__call__
+_data_ptr = Tensor.data_ptr
 
 #: Plans kept per parameter set (one per call key); the oldest goes first.
 MAX_PLANS = 8
@@ -38,7 +42,7 @@ class Plan(Protocol):
 
 
 class _ParamPlans:
-    """The plans of one parameter set, by call key."""
+    """The plans of one parameter set (any number of tensors), by call key."""
 
     __slots__ = ("refs", "plans")
 
@@ -47,35 +51,31 @@ class _ParamPlans:
         self.plans: dict[tuple, Plan] = {}
 
     def holds(self, params: tuple[Tensor, ...]) -> bool:
-        return len(params) == len(self.refs) and all(r() is p for r, p in zip(self.refs, params))
+        return all(map(operator.is_, map(_deref, self.refs), params))
 
 
-#: ``id(first parameter) -> _ParamPlans``; an entry goes when that tensor is freed.
-_CACHE: dict[int, _ParamPlans] = {}
-_lock = threading.Lock()
+#: ``tuple of the parameters' ids -> _ParamPlans``; an entry goes when its first tensor is
+#: freed (a reused id of another freed tensor is caught by the weak references).
+_CACHE: dict[tuple[int, ...], _ParamPlans] = {}
+#: Re-entrant: a finalizer (``_forget``) can run inside ``_remember`` when an allocation
+#: there starts the cycle collector, on the same thread.
+_lock = threading.RLock()
 
 
-def call_key(x: Tensor, channel_dim: int | None, setting: str) -> tuple:
+def call_key(x: Tensor, channel_dim: int, setting: str) -> tuple:
     """Everything besides the parameters that a plan depends on."""
-    return (x.shape, x.stride(), x.dtype, channel_dim, setting, torch.get_num_threads())
+    return (x.shape, x.stride(), x.dtype, x.device, channel_dim, setting, torch.get_num_threads())
 
 
-def run(x: Tensor, params: tuple[Tensor, Tensor, Tensor, Tensor, Tensor], channel_dim: int, setting: str) -> Tensor | None:
+def run(x: Tensor, params: tuple[Tensor, ...], channel_dim: int, setting: str) -> Tensor | None:
     """``y`` from the plan made earlier for exactly this call, else ``None``. Needs no validated
-    arguments (``channel_dim`` is the caller's, as given); written out because in a model every
-    call passes here."""
-    p0, p1, p2, p3, p4 = params
-    entry = _CACHE.get(id(p0))
-    if entry is None or type(x) is not Tensor:  # subclasses (DTensor, Parameter...) take the general path
-        return None
-    plan = entry.plans.get((x.shape, x.stride(), x.dtype, channel_dim, setting, torch.get_num_threads()))
-    if plan is None:
-        return None
-    r0, r1, r2, r3, r4 = entry.refs
-    if (
-        r0() is p0 and r1() is p1 and r2() is p2 and r3() is p3 and r4() is p4
-        and plan.ptrs == (p0.data_ptr(), p1.data_ptr(), p2.data_ptr(), p3.data_ptr(), p4.data_ptr())
-    ):  # fmt: skip
+    arguments (``channel_dim`` is the caller's, as given; only an ``int`` can match); written
+    out because in a model every call passes here."""
+    entry = _CACHE.get(tuple(map(id, params)))
+    if entry is None or type(x) is not Tensor or type(channel_dim) is not int:
+        return None  # tensor subclasses (DTensor, Parameter...) take the general path
+    plan = entry.plans.get((x.shape, x.stride(), x.dtype, x.device, channel_dim, setting, torch.get_num_threads()))
+    if plan is not None and entry.holds(params) and plan.ptrs == tuple(map(_data_ptr, params)):
         return plan(x)
     return None
 
@@ -100,31 +100,25 @@ def make_and_run(
 
 
 def _remember(params: tuple[Tensor, ...], plan: Plan, key: tuple) -> None:
+    ids = tuple(map(id, params))
     with _lock:
-        first = params[0]
-        entry = _CACHE.get(id(first))
+        entry = _CACHE.get(ids)
         if entry is None or not entry.holds(params):
-            entry = _CACHE[id(first)] = _ParamPlans(params)
-            weakref.finalize(first, _forget, id(first), entry)
+            entry = _CACHE[ids] = _ParamPlans(params)
+            weakref.finalize(params[0], _forget, ids, entry)
         entry.plans.pop(key, None)
         if len(entry.plans) >= MAX_PLANS:
             entry.plans.pop(next(iter(entry.plans)))
         entry.plans[key] = plan
 
 
-def _forget(key: int, entry: _ParamPlans) -> None:
+def _forget(ids: tuple[int, ...], entry: _ParamPlans) -> None:
     with _lock:
-        if _CACHE.get(key) is entry:
-            del _CACHE[key]
-
-
-def clear() -> None:
-    """Drop every cached plan."""
-    with _lock:
-        _CACHE.clear()
+        if _CACHE.get(ids) is entry:
+            del _CACHE[ids]
 
 
 def plans_for(params: tuple[Tensor, ...]) -> dict[tuple, Plan]:
     """The plans kept for these parameter tensors, by call key (for tests and debugging)."""
-    entry = _CACHE.get(id(params[0]))
+    entry = _CACHE.get(tuple(map(id, params)))
     return dict(entry.plans) if entry is not None and entry.holds(tuple(params)) else {}

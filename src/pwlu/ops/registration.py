@@ -14,7 +14,8 @@ An op supplies
   second custom op, joined by ``register_autograd`` (one opaque graph node under
   ``torch.compile``/``torch.export``);
 * a ``torch.autograd.Function`` for eager calls, which skips the custom-op dispatcher (whose
-  Python overhead dominates small tensors);
+  Python overhead dominates small tensors), and a second one with ``setup_context``, ``jvp``
+  and a ``vmap`` rule for calls under a transform;
 * a router that picks one of them, or the bare forward when no derivative is needed.
 
 The first-order backward runs ``bwd`` and saves only the op's input tensors. When the backward
@@ -22,8 +23,7 @@ itself must be differentiable (``create_graph=True``: gradient penalties, ``grad
 under a ``torch.func`` transform (``grad``, ``vjp``, ``jacrev``, ``jacfwd``, ``hessian``,
 ``vmap``), and in forward mode (``torch.autograd.forward_ad``, ``jvp``), the derivatives are
 those of ``composite`` (``torch.func.vjp`` / ``torch.vmap`` of it; the jvp as the vjp of the
-linear pullback), so
-they equal what autograd gives through the reference, to any order.
+linear pullback), so they equal what autograd gives through the reference, to any order.
 """
 
 from __future__ import annotations
@@ -94,6 +94,18 @@ class DifferentiableOp:
         op.register_autograd(op_backward, setup_context=op_setup_context)
         self.op, self.backward_op = op, backward_op
 
+        # Two Functions: defining setup_context costs every apply an inspect.signature (tens of
+        # microseconds), so plain first-order calls use a ctx-style Function, and only calls
+        # under a transform (which needs setup_context, jvp and vmap) use the second one.
+        def first_order_forward(ctx, *args):
+            ctx.save_for_backward(*args[:n])
+            ctx.static = args[n:]
+            return fwd(*args)
+
+        def backward(ctx, grad):
+            grads = vjp(grad, ctx.saved_tensors, ctx.static)
+            return (*grads, *(None,) * len(ctx.static))
+
         def forward(*args):
             return fwd(*args)
 
@@ -101,10 +113,6 @@ class DifferentiableOp:
             ctx.save_for_backward(*inputs[:n])
             ctx.save_for_forward(*inputs[:n])
             ctx.static = tuple(inputs[n:])
-
-        def backward(ctx, grad):
-            grads = vjp(grad, ctx.saved_tensors, ctx.static)
-            return (*grads, *(None,) * len(ctx.static))
 
         def jvp(ctx, *tangents):
             # J v as the vector-Jacobian product of the (linear) pullback u -> J^T u: reverse
@@ -118,11 +126,17 @@ class DifferentiableOp:
         def vmap(info, in_dims, *args):
             return torch.vmap(composite, in_dims=tuple(in_dims))(*args), 0
 
+        doc = f"Eager autograd of {qualname}: saves only its input tensors."
         self.function: type[torch.autograd.Function] = type(
             function_name,
             (torch.autograd.Function,),
+            {"__doc__": doc, "forward": staticmethod(first_order_forward), "backward": staticmethod(backward)},
+        )
+        self.transform_function: type[torch.autograd.Function] = type(
+            function_name.removesuffix("Function") + "TransformFunction",
+            (torch.autograd.Function,),
             {
-                "__doc__": f"Eager autograd of {qualname}: saves only its input tensors.",
+                "__doc__": doc + " For torch.func transforms and forward mode.",
                 "forward": staticmethod(forward),
                 "setup_context": staticmethod(setup_context),
                 "backward": staticmethod(backward),
@@ -136,6 +150,8 @@ class DifferentiableOp:
         gradient is needed or a transform is active; else the bare forward."""
         if torch.compiler.is_compiling():
             return self.op(*args)
-        if in_transform() or (torch.is_grad_enabled() and any(t.requires_grad for t in args[: self.num_tensors])):
+        if in_transform():
+            return self.transform_function.apply(*args)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in args[: self.num_tensors]):
             return self.function.apply(*args)
         return self.fwd(*args)

@@ -5,7 +5,7 @@ Same interface as ``torch_backend.py`` (which defines the semantics)::
     forward(x, slopes, intercepts, left, right, inv_d, channel_dim, shift) -> y
     backward(grad, x, slopes, left, right, inv_d, channel_dim) -> (dx, hist)
 
-plus the entry points :mod:`pwlu.ops.pwlu_op` prefers, which take the raw parameters and do
+plus the entry points :mod:`pwlu.ops.autograd` prefers, which take the raw parameters and do
 the folding (and, backward, the exact parameter gradients from the histogram, in double) in
 the same C call, because on small tensors the ~20 torch ops of folding and the ~30 of the
 gradient epilogue cost more than the kernel::
@@ -43,9 +43,9 @@ backward adds each element's region, g and g*r into that channel's double bins, 
 thread per channel (no partial histograms). Without AVX-512, and for fp64, a portable scalar
 loop is used. (The constants named here are in ``csrc/pwlu_common.h``.)
 
-Eval-mode calls without gradients go through an :class:`InferencePlan` (made by the
-``PWLU`` module on its first such call): folded tables and kernel arguments prepared once
-per input geometry; before each call the C side compares the parameters byte for byte with
+Gradient-free calls with ``nn.Parameter`` tensors go through an inference plan
+(:class:`pwlu.ops.cpu.plan.InferencePlan`, kept by :mod:`pwlu.ops.plans`): folded tables and
+kernel arguments prepared once per call geometry; before each call the C side compares the parameters byte for byte with
 the snapshot the tables were folded from, so a plan can never run with stale tables.
 
 The alternatives measured against this kernel (the eager vectorised-torch backend,

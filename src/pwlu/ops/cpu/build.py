@@ -78,6 +78,7 @@ _DTYPE_CODES = {
 }
 OK = _CONSTANTS["PWLU_OK"]
 ERR_NOMEM = _CONSTANTS["PWLU_ERR_NOMEM"]
+PLAN_STALE = _CONSTANTS["PWLU_PLAN_STALE"]
 _ERROR_NAMES = {value: name for name, value in _CONSTANTS.items() if name.startswith("PWLU_ERR_")}
 
 

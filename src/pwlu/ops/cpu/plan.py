@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .. import folding
 from .backend import _dense_order, _fused_ok, _layout, _num_threads, _tables, fold_tables
-from .build import _DTYPE_CODES, library
+from .build import _DTYPE_CODES, OK, PLAN_STALE, check, library
 
 
 class _PlanArgs(ctypes.Structure):
@@ -50,8 +50,11 @@ class InferencePlan:
     def __call__(self, x: Tensor) -> Tensor | None:
         """``y``, or ``None`` when the parameters' bytes differ from the snapshot."""
         y = torch.empty_like(x)
-        if self.run(self.struct, x.data_ptr(), y.data_ptr()) != 0:
-            return None
+        rc = self.run(self.struct, x.data_ptr(), y.data_ptr())
+        if rc != OK:
+            if rc == PLAN_STALE:
+                return None
+            check(rc, "pwlu_forward_plan")
         return y
 
 
