@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from .ops import dispatch, plans
-from .ops.autograd import PWLU_OP, pwlu_fwd
+from .ops.autograd import pwlu_differentiable, pwlu_fwd
 from .ops.dispatch import PWLU_BACKENDS
 from .ops.reference import pwlu_reference
 from .ops.registration import in_transform
@@ -65,7 +65,7 @@ def pwlu(
             if y is not None:
                 return y
         return pwlu_fwd(x, *params, cd)
-    return PWLU_OP(x, *params, cd)
+    return pwlu_differentiable(x, *params, cd)
 
 
 def _needs_grad(x, params) -> bool:

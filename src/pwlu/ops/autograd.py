@@ -2,7 +2,7 @@
 autograd (:data:`PWLUFunction`) and as the custom op ``torch.ops.pwlu.pwlu`` (:data:`pwlu_op`).
 
 Names by layer: :func:`pwlu_fwd` / :func:`pwlu_bwd` compute (no autograd, arguments as
-validated by :func:`pwlu.ops.validation.check_params`); :data:`PWLU_OP` routes a call to the
+validated by :func:`pwlu.ops.validation.check_params`); :data:`pwlu_differentiable` routes a call to the
 autograd Function, the custom op or the bare forward. The user-facing door is
 :func:`pwlu.pwlu`, which validates and then calls these.
 
@@ -21,7 +21,7 @@ from .folding import channel_form, compute_dtype, fold_tables, param_grads_from_
 from .reference import pwlu_reference
 from .registration import DifferentiableOp
 
-__all__ = ["PWLUFunction", "PWLU_OP", "pwlu_bwd", "pwlu_composite", "pwlu_fwd", "pwlu_op"]
+__all__ = ["PWLUFunction", "pwlu_bwd", "pwlu_composite", "pwlu_differentiable", "pwlu_fwd", "pwlu_op"]
 
 
 def pwlu_fwd(
@@ -86,7 +86,7 @@ def pwlu_composite(
     )
 
 
-PWLU_OP = DifferentiableOp(
+pwlu_differentiable = DifferentiableOp(
     "pwlu::pwlu",
     pwlu_fwd,
     pwlu_bwd,
@@ -96,6 +96,6 @@ PWLU_OP = DifferentiableOp(
     function_name="PWLUFunction",
 )
 #: The custom op ``torch.ops.pwlu.pwlu`` (what ``torch.compile`` and ``torch.export`` see).
-pwlu_op = PWLU_OP.op
+pwlu_op = pwlu_differentiable.op
 #: The eager ``torch.autograd.Function``.
-PWLUFunction = PWLU_OP.function
+PWLUFunction = pwlu_differentiable.function
