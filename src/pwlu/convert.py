@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import math
+import warnings
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -18,10 +19,12 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.instancenorm import _InstanceNorm
+from torch.overrides import TorchFunctionMode
 
 from .baselines import call_factory, get_activation
 from .modules import LazyPWLU, TimmPWLU
@@ -107,17 +110,61 @@ def _run(model: nn.Module, example_input: Any) -> Any:
     return model(example_input)
 
 
-def _profile(model: nn.Module, example_input: Any) -> tuple[dict[int, list[_Call]], dict[int, int]]:
-    """One forward pass, side-effect free: the calls of every activation (by ``id``) and the
-    number of calls of every module. Buffers (batch-norm statistics) and the RNG are restored."""
+def _functional_activations() -> dict[Any, str]:
+    """The functional forms of :data:`ACTIVATION_TYPES` (``F.relu``, ``torch.relu``,
+    ``x.relu()``...), by the name to report."""
+    names = {
+        "relu": [F.relu, F.relu_, torch.relu, torch.relu_, Tensor.relu, Tensor.relu_],
+        "relu6": [F.relu6],
+        "leaky_relu": [F.leaky_relu, F.leaky_relu_],
+        "prelu": [F.prelu, torch.prelu],
+        "rrelu": [F.rrelu, F.rrelu_],
+        "silu": [F.silu],
+        "hardswish": [F.hardswish],
+        "gelu": [F.gelu],
+        "elu": [F.elu, F.elu_],
+        "celu": [F.celu, F.celu_, torch.celu],
+        "selu": [F.selu, F.selu_, torch.selu],
+        "mish": [F.mish],
+        "softplus": [F.softplus],
+    }
+    return {fn: name for name, fns in names.items() for fn in fns}
+
+
+class _FunctionalCalls(TorchFunctionMode):
+    """Counts functional activation calls made outside any activation module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.known = _functional_activations()
+        self.inside = 0  # depth of activation modules being run
+        self.counts: dict[str, int] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if not self.inside:
+            try:
+                name = self.known.get(func)
+            except TypeError:  # an unhashable callable
+                name = None
+            if name is not None:
+                self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def _profile(model: nn.Module, example_input: Any) -> tuple[dict[int, list[_Call]], dict[int, int], dict[str, int]]:
+    """One forward pass, side-effect free: the calls of every activation (by ``id``), the
+    number of calls of every module, and the functional activation calls (``F.relu``...) made
+    outside activation modules, by name. Buffers (batch-norm statistics) and the RNG are restored."""
     modules = {id(m): m for m in model.modules()}
     calls: dict[int, list[_Call]] = {i: [] for i, m in modules.items() if is_activation(m)}
     counts: dict[int, int] = dict.fromkeys(modules, 0)
     producers: dict[int, tuple[weakref.ref, type]] = {}
+    functional = _FunctionalCalls()
 
     def pre_hook(module: nn.Module, args: tuple) -> None:
         counts[id(module)] += 1
         if id(module) in calls:
+            functional.inside += 1
             x = args[0] if args else None
             if isinstance(x, Tensor):
                 entry = producers.get(id(x))
@@ -127,6 +174,8 @@ def _profile(model: nn.Module, example_input: Any) -> tuple[dict[int, list[_Call
                 calls[id(module)].append(_Call(None, None))
 
     def post_hook(module: nn.Module, args: tuple, output: Any) -> None:
+        if id(module) in calls:
+            functional.inside -= 1
         if isinstance(output, Tensor) and not is_activation(module):
             entry = producers.get(id(output))
             if entry is None or entry[0]() is not output:  # innermost module wins
@@ -138,7 +187,7 @@ def _profile(model: nn.Module, example_input: Any) -> tuple[dict[int, list[_Call
         handles.append(m.register_forward_hook(post_hook))
     saved = [(b, b.detach().clone()) for b in model.buffers()]
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        with torch.no_grad(), torch.random.fork_rng(devices=[]), functional:
             _run(model, example_input)
     except ConversionError:
         raise
@@ -153,7 +202,7 @@ def _profile(model: nn.Module, example_input: Any) -> tuple[dict[int, list[_Call
         with torch.no_grad():
             for b, value in saved:
                 b.copy_(value)
-    return calls, counts
+    return calls, counts, functional.counts
 
 
 def _default_input(model: nn.Module) -> Tensor:
@@ -267,6 +316,40 @@ def _is_spatially_1x1(calls: list[_Call], channel_dims: list[int]) -> bool:
     )
 
 
+def _check_not_scripted(model: nn.Module) -> None:
+    """TorchScript modules run compiled code: their activations cannot be replaced."""
+    for name, m in model.named_modules():
+        if isinstance(m, torch.jit.ScriptModule) and not isinstance(m, torch.jit.TracedModule):
+            where = f"submodule {name!r}" if name else "the model"
+            raise ConversionError(
+                f"convert_activations: {where} is a TorchScript module ({type(m).__name__}, made by "
+                "torch.jit.script): its forward is compiled code, so its activations cannot be replaced. "
+                "Convert the eager model, then script it"
+            )
+
+
+def _why_nothing(model: nn.Module, functional: dict[str, int]) -> str:
+    """The warning when the model has no activation module to convert: what was found instead."""
+    reasons = []
+    if any(isinstance(m, torch.jit.TracedModule) for m in model.modules()):
+        reasons.append(
+            "it is (or contains) a torch.jit.trace result, whose submodules are traced graphs, not activation "
+            "modules; convert the eager model before tracing it"
+        )
+    if functional:
+        found = ", ".join(f"{name} x{n}" for name, n in functional.items())
+        reasons.append(
+            f"its forward calls activations as functions ({found}), which are not modules and cannot be "
+            "replaced; write them as modules (e.g. self.act = nn.ReLU() in __init__, self.act(x) in forward)"
+        )
+    if not reasons:
+        reasons.append(
+            "it has no activation module of the replaced types (pwlu.convert.ACTIVATION_TYPES or timm's), "
+            "and its forward called none as a function"
+        )
+    return f"convert_activations converted nothing in {type(model).__name__}: " + "; ".join(reasons)
+
+
 def convert_activations(
     model: nn.Module,
     activation: str | Callable[..., nn.Module] = "pwlu",
@@ -341,7 +424,15 @@ def convert_activations(
         ValueError: unknown activation name, bad mode or num_intervals, a model without a
             derivable example input.
         ConversionError: the example forward pass fails, an activation is reused in a way that
-            cannot be split, or one call site sees different channel counts.
+            cannot be split, one call site sees different channel counts, or the model (or a
+            submodule) is a ``torch.jit.script`` module, whose compiled forward cannot change.
+
+    Warns:
+        UserWarning: when the model has no activation module to convert, saying why: a
+        ``torch.jit.trace`` result (its submodules are traced graphs), activations called as
+        functions in ``forward`` (``F.relu(x)``: the warning names them and how often they ran),
+        or none at all. (Activation modules that the rules above leave alone warn only when
+        never called.)
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert_activations: model must be an nn.Module, but got {type(model).__name__}")
@@ -355,6 +446,7 @@ def convert_activations(
     patterns = [exclude] if isinstance(exclude, str) else list(exclude or [])
     if not all(isinstance(p, str) for p in patterns):
         raise TypeError(f"convert_activations: exclude must be a pattern or a list of patterns, but got {exclude!r}")
+    _check_not_scripted(model)
     kwargs = dict(activation_kwargs or {})
     if factory is get_activation("pwlu"):
         kwargs.setdefault("num_intervals", num_intervals)
@@ -363,7 +455,7 @@ def convert_activations(
 
     # 1. one module per name, then one module per call site.
     _untie(model, patterns)
-    calls, counts = _profile(model, example_input)
+    calls, counts, functional = _profile(model, example_input)
     modules = dict(model.named_modules())
     reused = []
     for name, m in modules.items():
@@ -375,7 +467,7 @@ def convert_activations(
     for name, num_calls, owner_calls in reused:
         model = _split_call_sites(model, name, num_calls, owner_calls)
     if reused:
-        calls, counts = _profile(model, example_input)
+        calls, counts, functional = _profile(model, example_input)
 
     # 2. plan every replacement before changing anything.
     param = next(model.parameters(), None)
@@ -405,9 +497,9 @@ def convert_activations(
         new = call_factory(factory, num_channels, dims[0], **kwargs)
         new.to(**to_kw).train(m.training)
         plan.append((name, new))
+    if not plan and not calls:  # (activation modules all left alone by the rules: no warning)
+        warnings.warn(_why_nothing(model, functional), stacklevel=2)
     if never_called:
-        import warnings
-
         warnings.warn(
             f"convert_activations: {len(never_called)} activation(s) were not called by the example forward "
             f"pass and are left unchanged: {never_called}",

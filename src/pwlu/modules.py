@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
-from torch.nn.parameter import UninitializedParameter
+from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
 from .functional import pwlu
 from .ops.folded import pwlu_folded
@@ -47,6 +47,33 @@ def _outer_slopes(fn: Callable[[Tensor], Tensor], left: Tensor, right: Tensor) -
     h = 1e-6 * torch.clamp((right - left).abs(), min=1.0)
     with torch.no_grad():
         return (fn(left) - fn(left - h)) / h, (fn(right + h) - fn(right)) / h
+
+
+def _checked_values(fn: Callable[[Tensor], Tensor], name: str, breakpoints: Tensor, dtype: torch.dtype) -> Tensor:
+    """``fn(breakpoints)``, checked: a tensor of their shape, finite in ``dtype``."""
+    values = fn(breakpoints)
+    if not isinstance(values, Tensor):
+        raise TypeError(
+            f"PWLU: init function {name} must return a tensor (it is called on a tensor of breakpoints), "
+            f"but returned {type(values).__name__}"
+        )
+    if values.shape != breakpoints.shape:
+        raise ValueError(
+            f"PWLU: init function {name} must act elementwise: given the breakpoints, shape "
+            f"{tuple(breakpoints.shape)}, it returned shape {tuple(values.shape)}"
+        )
+    values = values.detach()
+    bad = ~torch.isfinite(values.to(dtype))
+    if bool(bad.any()):
+        i = tuple(torch.nonzero(bad)[0].tolist())
+        lo, hi = breakpoints.min().item(), breakpoints.max().item()
+        raise ValueError(
+            f"PWLU: init function {name} gives non-finite values on [{lo:.6g}, {hi:.6g}]: {values[i].item()!r} at "
+            f"breakpoint {breakpoints[i].item()!r} ({int(bad.sum())} of {bad.numel()} values"
+            f"{'' if dtype == torch.float64 else ' in ' + str(dtype).replace('torch.', '')}); choose a function "
+            "defined on the whole range, or other boundaries"
+        )
+    return values
 
 
 def _recomputing() -> bool:
@@ -130,8 +157,15 @@ class PWLU(nn.Module):
         return self.num_channels is not None
 
     def reset_parameters(self) -> None:
-        """Back to the initial function ``init`` on ``[-bound, bound]``."""
+        """Back to the initial function ``init`` on ``[-bound, bound]``, with fresh running
+        statistics (as batch norm's ``reset_parameters``; this also initialises a module built on
+        the meta device after ``to_empty()``). The collecting flag is kept."""
         self.init_from_function(self.init_fn, -self.bound, self.bound)
+        with torch.no_grad():
+            self.running_mean.zero_()
+            self.running_std.fill_(1.0)
+            self.num_batches_tracked.zero_()
+            self.collecting.fill_(self._collecting)
 
     @torch.no_grad()
     def init_from_function(
@@ -144,21 +178,45 @@ class PWLU(nn.Module):
         ``fn`` at every breakpoint, with ``fn``'s slopes at the boundaries as outer slopes.
 
         Computed in float64 and rounded once to the parameter dtype, so a ReLU with N even
-        is represented exactly whenever the breakpoints are.
+        is represented exactly whenever the breakpoints are. ``fn`` must act elementwise (a
+        tensor of the breakpoints' shape back) and be finite, with finite slopes at the
+        boundaries, wherever it is evaluated; otherwise ``ValueError`` (``TypeError`` if it does
+        not return a tensor) says what was wrong, and nothing is changed. On the meta device
+        there are no values to set: nothing is computed (``to_empty()`` then
+        :meth:`reset_parameters` initialises such a module).
         """
+        if self.points.is_meta:
+            return
         shape = self.left_bound.shape
+        dtype = self.points.dtype
         f64 = dict(dtype=torch.float64, device=self.points.device)
         left = self.left_bound.to(**f64) if left_bound is None else torch.as_tensor(left_bound, **f64)
         right = self.right_bound.to(**f64) if right_bound is None else torch.as_tensor(right_bound, **f64)
         left, right = torch.broadcast_tensors(left.expand(shape), right.expand(shape))
+        if not bool((torch.isfinite(left.to(dtype)) & torch.isfinite(right.to(dtype))).all()):
+            raise ValueError(
+                f"PWLU: need finite boundaries that {str(dtype).replace('torch.', '')} holds, but got "
+                f"{left.tolist()} and {right.tolist()}"
+            )
         if not bool((right > left).all()):
             raise ValueError(f"PWLU: need left_bound < right_bound, but got {left.tolist()} and {right.tolist()}")
         n = self.num_intervals
         steps = torch.arange(n + 1, **f64) / n
         breakpoints = left.unsqueeze(-1) + steps * (right - left).unsqueeze(-1)
+        name = getattr(fn, "__name__", type(fn).__name__)
+        values = _checked_values(fn, name, breakpoints, dtype)
         with torch.enable_grad():
             slope_l, slope_r = _outer_slopes(fn, left, right)
-        self.points.copy_(fn(breakpoints).detach())
+        for side, slope, at in (("left", slope_l, left), ("right", slope_r, right)):
+            bad = ~torch.isfinite(slope.detach().to(dtype))
+            if bool(bad.any()):
+                i = tuple(torch.nonzero(bad)[0].tolist())
+                raise ValueError(
+                    f"PWLU: init function {name} has no finite slope at the {side} boundary {at[i].item()!r} "
+                    f"(got {slope[i].item()!r}); the outer slopes come from it. Choose a function that is "
+                    "differentiable there, or other boundaries"
+                )
+        self.points.copy_(values)
         self.left_bound.copy_(left)
         self.right_bound.copy_(right)
         self.left_slope.copy_(slope_l.detach())
@@ -243,11 +301,13 @@ class PWLU(nn.Module):
 
     def extra_repr(self) -> str:
         mode = "channel" if self.channel_wise else "layer"
-        with torch.no_grad():
-            lo, hi = self.left_bound.min().item(), self.right_bound.max().item()
         text = f"mode={mode}, num_intervals={self.num_intervals}"
         if self.channel_wise:
             text += f", num_channels={self.num_channels}, channel_dim={self.channel_dim}"
+        if self.left_bound.is_meta:  # no values to show
+            return text + f", device=meta, init={self.init_name}"
+        with torch.no_grad():
+            lo, hi = self.left_bound.min().item(), self.right_bound.max().item()
         return text + f", range=[{lo:.4g}, {hi:.4g}], init={self.init_name}"
 
 
@@ -280,10 +340,30 @@ class LazyPWLU(LazyModuleMixin, PWLU):
         self._auto_channel_dim = channel_dim is None
         for pname in ("points", "left_bound", "right_bound", "left_slope", "right_slope"):
             setattr(self, pname, UninitializedParameter())
+        # per-channel statistics: shaped with the parameters
+        self.running_mean = UninitializedBuffer()
+        self.running_std = UninitializedBuffer()
 
     def reset_parameters(self) -> None:
         if not self.has_uninitialized_params():
             super().reset_parameters()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args: Any, **kwargs: Any) -> None:
+        # the statistics buffers take their shape from the checkpoint (or from its points, for
+        # checkpoints without them), before PWLU fills in missing ones
+        points = state_dict.get(prefix + "points")
+        for name, default in (("running_mean", 0.0), ("running_std", 1.0)):
+            buf = getattr(self, name)
+            if not isinstance(buf, UninitializedBuffer):
+                continue
+            saved = state_dict.get(prefix + name)
+            if saved is not None:
+                buf.materialize(saved.shape)  # on the module's device, in its dtype
+            elif points is not None:
+                buf.materialize(points.shape[:-1])
+                with torch.no_grad():
+                    buf.fill_(default)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def initialize_parameters(self, x: Tensor, *args: Any, **kwargs: Any) -> None:
         if not self.has_uninitialized_params():  # materialised by load_state_dict
@@ -299,6 +379,8 @@ class LazyPWLU(LazyModuleMixin, PWLU):
             self.points.materialize((channels, self.num_intervals + 1), **kw)
             for pname in ("left_bound", "right_bound", "left_slope", "right_slope"):
                 getattr(self, pname).materialize((channels,), **kw)
+            for bname in ("running_mean", "running_std"):
+                getattr(self, bname).materialize((channels,), device=x.device)
         self.num_channels = channels
         self.reset_parameters()
 

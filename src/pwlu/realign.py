@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from .modules import PWLU
 from .ops.folding import MIN_WIDTH, effective_bounds
@@ -43,6 +44,17 @@ def pwlu_modules(model: nn.Module) -> list[tuple[str, PWLU]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, PWLU)]
 
 
+def check_materialised(modules: list[tuple[str, PWLU]], who: str) -> None:
+    """Raise if a :class:`~pwlu.LazyPWLU` among ``modules`` has not been materialised yet."""
+    for name, module in modules:
+        if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
+            raise ValueError(
+                f"{who}: LazyPWLU {name or '<model>'!r} is not materialised yet (its channel count comes from "
+                "its first input); run one forward pass, e.g. model(example_batch), before this (and before "
+                "creating the optimizer)"
+            )
+
+
 def _params(module: PWLU) -> list[nn.Parameter]:
     return [getattr(module, name) for name in _PARAM_NAMES]
 
@@ -59,23 +71,44 @@ def _check_positive(name: str, value: Any, allow_zero: bool = False) -> None:
 # ----------------------------------------------------------------------------------------
 
 
+def _representable_limit(dtype: torch.dtype) -> float:
+    """Largest ``|B|`` a boundary of a ``dtype`` PWLU may take: what the dtype holds, and at most
+    a quarter of what its compute dtype holds (float32 for float16/bfloat16), so that the range
+    ``B_R - B_L`` and the folded tables stay finite."""
+    compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    return min(torch.finfo(dtype).max, torch.finfo(compute).max / 4)
+
+
 def _data_bounds(module: PWLU, num_sigmas: float, min_width: float) -> tuple[Tensor, Tensor]:
     """``mean ± num_sigmas·std`` from the buffers, widened to ``min_width``, in float64.
 
-    The bounds are rounded to the parameter dtype before they are returned, so the caller
-    computes breakpoints from exactly the values that will be stored.
+    Computed in float64 and clamped to what the parameter dtype holds
+    (:func:`_representable_limit`, e.g. ±65504 for float16): a range that would overflow is cut
+    at the largest finite value, keeping at least ``min_width`` (a running std of +inf, a
+    float16 buffer that overflowed, means the whole representable range). The bounds are
+    rounded to the parameter dtype before they are returned, so the caller computes
+    breakpoints from exactly the values that will be stored.
     """
     mean = module.running_mean.to(torch.float64)
     std = module.running_std.to(torch.float64)
     dtype = module.left_bound.dtype
+    limit = _representable_limit(dtype)
     # half-width: num_sigmas·std, at least min_width / 2, and wide enough that rounding
     # mean ± half to the parameter dtype cannot shrink the width below min_width / 2
     eps = torch.finfo(dtype).eps
     half = torch.maximum(num_sigmas * std, torch.full_like(std, min_width / 2))
-    half = torch.maximum(half, 8 * eps * mean.abs())
-    left = (mean - half).to(dtype).to(torch.float64)
-    right = (mean + half).to(dtype).to(torch.float64)
-    return left, right
+    half = torch.maximum(half, 8 * eps * mean.abs()).clamp(max=2 * limit)  # no inf - inf below
+    left, right = mean - half, mean + half
+    # cut at ±limit, keeping a width of at least min_width there, and 16 ulps of the limit
+    # (so that rounding to the dtype cannot close it)
+    least = max(min_width, 16 * eps * limit)
+    over = right > limit
+    left = torch.where(over, torch.clamp(left, max=limit - least), left)
+    right = torch.where(over, torch.full_like(right, limit), right)
+    under = left < -limit
+    right = torch.where(under, torch.clamp(right, min=-limit + least), right)
+    left = torch.where(under, torch.full_like(left, -limit), left)
+    return left.to(dtype).to(torch.float64), right.to(dtype).to(torch.float64)
 
 
 def _relu_reset(module: PWLU, left: Tensor, right: Tensor) -> None:
@@ -116,7 +149,7 @@ def _channel_params(module: PWLU) -> list[Tensor]:
     return out
 
 
-def _refit(module: PWLU, left: Tensor, right: Tensor, grid_size: int) -> None:
+def _refit(module: PWLU, left: Tensor, right: Tensor, grid_size: int, name: str = "") -> None:
     """Move the boundaries to ``[left, right]`` and refit ``Y_P``, ``K_L``, ``K_R`` by least squares.
 
     The fit grid has ``grid_size`` uniform points per channel over the union of the old
@@ -147,6 +180,13 @@ def _refit(module: PWLU, left: Tensor, right: Tensor, grid_size: int) -> None:
     old_theta = torch.cat([points, k_l.unsqueeze(-1), k_r.unsqueeze(-1)], -1)
     target = _hat_design(grid, old_l, old_r, n) @ old_theta.unsqueeze(-1)
     theta = torch.linalg.lstsq(_hat_design(grid, left, right, n), target, driver="gelsd").solution.squeeze(-1)
+    dtype = module.points.dtype
+    if not bool(torch.isfinite(theta.to(dtype)).all()):  # checked before anything changes
+        raise ValueError(
+            f"realign_boundaries: the refitted shape of PWLU {name or '<model>'!r} on its new range "
+            f"[{left.min().item():.6g}, {right.max().item():.6g}] overflows its {str(dtype).replace('torch.', '')} "
+            "parameters; use preserve_function=False, or a wider dtype"
+        )
     theta = theta.to(module.points.device)
     shape = module.left_bound.shape
     with torch.no_grad():
@@ -174,7 +214,10 @@ def realign_boundaries(
         B_R = running_mean + num_sigmas·running_std
 
     widened symmetrically to at least ``min_width`` (a dead channel with std 0 is centred
-    on its mean; never a zero-length interval, never NaN).
+    on its mean; never a zero-length interval, never NaN). Computed in float64 and cut at
+    the largest value the parameter dtype holds (±65504 for float16), keeping at least
+    ``min_width``; a running std of +inf (a float16 buffer that overflowed) means the whole
+    range. The bounds are never ±inf.
 
     * ``preserve_function=False`` (the paper): the shape becomes ReLU, ``K_L = 0``,
       ``K_R = 1``, ``Y_P[i] = max(0, B_L + i·d)``.
@@ -203,8 +246,9 @@ def realign_boundaries(
         list[str]: the names of the realigned modules.
 
     Raises:
-        ValueError: bad arguments, no PWLU in ``model``, or non-finite running statistics
-            (the inputs contained NaN or inf).
+        ValueError: bad arguments, no PWLU in ``model``, a ``LazyPWLU`` not materialised yet,
+            or non-finite running statistics (a NaN or infinite mean, a NaN std: the inputs
+            contained NaN or inf).
     """
     _check_positive("realign_boundaries: num_sigmas", num_sigmas, allow_zero=True)
     _check_positive("realign_boundaries: min_width", min_width)
@@ -215,6 +259,7 @@ def realign_boundaries(
     modules = pwlu_modules(model)
     if not modules:
         raise ValueError(f"realign_boundaries: no PWLU module in {type(model).__name__}")
+    check_materialised(modules, "realign_boundaries")
     done = []
     for name, module in modules:
         if int(module.num_batches_tracked) == 0:
@@ -224,8 +269,9 @@ def realign_boundaries(
                 stacklevel=2,
             )
             continue
-        stats = torch.stack([module.running_mean.reshape(-1), module.running_std.reshape(-1)])
-        if not bool(torch.isfinite(stats).all()):
+        # a running std of +inf (a float16 buffer that overflowed) is usable: the whole range
+        std = module.running_std.reshape(-1)
+        if not bool(torch.isfinite(module.running_mean).all() and (torch.isfinite(std) | (std == math.inf)).all()):
             raise ValueError(
                 f"realign_boundaries: PWLU {name or '<model>'!r} has non-finite running statistics "
                 f"(mean {module.running_mean.tolist()}, std {module.running_std.tolist()}); "
@@ -233,7 +279,7 @@ def realign_boundaries(
             )
         left, right = _data_bounds(module, float(num_sigmas), float(min_width))
         if preserve_function:
-            _refit(module, left, right, grid_size)
+            _refit(module, left, right, grid_size, name)
         else:
             _relu_reset(module, left, right)
         done.append(name)
@@ -254,6 +300,14 @@ def fix_init(model: nn.Module, bound: float) -> None:
     modules = pwlu_modules(model)
     if not modules:
         raise ValueError(f"fix_init: no PWLU module in {type(model).__name__}")
+    check_materialised(modules, "fix_init")
+    for name, module in modules:
+        dtype = module.left_bound.dtype
+        if bound >= _representable_limit(dtype):
+            raise ValueError(
+                f"fix_init: PWLU {name or '<model>'!r} has {str(dtype).replace('torch.', '')} parameters, which "
+                f"cannot hold bound={bound!r} (at most {_representable_limit(dtype):.6g})"
+            )
     for _, module in modules:
         _relu_reset(module, torch.tensor(-float(bound)), torch.tensor(float(bound)))
         module.reset_running_stats()

@@ -16,7 +16,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .ops.folding import MIN_WIDTH
-from .realign import DEFAULT_MIN_WIDTH, _check_positive, _params, pwlu_modules, realign_boundaries
+from .realign import DEFAULT_MIN_WIDTH, _check_positive, _params, check_materialised, pwlu_modules, realign_boundaries
 
 __all__ = ["BoundaryRealigner", "parameter_groups"]
 
@@ -50,7 +50,8 @@ class BoundaryRealigner:
     Checkpoints: save ``model.state_dict()`` (which holds the statistics buffers and the
     collecting flag), ``optimizer.state_dict()`` and ``realigner.state_dict()`` (step
     counter and settings); load all three into a fresh model, optimizer and realigner to
-    continue exactly.
+    continue exactly. A realigner can also be pickled (``torch.save``, ``copy.deepcopy``),
+    together with its model; the copy makes its own hooks (not with a ``process_group``).
 
     Args:
         model (nn.Module): the model (may be wrapped in DDP) containing PWLU modules.
@@ -101,6 +102,7 @@ class BoundaryRealigner:
         self.modules = pwlu_modules(model)
         if not self.modules:
             raise ValueError(f"BoundaryRealigner: no PWLU module in {type(model).__name__}")
+        check_materialised(self.modules, "BoundaryRealigner")
         self.warmup_steps = warmup_steps
         self.momentum = momentum
         self.num_sigmas = float(num_sigmas)
@@ -173,6 +175,27 @@ class BoundaryRealigner:
         handle = register_optimizer_step_pre_hook(drop_pwlu_grads)
         holder.append(handle)
         self._hooks.append(handle)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickling (``pickle``, ``torch.save``, ``copy.deepcopy``) keeps the model and the
+        schedule, not the hooks: :meth:`__setstate__` makes them again for the copy's model.
+        A realigner pickled on its own carries its own copy of the model; pickle it in one
+        object with the model (``torch.save({"model": model, "realigner": realigner})``) to keep
+        them linked. For checkpoints, ``realigner.state_dict()`` is the way (see the class
+        docstring)."""
+        if self.process_group is not None:
+            raise TypeError(
+                "BoundaryRealigner: a realigner with a torch.distributed process_group cannot be pickled; "
+                "save realigner.state_dict() (with model.state_dict()) and load it into a new realigner"
+            )
+        state = self.__dict__.copy()
+        state["_hooks"] = []
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._hooks = []
+        self._apply_phase()
 
     def __del__(self) -> None:
         # a realigner dropped during phase I must not leave the PWLUs frozen

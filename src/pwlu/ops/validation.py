@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from torch import Tensor
+import math
+import operator
+import threading
+import weakref
+
+import torch
+from torch import Tensor, nn
+from torch._C import _functorch
 
 _PARAM_NAMES = ("left_bound", "right_bound", "left_slope", "right_slope")
 PARAMETER_NAMES = ("points",) + _PARAM_NAMES  #: the five parameters, in argument order
@@ -46,7 +53,8 @@ def check_params(
     right_slope: Tensor,
     channel_dim: int,
 ) -> int | None:
-    """Validate shapes; return the normalised channel axis (``None`` for layer-wise)."""
+    """Validate types, devices, shapes and finite parameters (:func:`check_finite`); return
+    the normalised channel axis (``None`` for layer-wise)."""
     check_input(x)
     params = (left_bound, right_bound, left_slope, right_slope)
     device = x.device
@@ -71,6 +79,7 @@ def check_params(
                 f"pwlu: inconsistent parameter shapes: points has shape {tuple(points.shape)} "
                 f"({mode}), so {name} must have shape {expected}, but got {tuple(p.shape)}"
             )
+    check_finite(x, points, *params)
     if points.dim() == 1:
         return None
     if x.dim() == 0:
@@ -82,3 +91,106 @@ def check_params(
             f"{tuple(x.shape)}), but the parameters have num_channels={points.shape[0]}"
         )
     return cd
+
+
+# ----------------------------------------------------------------------------------------
+# finite parameters
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+_version = operator.attrgetter("_version")
+_data_ptr = Tensor.data_ptr
+#: ``ids of the five parameters -> (compute dtype, their versions, their data pointers)`` for
+#: ``nn.Parameter`` sets that passed :func:`check_finite`. An entry goes as soon as any of
+#: its tensors is freed, so an id in a key is never one of a newer tensor.
+_CHECKED: dict[tuple[int, ...], tuple] = {}
+_lock = threading.RLock()
+
+
+def check_finite(x: Tensor, *params: Tensor) -> None:
+    """Reject parameters that are not finite in the compute dtype of ``x``, or whose range
+    ``B_R - B_L`` overflows it: a PWLU with such parameters has no well-defined function (an
+    infinite interval length, ``inf - inf`` intercepts), so every backend and the reference
+    raise the same ``ValueError``, naming the parameter, instead of returning NaN.
+
+    ``params`` are ``(points, left_bound, right_bound, left_slope, right_slope)``. Reading the
+    values needs the host (a device synchronisation on CUDA), so a set of ``nn.Parameter``
+    tensors that passed is remembered with the tensors' version counters and data pointers,
+    and read again only after it changed (an optimizer step, ``load_state_dict``, an in-place
+    write, a new ``.data``; not a write *through* ``.data``, which bumps no version counter).
+    Skipped where values cannot be read: meta and fake tensors, tensor subclasses,
+    ``torch.compile``/``torch.export`` tracing, ``torch.func`` transforms, CUDA graph capture.
+    """
+    if torch.compiler.is_compiling():
+        return
+    key = tuple(map(id, params))
+    state = _CHECKED.get(key)  # only plain nn.Parameter sets are kept: their data pointers exist
+    if state is not None and state == (x.dtype, *map(_version, params), *map(_data_ptr, params)):
+        return
+    if not _readable(params):
+        return
+    _check_values(_compute_dtype(x.dtype), params)
+    if all(type(p) is nn.Parameter for p in params):
+        _remember(key, params, x.dtype)
+
+
+def _readable(params: tuple[Tensor, ...]) -> bool:
+    if _functorch.maybe_current_level() is not None:
+        return False
+    for p in params:
+        if type(p) not in (Tensor, nn.Parameter) or p.is_meta or _functorch.is_functorch_wrapped_tensor(p):
+            return False
+    if params[0].is_cuda and torch.cuda.is_current_stream_capturing():
+        return False
+    return True
+
+
+def _check_values(dtype: torch.dtype, params: tuple[Tensor, ...]) -> None:
+    with torch.no_grad():
+        values = [p.detach().to(dtype) for p in params]
+        left, right = values[1], values[2]
+        width = right - left
+        flat = torch.cat([v.reshape(-1) for v in values] + [width.reshape(-1)])
+        if bool(torch.isfinite(flat).all()):
+            return
+        for name, original, v in zip(PARAMETER_NAMES, params, values):
+            bad = ~torch.isfinite(v)
+            if bool(bad.any()):
+                index = tuple(torch.nonzero(bad)[0].tolist())
+                value = original.detach()[index].item()
+                where = f" at index {index}" if index else ""
+                if math.isfinite(value):
+                    raise ValueError(
+                        f"pwlu: {name} holds {value!r}{where}, which overflows {str(dtype).replace('torch.', '')} "
+                        "(the compute dtype of this input); PWLU parameters must be finite in it"
+                    )
+                raise ValueError(
+                    f"pwlu: {name} holds {value!r}{where} ({int(bad.sum())} non-finite value(s) in all); "
+                    "PWLU parameters must be finite (an infinite or NaN boundary, slope or breakpoint value "
+                    "defines no function)"
+                )
+        index = tuple(torch.nonzero(~torch.isfinite(width))[0].tolist())
+        where = f" at index {index}" if index else ""
+        raise ValueError(
+            f"pwlu: the range right_bound - left_bound = {right[index].item()!r} - {left[index].item()!r}{where} "
+            f"overflows {str(dtype).replace('torch.', '')} (the compute dtype of this input); keep the "
+            "boundaries within half the dtype's largest value"
+        )
+
+
+def _remember(key: tuple[int, ...], params: tuple[Tensor, ...], dtype: torch.dtype) -> None:
+    state = (dtype, *map(_version, params), *map(_data_ptr, params))
+    with _lock:
+        fresh = key not in _CHECKED
+        _CHECKED[key] = state
+    if fresh:
+        for p in params:
+            weakref.finalize(p, _forget, key)
+
+
+def _forget(key: tuple[int, ...]) -> None:
+    with _lock:
+        _CHECKED.pop(key, None)

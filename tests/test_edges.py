@@ -1,0 +1,402 @@
+"""Numerics and API edges (issue 11, "Numerics and API edges"): each case ends in the right
+answer or a clear error that names the offending value or module."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import pickle
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pwlu
+from pwlu.ops import dispatch
+
+BACKENDS = ["torch", "cpu", "triton", "reference"]
+
+
+def _backend_or_skip(name: str) -> str:
+    if name != "reference" and not dispatch.is_available(name, torch.device("cpu")):
+        pytest.skip(f"backend {name!r} is not available for CPU tensors here")
+    return name
+
+
+# ----------------------------------------------------------------------------------------
+# realign_boundaries on float16 with a huge spread: never ±inf bounds, never NaN
+
+
+def _fp16_module_with_stats(mean: float, std: float) -> pwlu.PWLU:
+    m = pwlu.PWLU(3, num_intervals=8).half()
+    m.running_mean.fill_(mean)
+    m.running_std.fill_(std)
+    m.num_batches_tracked.fill_(1)
+    return m
+
+
+@pytest.mark.parametrize("preserve_function", [False, True])
+@pytest.mark.parametrize("mean,std", [(100.0, 2.2e4), (-3e4, 2e4), (6e4, 3e3), (0.0, float("inf"))])
+def test_realign_float16_huge_std_stays_finite(mean, std, preserve_function):
+    """mean ± 3·std beyond float16's 65504 is clamped to what float16 holds (an overflowed
+    running_std of +inf means the whole float16 range); outputs are never NaN."""
+    m = _fp16_module_with_stats(mean, std)
+    pwlu.realign_boundaries(m, preserve_function=preserve_function)
+    big = torch.finfo(torch.float16).max
+    for name, p in m.named_parameters():
+        assert torch.isfinite(p).all(), f"{name} = {p}"
+    assert (m.left_bound >= -big).all() and (m.right_bound <= big).all()
+    assert (m.right_bound.float() - m.left_bound.float() >= pwlu.DEFAULT_MIN_WIDTH).all()
+    x = torch.linspace(-big, big, 4001).reshape(1, 1, -1).expand(2, 3, -1).half()
+    y = m(x)
+    assert not torch.isnan(y).any()
+    if not preserve_function:  # still Eq. 6's ReLU at the breakpoints
+        steps = torch.arange(9, dtype=torch.float64) / 8
+        left, right = m.left_bound.double().unsqueeze(-1), m.right_bound.double().unsqueeze(-1)
+        torch.testing.assert_close(m.points.double(), torch.relu(left + steps * (right - left)), rtol=1e-3, atol=0)
+
+
+def test_realign_float16_narrow_range_at_the_top_keeps_min_width():
+    m = _fp16_module_with_stats(65504.0, 0.0)
+    pwlu.realign_boundaries(m)
+    width = m.right_bound.float() - m.left_bound.float()
+    assert torch.isfinite(m.right_bound).all() and (width >= pwlu.DEFAULT_MIN_WIDTH).all()
+
+
+def test_realign_float16_refit_that_overflows_names_the_module():
+    model = nn.Sequential(nn.Linear(4, 4), pwlu.PWLU(2, num_intervals=4, init=lambda t: 1000 * t)).half()
+    model[1].running_std.fill_(2e4)
+    model[1].num_batches_tracked.fill_(1)
+    before = [p.detach().clone() for p in model[1].parameters()]
+    with pytest.raises(ValueError, match=r"'1'.*overflows its float16"):
+        pwlu.realign_boundaries(model, preserve_function=True)
+    assert all(torch.equal(a, b) for a, b in zip(before, model[1].parameters()))  # unchanged
+
+
+def test_fix_init_bound_beyond_float16_names_the_module():
+    model = nn.Sequential(nn.Linear(4, 4), pwlu.PWLU(4)).half()
+    with pytest.raises(ValueError, match=r"'1'.*float16"):
+        pwlu.fix_init(model, 1e5)
+
+
+# ----------------------------------------------------------------------------------------
+# non-finite parameters: rejected by every backend and the reference, naming the parameter
+
+
+def _params(**overrides):
+    p = {
+        "points": torch.linspace(-1.0, 1.0, 5),
+        "left_bound": torch.tensor(-1.0),
+        "right_bound": torch.tensor(2.0),
+        "left_slope": torch.tensor(0.5),
+        "right_slope": torch.tensor(1.0),
+    }
+    p.update(overrides)
+    return [p[name] for name in ("points", "left_bound", "right_bound", "left_slope", "right_slope")]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "name,value",
+    [("right_bound", float("inf")), ("left_bound", float("-inf")), ("right_bound", float("nan")),
+     ("left_slope", float("inf")), ("points", float("nan"))],
+)  # fmt: skip
+def test_non_finite_parameters_are_rejected(backend, name, value):
+    _backend_or_skip(backend)
+    params = _params()
+    index = ("points", "left_bound", "right_bound", "left_slope", "right_slope").index(name)
+    params[index] = params[index].clone()
+    params[index].view(-1)[-1] = value
+    x = torch.linspace(-3, 3, 13)
+    for requires_grad in (False, True):
+        args = [p.clone().requires_grad_(requires_grad) for p in params]
+        with pwlu.use_backend(backend), pytest.raises(ValueError, match=rf"{name}.*(inf|nan)"):
+            pwlu.pwlu(x, *args)
+    with pytest.raises(ValueError, match=rf"{name}.*(inf|nan)"):
+        pwlu.pwlu_reference(x, *params)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_range_that_overflows_the_compute_dtype_is_rejected(backend):
+    _backend_or_skip(backend)
+    params = _params(left_bound=torch.tensor(-3e38), right_bound=torch.tensor(3e38))
+    with pwlu.use_backend(backend), pytest.raises(ValueError, match="overflows float32"):
+        pwlu.pwlu(torch.randn(10), *params)
+    # float64 parameters that float32 inputs cannot hold
+    params = _params(right_bound=torch.tensor(1e300, dtype=torch.float64))
+    with pwlu.use_backend(backend), pytest.raises(ValueError, match="right_bound.*float32"):
+        pwlu.pwlu(torch.randn(10), *params)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_special_inputs_still_work_with_finite_parameters(backend):
+    """NaN in x gives NaN out and ±inf in x the function's limits, in every backend."""
+    _backend_or_skip(backend)
+    x = torch.tensor([float("nan"), float("-inf"), float("inf"), -2.0, 0.5, 3.0])
+    with pwlu.use_backend(backend):
+        y = pwlu.pwlu(x, *_params())
+    assert math.isnan(y[0].item())
+    assert y[1:3].tolist() == [float("-inf"), float("inf")]
+    torch.testing.assert_close(y[3:], pwlu.pwlu_reference(x[3:], *_params()))
+
+
+def test_module_parameters_edited_to_inf_are_rejected_in_every_path():
+    m = pwlu.PWLU(3)
+    x = torch.randn(2, 3, 5)
+    m(x)  # training path: parameters checked (and remembered as finite)
+    with torch.no_grad():
+        m.eval()
+        m(x)  # inference plan made
+        m.right_bound[1] = float("inf")
+    with torch.no_grad(), pytest.raises(ValueError, match=r"right_bound.*inf"):
+        m(x)
+    m.train()
+    with pytest.raises(ValueError, match=r"right_bound.*inf"):
+        m(x)
+
+
+# ----------------------------------------------------------------------------------------
+# float32 with many intervals on a range far from 0: the documented error bound
+
+
+def _error_bound(x, params, eps):
+    """README, Conventions, "Rounding": |error| <= 4·eps·(max|Y_P| + (B_R - B_L)·max|K_i|
+    + |K_o|·(|x - s| + B_R - B_L)), K_o the outer slope of x's side, s = clamp(0, B_L, B_R)."""
+    points, left, right, kl, kr = (p.double() for p in params)
+    n = points.shape[-1] - 1
+    width = right - left
+    k_inner = ((points[1:] - points[:-1]) * n / width).abs().max()
+    s = torch.clamp(torch.zeros(()), left, right)
+    outer = torch.where(x < left, kl.abs(), torch.where(x >= right, kr.abs(), torch.zeros(())))
+    return 4 * eps * (points.abs().max() + width * k_inner + outer * ((x - s).abs() + width))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton", "reference"])
+@pytest.mark.parametrize("lo,hi", [(100.0, 101.0), (100.1, 100.8), (-0.3, 0.4), (1000.0, 1001.0), (-1e4, -9999.0)])
+def test_float32_many_intervals_far_from_zero_within_documented_bound(backend, lo, hi):
+    _backend_or_skip(backend)
+    n = 1000
+    g = torch.Generator().manual_seed(0)
+    params = [
+        torch.randn(n + 1, generator=g),
+        torch.tensor(lo),
+        torch.tensor(hi),
+        torch.tensor(0.5),
+        torch.tensor(-2.0),
+    ]
+    width = hi - lo
+    x = (lo - 0.2 * width + 1.4 * width * torch.rand(20000, generator=g, dtype=torch.float64)).float()
+    exact = pwlu.pwlu_reference(x.double(), *(p.double() for p in params))
+    with pwlu.use_backend(backend):
+        y = pwlu.pwlu(x, *params)
+    err = (y.double() - exact).abs()
+    bound = _error_bound(x.double(), params, torch.finfo(torch.float32).eps)
+    assert (err <= bound).all(), f"max error {err.max().item():.3g}, worst ratio {(err / bound).max().item():.3g}"
+
+
+# ----------------------------------------------------------------------------------------
+# the meta device
+
+
+@pytest.mark.parametrize("num_channels", [None, 8])
+def test_meta_device_construction_repr_and_materialisation(num_channels):
+    with torch.device("meta"):
+        m = pwlu.PWLU(num_channels, num_intervals=4, channel_dim=1)
+        lazy = pwlu.LazyPWLU(4)
+    assert m.points.is_meta and m.running_mean.is_meta
+    assert "meta" in repr(m) and "num_intervals=4" in repr(m)
+    assert "lazy" in repr(lazy)
+    # a module built on meta, then materialised, is the same as one built directly
+    m.to_empty(device="cpu")
+    m.reset_parameters()
+    want = pwlu.PWLU(num_channels, num_intervals=4, channel_dim=1)
+    for (name, a), (_, b) in zip(m.state_dict().items(), want.state_dict().items()):
+        assert torch.equal(a, b), name
+    x = torch.randn(2, 8, 3)
+    assert torch.equal(m(x), torch.relu(x))
+
+
+def test_meta_device_forward_gives_shapes():
+    with torch.device("meta"):
+        m = pwlu.PWLU(8)
+        y = m(torch.empty(2, 8, 4, 4))
+    assert y.is_meta and y.shape == (2, 8, 4, 4)
+
+
+# ----------------------------------------------------------------------------------------
+# init= callables are validated
+
+
+@pytest.mark.parametrize(
+    "init,error,match",
+    [
+        (lambda t: t.sum(), ValueError, r"shape \(\) .*\(4, 17\)|\(4, 17\).*shape \(\)"),
+        (lambda t: t[..., :-1], ValueError, r"shape"),
+        (torch.log, ValueError, r"log.*non-finite.*nan"),
+        (lambda t: 1.0 / t, ValueError, r"non-finite.*inf"),
+        (lambda t: t.tolist(), TypeError, r"tensor"),
+        (lambda t: torch.where(t.abs() >= 3, torch.full_like(t, float("nan")), t), ValueError, r"non-finite"),
+    ],
+)
+def test_init_callable_output_is_validated(init, error, match):
+    with pytest.raises(error, match=match):
+        pwlu.PWLU(4, init=init)
+
+
+def test_init_callable_with_non_finite_slope_is_rejected():
+    # finite at every breakpoint of [-3, 3], but no finite slope at the left boundary
+    with pytest.raises(ValueError, match=r"slope.*-3"):
+        pwlu.PWLU(2, init=lambda t: torch.sqrt(t + 3))
+
+
+def test_valid_init_callables_still_work():
+    m = pwlu.PWLU(4, init=lambda t: 0.5 * t)
+    torch.testing.assert_close(m.left_slope, torch.full((4,), 0.5))
+    m = pwlu.PWLU(None, init=torch.exp)
+    assert torch.isfinite(m.points).all()
+
+
+# ----------------------------------------------------------------------------------------
+# convert_activations on scripted, traced and functional models
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.act(self.conv(x))
+
+
+class _FunctionalNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = F.relu(self.conv(x))
+        return F.gelu(self.fc(x.mean((2, 3))))
+
+
+X = torch.randn(1, 3, 16, 16)
+
+
+def _script(module: nn.Module) -> torch.jit.ScriptModule:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.script's own deprecation warning
+        return torch.jit.script(module)
+
+
+def test_convert_scripted_model_raises_conversion_error():
+    with pytest.raises(pwlu.ConversionError, match=r"RecursiveScriptModule.*script"):
+        pwlu.convert_activations(_script(_Net()), example_input=X)
+
+
+def test_convert_model_with_scripted_submodule_names_it():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), _script(nn.ReLU()))
+    with pytest.raises(pwlu.ConversionError, match=r"'1'.*RecursiveScriptModule"):
+        pwlu.convert_activations(model, example_input=X)
+
+
+def test_convert_traced_model_warns_that_nothing_was_converted():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.trace's own deprecation warning
+        traced = torch.jit.trace(_Net(), X)
+    with pytest.warns(UserWarning, match=r"converted nothing.*torch\.jit\.trace"):
+        out = pwlu.convert_activations(traced, example_input=X)
+    assert out is traced
+
+
+def test_convert_functional_activations_warns_naming_them():
+    model = _FunctionalNet()
+    with pytest.warns(UserWarning, match=r"converted nothing.*relu.*gelu"):
+        pwlu.convert_activations(model, example_input=X)
+
+
+def test_convert_warns_not_when_something_was_converted():
+    class Mixed(_FunctionalNet):
+        def __init__(self) -> None:
+            super().__init__()
+            self.act = nn.SiLU()
+
+        def forward(self, x):
+            return super().forward(self.act(x))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = pwlu.convert_activations(Mixed(), example_input=X)
+    assert isinstance(model.act, pwlu.PWLU)
+
+
+# ----------------------------------------------------------------------------------------
+# BoundaryRealigner: an unmaterialised LazyPWLU; pickling
+
+
+def test_realigner_with_unmaterialised_lazy_pwlu_says_run_a_forward_first():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), pwlu.LazyPWLU())
+    with pytest.raises(ValueError, match=r"'1'.*not materiali[sz]ed.*forward"):
+        pwlu.BoundaryRealigner(model, warmup_steps=3)
+    with pytest.raises(ValueError, match=r"'1'.*forward"):
+        pwlu.fix_init(model, 3.0)
+    model(X)
+    pwlu.BoundaryRealigner(model, warmup_steps=3)  # fine once materialised
+
+
+def test_realigner_collects_per_channel_statistics_of_a_lazy_pwlu():
+    """A materialised LazyPWLU has per-channel statistics buffers (they used to stay scalars,
+    and the first collecting forward failed), also when loaded from a state dict."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), pwlu.LazyPWLU(4))
+    model(X)
+    realigner = pwlu.BoundaryRealigner(model, warmup_steps=2)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    for _ in range(3):
+        _train_step(model, opt, realigner, torch.randn(2, 3, 16, 16))
+    pw = model[1]
+    assert type(pw) is pwlu.PWLU and pw.running_mean.shape == (4,) and int(pw.num_batches_tracked) == 2
+    assert not torch.equal(pw.left_bound, torch.full((4,), -3.0))  # realigned per channel
+    fresh = nn.Sequential(nn.Conv2d(3, 4, 3), pwlu.LazyPWLU(4))
+    fresh.load_state_dict(model.state_dict())
+    assert torch.equal(fresh[1].running_mean, pw.running_mean)
+
+
+def _train_step(model, opt, realigner, x):
+    opt.zero_grad()
+    model(x).square().mean().backward()
+    opt.step()
+    realigner.step()
+
+
+def test_realigner_pickles_and_resumes():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), pwlu.PWLU(4))
+    realigner = pwlu.BoundaryRealigner(model, warmup_steps=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    _train_step(model, opt, realigner, X)
+    blob = pickle.dumps(realigner)
+    buffer = io.BytesIO()
+    torch.save({"realigner": realigner, "model": model}, buffer)
+    clone = pickle.loads(blob)
+    assert clone.num_steps == 1 and clone.phase == "collecting" and clone.state_dict() == realigner.state_dict()
+    # the unpickled realigner freezes the unpickled model's PWLU in phase I
+    opt2 = torch.optim.SGD(clone.model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    before = [p.detach().clone() for p in clone.model[1].parameters()]
+    _train_step(clone.model, opt2, clone, X)
+    assert all(torch.equal(a, b) for a, b in zip(before, clone.model[1].parameters()))
+    assert int(clone.model[1].num_batches_tracked) == 2
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert loaded["realigner"].model is loaded["model"]
+    copy.deepcopy(realigner)  # still works
+
+
+def test_realigner_with_process_group_refuses_to_pickle_clearly():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), pwlu.PWLU(4))
+    realigner = pwlu.BoundaryRealigner(model, warmup_steps=3)
+    realigner.process_group = object()  # stands in for a torch.distributed group
+    with pytest.raises(TypeError, match=r"state_dict"):
+        pickle.dumps(realigner)
