@@ -180,7 +180,12 @@ def test_empty_input(device):
 
 @pytest.mark.parametrize(
     "num_channels,shape,channel_dim,channels_last",
-    [(None, (2, 3, 40, 40), None, False), (3, (2, 3, 40, 40), 1, False), (70, (2, 70, 3, 3), 1, True)],
+    [
+        (None, (2, 3, 40, 40), None, False),
+        (3, (2, 3, 40, 40), 1, False),
+        (70, (2, 70, 3, 3), 1, True),
+        (64, (1, 64), 1, False),  # one row of 64 channels: a thread per channel, no slot sum
+    ],
 )
 def test_kernels_match_torch_backend(device, num_channels, shape, channel_dim, channels_last):
     """Forward and backward (dx, histogram) on the folded tables; several tiles per program."""
@@ -202,6 +207,31 @@ def test_kernels_match_torch_backend(device, num_channels, shape, channel_dim, c
 
 
 @pytest.mark.parametrize(
+    "num_channels,shape,channel_dim,channels_last",
+    [(3, (2, 3, 9, 40), 1, False), (70, (5, 70, 3, 3), 1, True), (None, (2, 700), None, False)],
+)
+@pytest.mark.parametrize("n,passes", [(62, [(0, 64)]), (64, [(0, 33), (33, 66)]), (100, [(0, 51), (51, 102)])])
+def test_kernels_many_intervals(device, num_channels, shape, channel_dim, channels_last, n, passes):
+    """Past 64 regions the backward histograms them in passes (dx stored by the first); 64
+    regions (N = 62) in one launch with 64-row histograms."""
+    assert triton_backend._region_passes(n) == passes
+    params = random_params(num_channels, n=n, seed=12)
+    two_d = [params[0].reshape(-1, n + 1).to(device)] + [p.reshape(-1).to(device) for p in params[1:]]
+    slopes, intercepts, left, right, inv_d, shift = fold_tables(*two_d)
+    x = inputs(shape, device)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    grad = inputs(shape, device, seed=13, scale=1.0)
+    y = triton_backend.forward(x, slopes, intercepts, left, right, inv_d, channel_dim, shift)
+    y_want = torch_backend.forward(x, slopes, intercepts, left, right, inv_d, channel_dim, shift)
+    dx, hist = triton_backend.backward(grad, x, slopes, left, right, inv_d, channel_dim)
+    dx_want, hist_want = torch_backend.backward(grad, x, slopes, left, right, inv_d, channel_dim)
+    torch.testing.assert_close(y, y_want, rtol=1e-5, atol=1e-5, msg=lambda m: f"y: {m}")
+    torch.testing.assert_close(dx, dx_want, rtol=0, atol=0, msg=lambda m: f"dx: {m}")
+    torch.testing.assert_close(hist, hist_want, rtol=1e-5, atol=1e-4, msg=lambda m: f"hist: {m}")
+
+
+@pytest.mark.parametrize(
     "make,channel_dim,expected",
     [
         (lambda: torch.empty(2, 3, 4, 5), 1, (2, 3, 20)),
@@ -217,6 +247,59 @@ def test_layout_without_copies(make, channel_dim, expected):
     y = torch.empty_like(x)
     assert triton_backend._as_dense(x, y) is x
     assert triton_backend._layout(y, channel_dim) == expected
+
+
+@pytest.mark.parametrize(
+    "outer,num_channels,inner",
+    [
+        (2, 100_000, 7),  # NCHW-like, more channels than grid axis 1 allows (65535)
+        (1, 70_000, 2),
+        (2, 65_536, 1024),
+        (3, 5_000_000, 1),  # channels-last: 78125 channel blocks of 64
+        (1, 1, 2**31),  # layer-wise, 2**31 elements
+        (4, 300_000, 8000),  # 2.4e9 elements per outer row: int32 tile offsets need BLOCK_O = 1
+        (3, 7, 33),
+    ],
+)
+@pytest.mark.parametrize("sms", [None, 132])
+def test_launch_grids_within_cuda_limits(outer, num_channels, inner, sms):
+    """CUDA caps grid axes 1 and 2 at 65535 (axis 0 at 2**31 - 1): no channel count puts a
+    launch past them, and the programs cover every (column, tile) once. Pure Python: the
+    interpreter would take minutes to run 100k programs."""
+    limits = (2**31 - 1, 65535, 65535)
+    for kind in ("forward", "backward"):
+        if kind == "forward":
+            block_o, block_k, _ = triton_backend._forward_blocks(outer, num_channels, inner, aligned=inner % 2 == 0)
+        else:
+            block_o, block_k, slots = triton_backend._backward_blocks(outer, num_channels, inner)
+            # a slot (thread) sees one channel: SLOTS is a multiple of BLOCK_K for channels-last
+            assert (block_o * block_k) % slots == 0
+            if inner == 1 and num_channels > 1:
+                assert slots % block_k == 0
+        # int32 offsets inside a tile
+        row_stride = num_channels if inner == 1 and num_channels > 1 else num_channels * inner
+        assert (block_o - 1) * row_stride + block_k < 2**31
+        tiles, columns = triton_backend._tiles(outer, num_channels, inner, block_o, block_k)
+        # the tiles of a column cover its (outer, inner) or (outer, channel-block) elements
+        if inner == 1 and num_channels > 1:
+            assert tiles * block_o >= outer and columns * block_k >= num_channels
+        else:
+            assert columns == num_channels and tiles * block_o * block_k >= outer * inner
+        if kind == "forward":
+            grid = triton_backend._forward_grid(outer, num_channels, inner, block_o, block_k)
+            assert grid == (tiles * columns,)
+            # the kernel's decoding of the last program: the last tile of the last column
+            last = grid[0] - 1
+            if inner == 1 and num_channels > 1:
+                assert (last // columns, last % columns) == (tiles - 1, columns - 1)
+            else:
+                assert (last // tiles, last % tiles) == (columns - 1, tiles - 1)
+        else:
+            grid = triton_backend._backward_grid(outer, num_channels, inner, block_o, block_k, sms)
+            assert grid[0] == columns and 1 <= grid[1] <= min(tiles, 2 if sms is None else 4 * sms)
+        assert all(1 <= n <= limit for n, limit in zip(grid, limits)), (kind, grid)
+    with pytest.raises(ValueError, match="exceeds CUDA's limits"):
+        triton_backend._check_grid((1, 70_000))
 
 
 def test_parameter_gradients_deterministic(device):

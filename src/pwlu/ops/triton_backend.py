@@ -15,6 +15,11 @@ The backward writes ``dx`` and, per program, a partial histogram of ``sum(g)`` a
 ``sum(g * r)`` over the ``N + 2`` regions of each channel it covers into a buffer
 ``[programs, C, N + 2, 2]`` (compute dtype), which is then summed with ``.sum(0)``: no
 atomics, so parameter gradients are bit-identical run to run (Liger-Kernel's DyT pattern).
+Inside a program every thread keeps its own histogram in registers (a region test and two
+predicated adds per element and region, no cross-thread reduction until the end); past
+N = 64 the regions are histogrammed in several launches. Registers, spills and the cost per
+element of both kernels compiled for sm_80/sm_90: ``benchmarks/results/triton_resources.md``
+and ``benchmarks/results/triton_cost_model.md``.
 
 With ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors in the Triton interpreter
 (how CI tests them). Triton fixes the mode when a ``@triton.jit`` function is defined, its
@@ -32,10 +37,14 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.interpreter import InterpretedFunction
 
-_FORWARD_TILE = 2048  # elements per forward program
-_BACKWARD_TILE = 1024  # elements per backward loop iteration (more live registers)
+_FORWARD_TILE = 2048  # elements per forward program (channels-last: half)
+_BACKWARD_PER_THREAD = 8  # backward elements per thread and loop iteration
+_BACKWARD_SLOTS = 128  # backward threads per program, each with its own histogram
+_REGIONS_PER_PASS = 64  # backward: at most this many histogram regions per launch
+_REGIONS_PER_PASS_F64 = 24  # the same for float64 accumulators (two registers each)
 _MAX_CHANNEL_BLOCK = 64  # channels per tile when the channel axis is the innermost one
 _PROGRAMS_PER_SM = 4  # backward programs per streaming multiprocessor
+_GRID_LIMITS = (2**31 - 1, 65535, 65535)  # CUDA's limits on grid axes 0, 1 and 2
 
 
 @triton.jit
@@ -58,32 +67,49 @@ def _pwlu_forward_kernel(
 ):
     rows = tl.arange(0, BLOCK_O)
     cols = tl.arange(0, BLOCK_K)
+    # a 1-D grid (see _forward_grid): CUDA allows 2**31 - 1 programs on axis 0, 65535 on axes 1 and 2
+    pid = tl.program_id(0)
+    # offsets: an int64 tile base plus int32 offsets inside the tile (the launcher keeps those
+    # below 2**31, see _launch_blocks); fewer registers and instructions than int64 per element
     if CHANNELS_LAST:
-        # inner == 1: one program per (outer-block, channel-block) tile of the (outer, C) matrix
-        o = tl.program_id(0).to(tl.int64) * BLOCK_O + rows
-        chan = tl.program_id(1) * BLOCK_K + cols
-        mask = (o[:, None] < outer) & (chan[None, :] < num_channels)
-        offs = o[:, None] * num_channels + chan[None, :]
+        # inner == 1: one program per (outer-block, channel-block) tile of the (outer, C) matrix,
+        # program ob * channel_blocks + cb
+        channel_blocks = tl.cdiv(num_channels, BLOCK_K)
+        o0 = (pid // channel_blocks).to(tl.int64) * BLOCK_O
+        c0 = (pid % channel_blocks) * BLOCK_K
+        chan = c0 + cols
         chan_ok = chan < num_channels
+        mask = (rows[:, None] < tl.minimum(outer - o0, BLOCK_O).to(tl.int32)) & chan_ok[None, :]
+        base = o0 * num_channels + c0
+        if BLOCK_O == 1:
+            local = cols[None, :]
+        else:
+            local = rows[:, None] * num_channels + cols[None, :]
         left = tl.load(left_ptr + chan, mask=chan_ok, other=0.0)[None, :]
         right = tl.load(right_ptr + chan, mask=chan_ok, other=1.0)[None, :]
         inv_d = tl.load(inv_d_ptr + chan, mask=chan_ok, other=1.0)[None, :]
         shift = tl.load(shift_ptr + chan, mask=chan_ok, other=0.0)[None, :]
         chan = chan[None, :]
     else:
-        # one program per (outer-block, inner-block) tile of channel c = program_id(1)
-        chan = tl.program_id(1)
+        # one program per (outer-block, inner-block) tile t of channel c: program c * tiles + t
         inner_blocks = tl.cdiv(inner, BLOCK_K)
-        o = (tl.program_id(0) // inner_blocks).to(tl.int64) * BLOCK_O + rows
-        i = (tl.program_id(0) % inner_blocks).to(tl.int64) * BLOCK_K + cols
-        mask = (o[:, None] < outer) & (i[None, :] < inner)
-        offs = (o[:, None] * num_channels + chan) * inner + i[None, :]
+        tiles = tl.cdiv(outer, BLOCK_O) * inner_blocks
+        chan = pid // tiles
+        tile = pid % tiles
+        o0 = (tile // inner_blocks).to(tl.int64) * BLOCK_O
+        i0 = (tile % inner_blocks) * BLOCK_K
+        mask = (rows[:, None] < tl.minimum(outer - o0, BLOCK_O).to(tl.int32)) & (cols[None, :] < inner - i0)
+        base = (o0 * num_channels + chan) * inner + i0
+        if BLOCK_O == 1:
+            local = cols[None, :]
+        else:
+            local = rows[:, None] * (num_channels * inner) + cols[None, :]
         left = tl.load(left_ptr + chan)
         right = tl.load(right_ptr + chan)
         inv_d = tl.load(inv_d_ptr + chan)
         shift = tl.load(shift_ptr + chan)
 
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(slopes_ptr.dtype.element_ty)
+    x = tl.load(x_ptr + base + local, mask=mask, other=0.0).to(slopes_ptr.dtype.element_ty)
     # u = (x - B_L) / d, computed as in the reference so regions agree at breakpoints
     u = (x - left) * inv_d
     # interval i = clamp(floor(u), 0, N-1); NaN goes to interval 0 (its output stays NaN)
@@ -98,7 +124,7 @@ def _pwlu_forward_kernel(
     # y = a[k] * (x - shift) + b[k]; a flat outer piece maps ±inf to its constant (not inf * 0 = NaN)
     y = a * (x - shift) + b
     y = tl.where((tl.abs(x) == float("inf")) & (a == 0.0), b, y)
-    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + base + local, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -119,86 +145,110 @@ def _pwlu_backward_kernel(
     BLOCK_O: tl.constexpr,
     BLOCK_K: tl.constexpr,
     REGIONS_PAD: tl.constexpr,
+    SLOTS: tl.constexpr,
+    REGION_LO: tl.constexpr,
+    REGION_HI: tl.constexpr,
+    STORE_DX: tl.constexpr,
 ):
+    # A BLOCK_O x BLOCK_K tile is walked as rows of SLOTS elements, one element per thread
+    # (flat tile index f = e * SLOTS + slot). Each thread keeps its own histogram over the
+    # regions, acc[region, slot], held in its registers: a region test and two predicated adds
+    # per element and region, no cross-thread reduction until the program's last tile. For
+    # channels-last SLOTS is a multiple of BLOCK_K, so a slot always sees the same channel.
+    # A launch histograms regions [REGION_LO, REGION_HI): the launcher makes passes of at most
+    # 64 regions (2 x 64 accumulators per thread; more would spill), only the first storing dx.
     compute_ty = slopes_ptr.dtype.element_ty
-    rows = tl.arange(0, BLOCK_O)
-    cols = tl.arange(0, BLOCK_K)
-    regions = tl.arange(0, REGIONS_PAD)
+    slot = tl.arange(0, SLOTS)
+    regions = REGION_LO + tl.arange(0, REGIONS_PAD)[:, None]
+    real = regions < REGION_HI  # padding rows: never hit, folded away by the compiler
+    # grid (columns, P), see _backward_grid: column = channel block (channels-last) or channel
     if CHANNELS_LAST:
-        # grid (P, channel blocks): program (p, cb) loops over outer blocks p, p + P, ...
-        chan = tl.program_id(1) * BLOCK_K + cols
+        # program (cb, p) loops over outer blocks p, p + P, ...
+        c0 = tl.program_id(0) * BLOCK_K
+        chan = c0 + slot % BLOCK_K
         chan_ok = chan < num_channels
         num_tiles = tl.cdiv(outer, BLOCK_O)
-        left = tl.load(left_ptr + chan, mask=chan_ok, other=0.0)[None, :]
-        right = tl.load(right_ptr + chan, mask=chan_ok, other=1.0)[None, :]
-        inv_d = tl.load(inv_d_ptr + chan, mask=chan_ok, other=1.0)[None, :]
-        table_base = chan[None, :] * (N + 2)
-        # per-column partial sums, one row per region
-        acc_g = tl.zeros([REGIONS_PAD, BLOCK_K], dtype=compute_ty)
-        acc_r = tl.zeros([REGIONS_PAD, BLOCK_K], dtype=compute_ty)
+        left = tl.load(left_ptr + chan, mask=chan_ok, other=0.0)
+        right = tl.load(right_ptr + chan, mask=chan_ok, other=1.0)
+        inv_d = tl.load(inv_d_ptr + chan, mask=chan_ok, other=1.0)
+        row_stride = num_channels
+        cols_left = num_channels - c0
     else:
-        # grid (P, C): program (p, c) loops over (outer, inner) tiles p, p + P, ... of channel c
-        chan = tl.program_id(1)
+        # program (c, p) loops over (outer, inner) tiles p, p + P, ... of channel c
+        chan = tl.program_id(0)
         inner_blocks = tl.cdiv(inner, BLOCK_K)
         num_tiles = tl.cdiv(outer, BLOCK_O) * inner_blocks
         left = tl.load(left_ptr + chan)
         right = tl.load(right_ptr + chan)
         inv_d = tl.load(inv_d_ptr + chan)
-        table_base = chan * (N + 2)
-        acc_g = tl.zeros([REGIONS_PAD], dtype=compute_ty)
-        acc_r = tl.zeros([REGIONS_PAD], dtype=compute_ty)
+        row_stride = num_channels * inner  # used only when BLOCK_O > 1 (then < 2**31)
+    table_base = chan * (N + 2)
+    acc_g = tl.zeros([REGIONS_PAD, SLOTS], dtype=compute_ty)
+    acc_r = tl.zeros([REGIONS_PAD, SLOTS], dtype=compute_ty)
 
-    zero = tl.program_id(0).to(tl.int64) * 0
-    for tile_id in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
-        tile = zero + tile_id  # int64 offsets from here on
+    zero = tl.program_id(1).to(tl.int64) * 0
+    for tile_id in range(tl.program_id(1), num_tiles, tl.num_programs(1)):
+        # int64 tile base, int32 offsets inside the tile (see _launch_blocks)
         if CHANNELS_LAST:
-            o = tile * BLOCK_O + rows
-            mask = (o[:, None] < outer) & chan_ok[None, :]
-            offs = o[:, None] * num_channels + chan[None, :]
+            o0 = (zero + tile_id) * BLOCK_O
+            base = o0 * num_channels + c0
         else:
-            o = (tile // inner_blocks) * BLOCK_O + rows
-            i = (tile % inner_blocks) * BLOCK_K + cols
-            mask = (o[:, None] < outer) & (i[None, :] < inner)
-            offs = (o[:, None] * num_channels + chan) * inner + i[None, :]
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(compute_ty)
-        g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(compute_ty)
-        # region k exactly as in the forward kernel
-        u = (x - left) * inv_d
-        i_f = tl.floor(u)
-        i_f = tl.where(i_f == i_f, i_f, 0.0)
-        i_f = tl.minimum(tl.maximum(i_f, 0.0), N - 1.0)
-        is_left = x < left
-        is_right = x >= right
-        k = tl.where(is_left, 0, tl.where(is_right, N + 1, i_f.to(tl.int32) + 1))
-        a = tl.load(slopes_ptr + table_base + k, mask=mask, other=0.0)
-        # dy/dx = slope of region k
-        tl.store(dx_ptr + offs, (g * a).to(dx_ptr.dtype.element_ty), mask=mask)
-        # local coordinate r: x - B_L (left), x - B_R (right), t = u - i (inner intervals)
-        r = tl.where(is_left, x - left, tl.where(is_right, x - right, u - i_f))
-        g = tl.where(mask, g, 0.0)
-        gr = tl.where(mask, g * r, 0.0)
-        # histogram over regions: masked column sums, accumulated into row j
-        for j in range(N + 2):
-            in_j = k == j
-            sum_g = tl.sum(tl.where(in_j, g, 0.0), axis=0)
-            sum_r = tl.sum(tl.where(in_j, gr, 0.0), axis=0)
-            if CHANNELS_LAST:
-                acc_g = tl.where(regions[:, None] == j, acc_g + sum_g[None, :], acc_g)
-                acc_r = tl.where(regions[:, None] == j, acc_r + sum_r[None, :], acc_r)
+            o0 = (zero + tile_id // inner_blocks) * BLOCK_O
+            i0 = (tile_id % inner_blocks) * BLOCK_K
+            base = (o0 * num_channels + chan) * inner + i0
+            cols_left = inner - i0
+        rows_left = tl.minimum(outer - o0, BLOCK_O).to(tl.int32)
+        for e in tl.static_range(BLOCK_O * BLOCK_K // SLOTS):
+            f = e * SLOTS + slot
+            row = f // BLOCK_K
+            col = f % BLOCK_K
+            mask = (row < rows_left) & (col < cols_left)
+            if BLOCK_O == 1:
+                local = col
             else:
-                acc_g = tl.where(regions == j, acc_g + tl.sum(sum_g, axis=0), acc_g)
-                acc_r = tl.where(regions == j, acc_r + tl.sum(sum_r, axis=0), acc_r)
+                local = row * row_stride + col
+            x = tl.load(x_ptr + base + local, mask=mask, other=0.0).to(compute_ty)
+            g = tl.load(grad_ptr + base + local, mask=mask, other=0.0).to(compute_ty)
+            # region k exactly as in the forward kernel
+            u = (x - left) * inv_d
+            i_f = tl.floor(u)
+            i_f = tl.where(i_f == i_f, i_f, 0.0)
+            i_f = tl.minimum(tl.maximum(i_f, 0.0), N - 1.0)
+            is_left = x < left
+            is_right = x >= right
+            k = tl.where(is_left, 0, tl.where(is_right, N + 1, i_f.to(tl.int32) + 1))
+            if STORE_DX:
+                # dy/dx = slope of region k
+                a = tl.load(slopes_ptr + table_base + k, mask=mask, other=0.0)
+                tl.store(dx_ptr + base + local, (g * a).to(dx_ptr.dtype.element_ty), mask=mask)
+            # local coordinate r: x - B_L (left), x - B_R (right), t = u - i (inner intervals)
+            r = tl.where(is_left, x - left, tl.where(is_right, x - right, u - i_f))
+            g = tl.where(mask, g, 0.0)
+            gr = tl.where(mask, g * r, 0.0)
+            # this thread's histogram: add g and g * r into row k of its slot
+            hit = (regions == k[None, :]) & real
+            acc_g = tl.where(hit, acc_g + g[None, :], acc_g)
+            acc_r = tl.where(hit, acc_r + gr[None, :], acc_r)
 
-    # partial[program_id(0), c, k, 0/1] = (sum g, sum g * r) over this program's elements
-    row = tl.program_id(0).to(tl.int64) * num_channels
+    # partial[p, c, k, 0/1] = (sum g, sum g * r) over the elements of program p = program_id(1)
+    row0 = tl.program_id(1).to(tl.int64) * num_channels
     if CHANNELS_LAST:
-        out = (((row + chan[None, :]) * (N + 2)) + regions[:, None]) * 2
-        out_mask = (regions[:, None] < N + 2) & chan_ok[None, :]
+        if SLOTS == BLOCK_K:  # a thread per channel: its histogram is the channel's
+            hist_g = acc_g
+            hist_r = acc_r
+        else:  # slots s, s + BLOCK_K, ... hold the same channel
+            hist_g = tl.sum(tl.reshape(acc_g, [REGIONS_PAD, SLOTS // BLOCK_K, BLOCK_K]), axis=1)
+            hist_r = tl.sum(tl.reshape(acc_r, [REGIONS_PAD, SLOTS // BLOCK_K, BLOCK_K]), axis=1)
+        chans = c0 + tl.arange(0, BLOCK_K)[None, :]
+        out = ((row0 + chans) * (N + 2) + regions) * 2
+        out_mask = real & (chans < num_channels)
     else:
-        out = ((row + chan) * (N + 2) + regions) * 2
-        out_mask = regions < N + 2
-    tl.store(partial_ptr + out, acc_g, mask=out_mask)
-    tl.store(partial_ptr + out + 1, acc_r, mask=out_mask)
+        hist_g = tl.sum(acc_g, axis=1)[:, None]
+        hist_r = tl.sum(acc_r, axis=1)[:, None]
+        out = ((row0 + chan) * (N + 2) + regions) * 2
+        out_mask = real
+    tl.store(partial_ptr + out, hist_g, mask=out_mask)
+    tl.store(partial_ptr + out + 1, hist_r, mask=out_mask)
 
 
 # Triton decides interpreted vs compiled when it decorates a kernel (its own library kernels
@@ -233,12 +283,95 @@ def _blocks(outer: int, num_channels: int, inner: int, tile: int) -> tuple[int, 
     if inner == 1:
         block_k = min(triton.next_power_of_2(num_channels), _MAX_CHANNEL_BLOCK)
     else:
-        block_k = min(triton.next_power_of_2(inner), 1024)
+        block_k = min(triton.next_power_of_2(inner), 1024, tile)
         # halve while more than 1/8 of the last inner block would be masked off
         while block_k > 128 and (-inner % block_k) * 8 > inner:
             block_k //= 2
     block_o = max(1, min(tile // block_k, triton.next_power_of_2(outer)))
     return block_o, block_k
+
+
+def _launch_blocks(outer: int, num_channels: int, inner: int, tile: int) -> tuple[int, int]:
+    """:func:`_blocks` as launched: at least 32 elements per tile (a warp's worth), and
+    ``BLOCK_O = 1`` where the int32 offsets inside a tile would reach 2**31."""
+    block_o, block_k = _blocks(outer, num_channels, inner, tile)
+    if block_o * block_k < 32:
+        block_o = 32 // block_k
+    row_stride = num_channels if inner == 1 and num_channels > 1 else num_channels * inner
+    if (block_o - 1) * row_stride + block_k >= 2**31:
+        block_o = 1
+    return block_o, block_k
+
+
+def _forward_blocks(outer: int, num_channels: int, inner: int, aligned: bool = True) -> tuple[int, int, int]:
+    """``(BLOCK_O, BLOCK_K, num_warps)`` of the forward. A thread's setup (decoding its tile,
+    loading the channel's parameters: ~130 instructions) is spread over 16 elements when its
+    rows are 16-element aligned (``aligned``: the input's address and its row length, ``inner``
+    or, channels-last, ``C``, divisible by 16; accesses are then 16-byte vectors); otherwise
+    over 8 (channels-last 4), as every element then needs its own mask predicate and at 16
+    ptxas spills on sm_90 (benchmarks/results/triton_resources.md)."""
+    channels_last = inner == 1 and num_channels > 1
+    if aligned and (num_channels if channels_last else inner) % 16 == 0:
+        tile, per_thread = _FORWARD_TILE, 16
+    elif channels_last:
+        tile, per_thread = _FORWARD_TILE // 2, 4
+    else:
+        tile, per_thread = _FORWARD_TILE, 8
+    block_o, block_k = _launch_blocks(outer, num_channels, inner, tile)
+    return block_o, block_k, min(8, max(4, block_o * block_k // (32 * per_thread)))
+
+
+def _backward_blocks(outer: int, num_channels: int, inner: int) -> tuple[int, int, int]:
+    """``(BLOCK_O, BLOCK_K, SLOTS)`` of the backward: SLOTS = 128 threads (4 warps) that each
+    keep a histogram in registers, _BACKWARD_PER_THREAD elements per thread and tile (ptxas
+    keeps a tile's loads in flight at once). Channels-last: BLOCK_K <= 64 divides SLOTS, so a
+    thread always sees one channel and the SLOTS / BLOCK_K threads of a channel are summed at
+    the end of the program."""
+    block_o, block_k = _launch_blocks(outer, num_channels, inner, _BACKWARD_SLOTS * _BACKWARD_PER_THREAD)
+    return block_o, block_k, min(_BACKWARD_SLOTS, block_o * block_k)
+
+
+def _region_passes(n: int, per_pass: int = _REGIONS_PER_PASS) -> list[tuple[int, int]]:
+    """Region ranges ``[lo, hi)`` of the backward's launches: the N + 2 regions in equal passes
+    of at most ``per_pass`` (64: one up to N = 62, two for N = 64; float64 accumulators take
+    two registers: 24); each further pass reads x and the gradient again, as a thread's
+    histogram of more regions would spill its registers."""
+    passes = triton.cdiv(n + 2, per_pass)
+    size = triton.cdiv(n + 2, passes)
+    return [(lo, min(lo + size, n + 2)) for lo in range(0, n + 2, size)]
+
+
+def _tiles(outer: int, num_channels: int, inner: int, block_o: int, block_k: int) -> tuple[int, int]:
+    """``(tiles, columns)``: tiles per column and columns, a column being a channel block
+    (channels-last: ``inner == 1`` and ``C > 1``) or a channel (otherwise)."""
+    if inner == 1 and num_channels > 1:
+        return triton.cdiv(outer, block_o), triton.cdiv(num_channels, block_k)
+    return triton.cdiv(outer, block_o) * triton.cdiv(inner, block_k), num_channels
+
+
+def _check_grid(grid: tuple[int, ...]) -> tuple[int, ...]:
+    if any(n > limit for n, limit in zip(grid, _GRID_LIMITS)):
+        raise ValueError(f"pwlu triton backend: launch grid {grid} exceeds CUDA's limits {_GRID_LIMITS}")
+    return grid
+
+
+def _forward_grid(outer: int, num_channels: int, inner: int, block_o: int, block_k: int) -> tuple[int]:
+    """The forward's grid: one program per tile, all on axis 0 (2**31 - 1 allowed there; the
+    channel count on axis 1 would be capped at 65535)."""
+    tiles, columns = _tiles(outer, num_channels, inner, block_o, block_k)
+    return _check_grid((tiles * columns,))
+
+
+def _backward_grid(
+    outer: int, num_channels: int, inner: int, block_o: int, block_k: int, sms: int | None
+) -> tuple[int, int]:
+    """The backward's grid ``(columns, P)``: P programs per column, each looping over tiles p,
+    p + P, ..., enough programs to fill ``sms`` streaming multiprocessors (``None``: the
+    interpreter, two programs, which still test the reduction). Columns go on axis 0 (2**31 - 1
+    allowed); P <= _PROGRAMS_PER_SM * sms stays far below axis 1's 65535."""
+    tiles, columns = _tiles(outer, num_channels, inner, block_o, block_k)
+    target = 2 if sms is None else triton.cdiv(_PROGRAMS_PER_SM * sms, columns)
+    return _check_grid((columns, max(1, min(tiles, target))))
 
 
 def _device_guard(x: Tensor):
@@ -253,28 +386,21 @@ def forward(x, slopes, intercepts, left, right, inv_d, channel_dim, shift):
     x = _as_dense(x, y)
     outer, num_channels, inner = _layout(y, channel_dim)
     channels_last = inner == 1 and num_channels > 1
-    block_o, block_k = _blocks(outer, num_channels, inner, _FORWARD_TILE)
-    if channels_last:
-        grid = (triton.cdiv(outer, block_o), triton.cdiv(num_channels, block_k))
-    else:
-        grid = (triton.cdiv(outer, block_o) * triton.cdiv(inner, block_k), num_channels)
+    aligned = x.data_ptr() % 16 == 0 and y.data_ptr() % 16 == 0
+    block_o, block_k, num_warps = _forward_blocks(outer, num_channels, inner, aligned)
+    grid = _forward_grid(outer, num_channels, inner, block_o, block_k)
     tables = [t.contiguous() for t in (slopes, intercepts, left, right, inv_d, shift)]
     with _device_guard(x):
         _pwlu_forward_kernel[grid](
             x, y, *tables, outer, num_channels, inner,
-            N=n, CHANNELS_LAST=channels_last, BLOCK_O=block_o, BLOCK_K=block_k,
+            N=n, CHANNELS_LAST=channels_last, BLOCK_O=block_o, BLOCK_K=block_k, num_warps=num_warps,
         )  # fmt: skip
     return y
 
 
-def _backward_programs(x: Tensor, num_tiles: int, columns: int) -> int:
-    """Programs along the tile axis: enough to fill the GPU, each looping over several tiles."""
-    if x.device.type == "cuda":
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-        target = triton.cdiv(_PROGRAMS_PER_SM * sms, columns)
-    else:
-        target = 2  # interpreter: programs run one after another; two still test the reduction
-    return max(1, min(num_tiles, target))
+def _multiprocessors(x: Tensor) -> int | None:
+    """Streaming multiprocessors of ``x``'s GPU; ``None`` in the interpreter (CPU tensors)."""
+    return torch.cuda.get_device_properties(x.device).multi_processor_count if x.device.type == "cuda" else None
 
 
 def backward(grad, x, slopes, left, right, inv_d, channel_dim):
@@ -287,21 +413,21 @@ def backward(grad, x, slopes, left, right, inv_d, channel_dim):
     grad = _as_dense(grad.expand_as(x), dx)
     outer, num_channels, inner = _layout(dx, channel_dim)
     channels_last = inner == 1 and num_channels > 1
-    block_o, block_k = _blocks(outer, num_channels, inner, _BACKWARD_TILE)
-    if channels_last:
-        num_tiles, columns = triton.cdiv(outer, block_o), triton.cdiv(num_channels, block_k)
-    else:
-        num_tiles, columns = triton.cdiv(outer, block_o) * triton.cdiv(inner, block_k), num_channels
-    programs = _backward_programs(x, num_tiles, columns)
+    block_o, block_k, slots = _backward_blocks(outer, num_channels, inner)
+    grid = _backward_grid(outer, num_channels, inner, block_o, block_k, _multiprocessors(x))
+    programs = grid[1]
     # one row of partial histograms per program along the tile axis, summed below
     partial = torch.empty(programs, num_channels, n + 2, 2, dtype=slopes.dtype, device=x.device)
     tables = [t.contiguous() for t in (slopes, left, right, inv_d)]
     with _device_guard(x):
-        _pwlu_backward_kernel[(programs, columns)](
-            grad, x, dx, partial, *tables, outer, num_channels, inner,
-            N=n, CHANNELS_LAST=channels_last, BLOCK_O=block_o, BLOCK_K=block_k,
-            REGIONS_PAD=triton.next_power_of_2(n + 2),
-        )  # fmt: skip
+        per_pass = _REGIONS_PER_PASS_F64 if slopes.dtype == torch.float64 else _REGIONS_PER_PASS
+        for lo, hi in _region_passes(n, per_pass):
+            _pwlu_backward_kernel[grid](
+                grad, x, dx, partial, *tables, outer, num_channels, inner,
+                N=n, CHANNELS_LAST=channels_last, BLOCK_O=block_o, BLOCK_K=block_k,
+                REGIONS_PAD=triton.next_power_of_2(hi - lo), SLOTS=slots, REGION_LO=lo, REGION_HI=hi,
+                STORE_DX=lo == 0, num_warps=max(1, slots // 32),
+            )  # fmt: skip
     return dx, partial.sum(0)
 
 
