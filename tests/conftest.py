@@ -26,3 +26,15 @@ def _seed_torch():
     import torch
 
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def fresh_build(tmp_path, monkeypatch):
+    """A fresh CPU-kernel cache directory and no loaded library; restores the real one afterwards."""
+    from pwlu.ops.cpu import build as cpu_build
+
+    monkeypatch.setenv("PWLU_CPU_BUILD_DIR", str(tmp_path))
+    cpu_build._reset_for_tests()
+    yield tmp_path
+    monkeypatch.undo()
+    cpu_build._reset_for_tests()

@@ -272,16 +272,6 @@ def test_large_sums_are_accurate(shape):
     assert_all_close(got, run_reference64(x, params, 1, g), rtol=2e-6, atol=1e-6)
 
 
-@pytest.fixture
-def fresh_build(tmp_path, monkeypatch):
-    """A fresh cache directory and no loaded library; restores the real one afterwards."""
-    monkeypatch.setenv("PWLU_CPU_BUILD_DIR", str(tmp_path))
-    cpu_build._reset_for_tests()
-    yield tmp_path
-    monkeypatch.undo()
-    cpu_build._reset_for_tests()
-
-
 def test_missing_compiler_falls_back_with_one_warning(fresh_build, monkeypatch):
     monkeypatch.setenv("CC", str(fresh_build / "no-such-compiler"))
     cpu = torch.device("cpu")

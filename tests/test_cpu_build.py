@@ -20,16 +20,6 @@ from pwlu.ops.folding import fold_tables
 pytestmark = pytest.mark.skipif(not cpu_backend.is_available(torch.device("cpu")), reason="no C compiler")
 
 
-@pytest.fixture
-def fresh_build(tmp_path, monkeypatch):
-    """A fresh cache directory and no loaded library; restores the real one afterwards."""
-    monkeypatch.setenv("PWLU_CPU_BUILD_DIR", str(tmp_path))
-    cpu_build._reset_for_tests()
-    yield tmp_path
-    monkeypatch.undo()
-    cpu_build._reset_for_tests()
-
-
 def assert_kernel_works(lib):
     """One forward through the loaded library against the torch backend."""
     assert lib is not None and lib is cpu_build.library()

@@ -178,6 +178,24 @@ def test_empty_input(device):
 # ---------------------------------------------------------------- kernels directly
 
 
+def compare_kernels_with_torch(tables, shape, channel_dim, channels_last, device, grad_seed):
+    """The Triton forward and backward (y, dx, histogram) on folded tables against the torch
+    backend's; outputs keep x's memory format."""
+    slopes, intercepts, left, right, inv_d, shift = tables
+    x = inputs(shape, device)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    grad = inputs(shape, device, seed=grad_seed, scale=1.0)
+    y = triton_backend.forward(x, slopes, intercepts, left, right, inv_d, channel_dim, shift)
+    y_want = torch_backend.forward(x, slopes, intercepts, left, right, inv_d, channel_dim, shift)
+    dx, hist = triton_backend.backward(grad, x, slopes, left, right, inv_d, channel_dim)
+    dx_want, hist_want = torch_backend.backward(grad, x, slopes, left, right, inv_d, channel_dim)
+    torch.testing.assert_close(y, y_want, rtol=1e-5, atol=1e-5, msg=lambda m: f"y: {m}")
+    torch.testing.assert_close(dx, dx_want, rtol=0, atol=0, msg=lambda m: f"dx: {m}")
+    torch.testing.assert_close(hist, hist_want, rtol=1e-5, atol=1e-4, msg=lambda m: f"hist: {m}")
+    assert y.stride() == x.stride() and dx.stride() == x.stride()
+
+
 @pytest.mark.parametrize(
     "num_channels,shape,channel_dim,channels_last",
     [
@@ -191,19 +209,8 @@ def test_kernels_match_torch_backend(device, num_channels, shape, channel_dim, c
     """Forward and backward (dx, histogram) on the folded tables; several tiles per program."""
     params = random_params(num_channels, n=16, seed=8)
     two_d = [params[0].reshape(-1, 17).to(device)] + [p.reshape(-1).to(device) for p in params[1:]]
-    slopes, intercepts, left, right, inv_d, shift = fold_tables(*two_d)
-    x = inputs(shape, device)
-    if channels_last:
-        x = x.to(memory_format=torch.channels_last)
-    grad = inputs(shape, device, seed=9, scale=1.0)
-    y = triton_backend.forward(x, slopes, intercepts, left, right, inv_d, channel_dim, shift)
-    y_want = torch_backend.forward(x, slopes, intercepts, left, right, inv_d, channel_dim, shift)
-    dx, hist = triton_backend.backward(grad, x, slopes, left, right, inv_d, channel_dim)
-    dx_want, hist_want = torch_backend.backward(grad, x, slopes, left, right, inv_d, channel_dim)
-    torch.testing.assert_close(y, y_want, rtol=1e-5, atol=1e-5, msg=lambda m: f"y: {m}")
-    torch.testing.assert_close(dx, dx_want, rtol=0, atol=0, msg=lambda m: f"dx: {m}")
-    torch.testing.assert_close(hist, hist_want, rtol=1e-5, atol=1e-4, msg=lambda m: f"hist: {m}")
-    assert y.stride() == x.stride() and dx.stride() == x.stride()
+    tables = fold_tables(*two_d)
+    compare_kernels_with_torch(tables, shape, channel_dim, channels_last, device, grad_seed=9)
 
 
 @pytest.mark.parametrize(
@@ -217,18 +224,8 @@ def test_kernels_many_intervals(device, num_channels, shape, channel_dim, channe
     assert triton_backend._region_passes(n) == passes
     params = random_params(num_channels, n=n, seed=12)
     two_d = [params[0].reshape(-1, n + 1).to(device)] + [p.reshape(-1).to(device) for p in params[1:]]
-    slopes, intercepts, left, right, inv_d, shift = fold_tables(*two_d)
-    x = inputs(shape, device)
-    if channels_last:
-        x = x.to(memory_format=torch.channels_last)
-    grad = inputs(shape, device, seed=13, scale=1.0)
-    y = triton_backend.forward(x, slopes, intercepts, left, right, inv_d, channel_dim, shift)
-    y_want = torch_backend.forward(x, slopes, intercepts, left, right, inv_d, channel_dim, shift)
-    dx, hist = triton_backend.backward(grad, x, slopes, left, right, inv_d, channel_dim)
-    dx_want, hist_want = torch_backend.backward(grad, x, slopes, left, right, inv_d, channel_dim)
-    torch.testing.assert_close(y, y_want, rtol=1e-5, atol=1e-5, msg=lambda m: f"y: {m}")
-    torch.testing.assert_close(dx, dx_want, rtol=0, atol=0, msg=lambda m: f"dx: {m}")
-    torch.testing.assert_close(hist, hist_want, rtol=1e-5, atol=1e-4, msg=lambda m: f"hist: {m}")
+    tables = fold_tables(*two_d)
+    compare_kernels_with_torch(tables, shape, channel_dim, channels_last, device, grad_seed=13)
 
 
 @pytest.mark.parametrize(
