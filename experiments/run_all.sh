@@ -9,7 +9,10 @@ export OMP_NUM_THREADS=1
 { $PY -m pwlu compare "${COMMON[@]}" --models resnet --out experiments/compare
   $PY -m pwlu ablate "${COMMON[@]}" --model cnn --seeds 0 1 2 --out experiments/ablate; } > experiments/logs_worker_a.txt 2>&1 &
 A=$!
-$PY -m pwlu compare "${COMMON[@]}" --models cnn mobilenet_v3 --out experiments/compare > experiments/logs_worker_b.txt 2>&1 &
+{ $PY -m pwlu compare "${COMMON[@]}" --models cnn mobilenet_v3 --out experiments/compare
+  # the small ViT (issue 13): GELU is the transformers' activation, so it joins its grid
+  $PY -m pwlu compare "${COMMON[@]}" --models vit --activations relu gelu swish pwlu --out experiments/compare; } \
+    > experiments/logs_worker_b.txt 2>&1 &
 B=$!
 wait $A $B
 # one combined table over all finished runs (every run is reused)

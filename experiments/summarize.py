@@ -21,8 +21,8 @@ import sys
 import torch
 
 ROOT = pathlib.Path(__file__).resolve().parent
-ACTIVATIONS = ["relu", "swish", "prelu", "apl", "pau", "frelu", "pwlu"]
-MODELS = ["cnn", "resnet", "mobilenet_v3"]
+ACTIVATIONS = ["relu", "swish", "gelu", "prelu", "apl", "pau", "frelu", "pwlu"]
+MODELS = ["cnn", "resnet", "mobilenet_v3", "vit"]
 VARIANTS = ["fix-init-3", "fix-init-6", "fix-init-10", "stat-realign (channel)", "stat-realign (layer)",
             "N=4", "N=8", "N=12", "N=16", "N=20"]  # fmt: skip
 

@@ -139,9 +139,9 @@ def test_frelu_formula():
 
 
 def test_registry_names_and_factories():
-    assert set(ACTIVATIONS) == {"relu", "swish", "prelu", "apl", "pau", "frelu", "pwlu"}
+    assert set(ACTIVATIONS) >= {"relu", "swish", "gelu", "prelu", "apl", "pau", "frelu", "pwlu"}
     x = torch.randn(2, 5, 4, 4)
-    expected_types = {"relu": nn.ReLU, "swish": pwlu.Swish, "prelu": pwlu.PReLU, "apl": pwlu.APL,
+    expected_types = {"relu": nn.ReLU, "swish": pwlu.Swish, "gelu": nn.GELU, "prelu": pwlu.PReLU, "apl": pwlu.APL,
                       "pau": pwlu.PAU, "frelu": pwlu.FReLU, "pwlu": pwlu.PWLU}  # fmt: skip
     for name, cls in expected_types.items():
         m = pwlu.get_activation(name)(5, channel_dim=1)

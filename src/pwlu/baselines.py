@@ -4,8 +4,8 @@ Each activation is a function plus an ``nn.Module`` with the same parameters, in
 timm's ``layers/activations.py``. Channel-wise modules take ``num_channels`` (``None`` means one
 set of parameters for the whole layer) and ``channel_dim`` (1 for NCHW, -1 for ``(B, T, C)``).
 
-``ACTIVATIONS`` maps the names ``"relu"``, ``"swish"``, ``"prelu"``, ``"apl"``, ``"pau"``,
-``"frelu"`` and ``"pwlu"`` to factories ``factory(num_channels, channel_dim=1, **kwargs)``;
+``ACTIVATIONS`` maps the names ``"relu"``, ``"swish"``, ``"gelu"`` (the transformers' activation, for
+the ViT), ``"prelu"``, ``"apl"``, ``"pau"``, ``"frelu"`` and ``"pwlu"`` to factories ``factory(num_channels, channel_dim=1, **kwargs)``;
 :func:`get_activation` looks one up (it also accepts a callable, returned unchanged).
 
 Defaults that the papers leave open, or that the PWLU paper did not record:
@@ -313,6 +313,10 @@ def _swish(num_channels: int | None = None, channel_dim: int = 1, **kwargs) -> n
     return Swish(**kwargs)
 
 
+def _gelu(num_channels: int | None = None, channel_dim: int = 1, **kwargs) -> nn.Module:
+    return nn.GELU(**kwargs)
+
+
 def _prelu(num_channels: int | None = None, channel_dim: int = 1, **kwargs) -> nn.Module:
     return PReLU(num_channels, channel_dim=channel_dim, **kwargs)
 
@@ -340,6 +344,7 @@ def _pwlu(num_channels: int | None = None, channel_dim: int = 1, **kwargs) -> nn
 ACTIVATIONS: dict[str, Callable[..., nn.Module]] = {
     "relu": _relu,
     "swish": _swish,
+    "gelu": _gelu,
     "prelu": _prelu,
     "apl": _apl,
     "pau": _pau,

@@ -12,9 +12,12 @@ import pathlib
 import statistics  # the standard library's
 import sys
 
+from pwlu import ACTIVATIONS
+
 from .config import ConfigError, TrainConfig, config_differences
 from .data import DataError
 from .launcher import MissingExtraError
+from .models import ARCHITECTURES
 
 TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 
@@ -22,8 +25,8 @@ TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 def _add_train_options(p: argparse.ArgumentParser, single: bool = True) -> None:
     d = TrainConfig()
     if single:
-        p.add_argument("--model", default=d.model, help="cnn, resnet, mobilenet_v2 or mobilenet_v3")
-        p.add_argument("--activation", default=d.activation, help="relu, swish, prelu, apl, pau, frelu or pwlu")
+        p.add_argument("--model", default=d.model, help=", ".join(ARCHITECTURES))
+        p.add_argument("--activation", default=d.activation, help=", ".join(ACTIVATIONS))
         p.add_argument("--seed", type=int, default=d.seed)
         p.add_argument("--mode", default=d.mode, help="PWLU mode: channel or layer")
         p.add_argument("--intervals", type=int, default=d.intervals, help="PWLU intervals N")

@@ -8,18 +8,26 @@ activations inside squeeze-and-excitation blocks are not replaced (ReLU + hard s
 * ``resnet``: a CIFAR-style ResNet-8 (3 stages of one BasicBlock, 16-32-64 channels).
 * ``mobilenet_v2``: MobileNetV2 at reduced width (stride-2 stem, inverted residuals, expansion 4).
 * ``mobilenet_v3``: MobileNetV3-small-like: stride-2 stem, inverted residuals with SE blocks, 5x5 depthwise.
+* ``vit``: a small Vision Transformer: a 4x4 grid of patches (7x7 pixels on 28x28 inputs, 8x8 on 32x32,
+  16 tokens), width 64, 4 pre-norm
+  blocks of 4-head attention and an MLP (ratio 2) whose activation sees ``(B, T, C)`` tokens, so it is
+  built with ``act(hidden, channel_dim=-1)``; learned position embeddings, mean-pooled tokens.
+
+Activation factories are called ``act(num_channels)`` for NCHW call sites and ``act(num_channels,
+channel_dim=-1)`` for token layouts.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import Tensor, nn
 
-Act = Callable[[int], nn.Module]
+Act = Callable[..., nn.Module]
 
 #: Per-architecture weight decay (SPEC section 7: 1e-4 for ResNets, 4e-5 for MobileNets).
-WEIGHT_DECAY = {"cnn": 1e-4, "resnet": 1e-4, "mobilenet_v2": 4e-5, "mobilenet_v3": 4e-5}
+WEIGHT_DECAY = {"cnn": 1e-4, "resnet": 1e-4, "mobilenet_v2": 4e-5, "mobilenet_v3": 4e-5, "vit": 1e-4}
 
 
 def conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1) -> nn.Sequential:
@@ -129,11 +137,54 @@ class MobileNetSmall(nn.Module):
         return self.head(self.final(self.layers(self.stem(x))))
 
 
-ARCHITECTURES = ("cnn", "resnet", "mobilenet_v2", "mobilenet_v3")
+class TransformerBlock(nn.Module):
+    """Pre-norm block: ``x + attn(ln(x))``, then ``x + mlp(ln(x))``; the MLP's activation is channel-last."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: int, act: Act) -> None:
+        super().__init__()
+        hidden = dim * mlp_ratio
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), act(hidden, channel_dim=-1), nn.Linear(hidden, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.norm1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.norm2(x))
 
 
-def build_model(arch: str, act: Act, in_channels: int = 1, num_classes: int = 10) -> nn.Module:
-    """One of :data:`ARCHITECTURES` with activation factory ``act(num_channels)``."""
+class ViTSmall(nn.Module):
+    """A small ViT: ``(B, C, S, S)`` -> ``grid**2`` tokens of ``(S/grid)``-pixel patches -> ``depth`` blocks -> logits.
+
+    On Fashion-MNIST (``S = 28``) the patches are 7x7 and there are 16 tokens."""
+
+    def __init__(
+        self, act: Act, in_channels: int = 1, num_classes: int = 10, dim: int = 64, depth: int = 4, heads: int = 4,
+        image: int = 28, grid: int = 4, mlp_ratio: int = 2,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        if image % grid:
+            raise ValueError(f"ViTSmall: image size {image} is not a multiple of the patch grid {grid}")
+        patch = image // grid
+        self.patch = nn.Conv2d(in_channels, dim, patch, patch)
+        self.pos = nn.Parameter(torch.zeros(1, grid * grid, dim))
+        nn.init.trunc_normal_(self.pos, std=0.02)
+        self.blocks = nn.Sequential(*(TransformerBlock(dim, heads, mlp_ratio, act) for _ in range(depth)))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        tokens = self.patch(x).flatten(2).transpose(1, 2) + self.pos  # (B, T, dim)
+        return self.head(self.norm(self.blocks(tokens)).mean(1))
+
+
+ARCHITECTURES = ("cnn", "resnet", "mobilenet_v2", "mobilenet_v3", "vit")
+
+
+def build_model(arch: str, act: Act, in_channels: int = 1, num_classes: int = 10, image_size: int = 28) -> nn.Module:
+    """One of :data:`ARCHITECTURES` with activation factory ``act(num_channels)`` (the convolutional
+    networks take any input size; the ViT is built for square ``image_size`` inputs)."""
     if arch == "cnn":
         return SmallCNN(act, in_channels, num_classes)
     if arch == "resnet":
@@ -142,4 +193,6 @@ def build_model(arch: str, act: Act, in_channels: int = 1, num_classes: int = 10
         return MobileNetSmall(act, MobileNetSmall.V2, in_channels, num_classes)
     if arch == "mobilenet_v3":
         return MobileNetSmall(act, MobileNetSmall.V3, in_channels, num_classes)
+    if arch == "vit":
+        return ViTSmall(act, in_channels, num_classes, image=image_size)
     raise ValueError(f"unknown model {arch!r}; expected one of {ARCHITECTURES}")

@@ -30,15 +30,20 @@ METRICS = "metrics.json"
 
 
 def make_activation_factory(cfg: TrainConfig):
-    """``act(num_channels) -> nn.Module`` for the configured activation."""
+    """``act(num_channels, channel_dim=1) -> nn.Module`` for the configured activation (``channel_dim=-1``
+    for token layouts ``(B, T, C)``, as in the ViT's MLPs)."""
     factory = get_activation(cfg.activation)
     if cfg.activation == "pwlu":
-        return lambda c: PWLU(None if cfg.mode == "layer" else c, num_intervals=cfg.intervals, channel_dim=1)
-    return lambda c: call_factory(factory, c, 1)
+        return lambda c, channel_dim=1: PWLU(
+            None if cfg.mode == "layer" else c, num_intervals=cfg.intervals, channel_dim=channel_dim
+        )
+    return lambda c, channel_dim=1: call_factory(factory, c, channel_dim)
 
 
 def build(cfg: TrainConfig, data: TensorData) -> nn.Module:
-    return build_model(cfg.model, make_activation_factory(cfg), data.in_channels, data.num_classes)
+    return build_model(
+        cfg.model, make_activation_factory(cfg), data.in_channels, data.num_classes, image_size=data.train_x.shape[-1]
+    )
 
 
 def prepare_data(cfg: TrainConfig) -> TensorData:
