@@ -35,10 +35,13 @@ terms per lane, then double), per thread over a static partition, reduced in a f
 parameter gradients are bit-identical run to run for a fixed thread count
 (``torch.get_num_threads()``, or one thread below :data:`GRAIN_SIZE` elements). Where the
 channels are the fastest axis (channels-last, ``(B, T, C)``) lanes are channels: the
-histogram is the same lane-private one; the forward transposes 16x16 tiles in registers so
-that it can use the in-register lookup (C a multiple of 16), the backward gathers the slope
-per lane. Rows shorter than ``SHORT_SEG`` elements (small feature maps) go channel by channel,
-each channel's tables loaded once for all its rows (forward: under ``SHORT_ROW``), and the
+histogram is the same lane-private one; the forward transposes 16x16 tiles (16 rows x 16
+channels) in registers so that it can use the in-register lookup, and the backward looks dx's
+slope up on the transposed tile of the regions (any C and row count: partial tiles at the
+edges; each tile prefetches its channel block's lines of the next 16 rows, which the hardware
+prefetcher misses; a gather where ``N + 2 > 32``). Rows shorter than ``SHORT_SEG`` elements
+(small feature maps) go channel by channel, each channel's tables loaded once for all its rows
+(forward: under ``SHORT_ROW``), and the
 backward adds each element's region, g and g*r into that channel's double bins, from one
 thread per channel (no partial histograms). Without AVX-512, and for fp64, a portable scalar
 loop is used. (The constants named here are in ``csrc/pwlu_common.h``.)

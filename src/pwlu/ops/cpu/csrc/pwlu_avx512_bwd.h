@@ -6,7 +6,8 @@
  *                        histogram per segment (bwd_seg_f);
  *   avx512_bwd_channels  channels [cb, ce) with short rows: each element added into the
  *                        channel's double bins (one thread per channel, no partials);
- *   avx512_bwd_rows      rows of C channels, channels fastest (inner == 1): lanes are channels.
+ *   avx512_bwd_rows      rows of C channels, channels fastest (inner == 1): lanes are channels
+ *                        (the slope lookup of dx on 16 x 16 tiles transposed in registers).
  * The lane-private histogram: acc[k][s][lane] (s = 0: g, s = 1: g*r); region j is added with one
  * compare and two masked adds per 16 elements, REGION_GROUP regions at a time so that their
  * accumulators stay in registers; float accumulators take at most LANE_TERMS terms per lane
@@ -17,6 +18,7 @@
 #define PWLU_AVX512_BWD_H
 
 #include "pwlu_common.h"
+#include "pwlu_avx512_fwd.h" /* transpose16 */
 
 #if PWLU_AVX512
 /* Slopes of one channel, padded to REG_TABLE entries, for the in-register lookup. */
@@ -202,10 +204,35 @@ static inline __attribute__((always_inline)) void avx512_bwd_channels(const void
     }
 }
 
+#if ROW_CHUNK != 16
+#error "bwd_dx_tile transposes ROW_CHUNK x 16 tiles: ROW_CHUNK must be 16"
+#endif
+/* dx of one tile of the channels-fastest backward, rows r0 .. r0 + nr - 1 (nr <= 16) x channels
+ * c0 .. c0 + nc - 1 (nc <= 16), from the regions k and the g that the vector pass wrote to kb and
+ * gb (16 lanes per row): the regions are transposed so that each vector holds one channel, that
+ * channel's slopes are looked up in registers (no gather), transposed back and multiplied by g.
+ * Rows past nr are zeros, channels past nc are not looked up and not stored. N + 2 <= REG_TABLE. */
+static inline __attribute__((always_inline)) void bwd_dx_tile(const int32_t *kb, const float *gb, void *dx,
+                                                              int64_t r0, const int nr, int64_t c0, const int nc,
+                                                              int64_t C, const int dt, const float *sl, int64_t m) {
+    const __mmask16 cm = tail_mask(nc);
+    __m512 v[16];
+    for (int i = 0; i < 16; i++) v[i] = i < nr ? _mm512_castsi512_ps(_mm512_load_si512(kb + 16 * i)) : _mm512_setzero_ps();
+    transpose16(v); /* v[j]: the regions of channel c0 + j in rows r0 .. r0 + 15 */
+    for (int j = 0; j < nc; j++) {
+        const table32 t = load_table32(sl + (c0 + j) * m, m);
+        v[j] = _mm512_permutex2var_ps(t.a0, _mm512_castps_si512(v[j]), t.a1);
+    }
+    transpose16(v); /* v[i]: the slopes of row r0 + i */
+    for (int i = 0; i < nr; i++) st16(dx, (r0 + i) * C + c0, _mm512_mul_ps(_mm512_load_ps(gb + 16 * i), v[i]), cm, dt);
+}
+
 /* Rows [rb, re) of C channels each (inner == 1). Lane l of channel block cb is channel
  * 16 cb + l, so the lane-private accumulators acc[cb][k][s][lane] of bwd_seg_f work here too:
- * a vector pass over ROW_CHUNK rows writes k, g and g*r per channel block to L1 buffers, then
- * hist_block adds them up block by block (float for at most LANE_TERMS rows, then double). */
+ * channel block by channel block, a vector pass over ROW_CHUNK rows writes k, g and g*r to L1
+ * buffers (the block's lines of the next chunk prefetched), dx comes from them as one tile
+ * (bwd_dx_tile; by gather in the vector pass where N + 2 > REG_TABLE) and hist_block adds them
+ * up (float for at most LANE_TERMS rows, then double). */
 static inline int avx512_bwd_rows(const void *gp, const void *x, void *dx, int64_t rb, int64_t re, int64_t C, int dt,
                                   const float *sl, const float *left, const float *right, const float *invd,
                                   int64_t n, double *h) {
@@ -214,7 +241,7 @@ static inline int avx512_bwd_rows(const void *gp, const void *x, void *dx, int64
     const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     const __m512i lane_m = _mm512_mullo_epi32(lane, _mm512_set1_epi32((int)(n + 2)));
     const int64_t m = n + 2, mg = (m + REGION_GROUP - 1) / REGION_GROUP * REGION_GROUP;
-    const int64_t nb = (C + 15) / 16, asize = nb * mg * 2 * 16, bsize = nb * ROW_CHUNK * 16;
+    const int64_t nb = (C + 15) / 16, asize = nb * mg * 2 * 16, bsize = ROW_CHUNK * 16;
     float *accf = (float *)aligned_alloc(64, (size_t)asize * sizeof(float));
     double *accd = (double *)aligned_alloc(64, (size_t)asize * sizeof(double));
     int32_t *kbuf = (int32_t *)aligned_alloc(64, (size_t)bsize * sizeof(int32_t));
@@ -227,20 +254,29 @@ static inline int avx512_bwd_rows(const void *gp, const void *x, void *dx, int64
     int chunks = 0;
     for (int64_t r0 = rb; r0 < re; r0 += ROW_CHUNK) {
         const int64_t r1 = r0 + ROW_CHUNK < re ? r0 + ROW_CHUNK : re;
-        for (int64_t row = r0; row < r1; row++) {
-            const int64_t off = row * C;
-            for (int64_t cb = 0; cb < nb; cb++) {
-                const int64_t c = 16 * cb, slot = (cb * ROW_CHUNK + (row - r0)) * 16;
-                __mmask16 msk = tail_mask(C - c);
-                __m512 lo = _mm512_maskz_loadu_ps(msk, left + c), hi = _mm512_maskz_loadu_ps(msk, right + c);
-                __m512 inv = _mm512_maskz_loadu_ps(msk, invd + c);
+        const int nr = (int)(r1 - r0);
+        for (int64_t cb = 0; cb < nb; cb++) {
+            const int64_t c = 16 * cb;
+            const int nc = C - c < 16 ? (int)(C - c) : 16;
+            const __mmask16 msk = tail_mask(nc);
+            const __m512 lo = _mm512_maskz_loadu_ps(msk, left + c), hi = _mm512_maskz_loadu_ps(msk, right + c);
+            const __m512 inv = _mm512_maskz_loadu_ps(msk, invd + c);
+            if (r1 + ROW_CHUNK <= re) /* this channel block's lines of the next chunk (see fwd_tile_f) */
+                for (int64_t row = r1; row < r1 + ROW_CHUNK; row++) {
+                    _mm_prefetch(elem_ptr(x, row * C + c, dt), _MM_HINT_T0);
+                    _mm_prefetch(elem_ptr(gp, row * C + c, dt), _MM_HINT_T0);
+                    _mm_prefetch(elem_ptr(dx, row * C + c, dt), _MM_HINT_ET0);
+                }
+            for (int64_t row = r0; row < r1; row++) {
+                const int64_t off = row * C, slot = (row - r0) * 16;
                 /* masked-off lanes load x = 0, g = 0 and add nothing */
                 __m512 xv = ld16(x, off + c, msk, dt), g = ld16(gp, off + c, msk, dt), xl, u, fi;
                 __m512i k = region16(xv, lo, hi, inv, nm1, np1, &xl, &u, &fi);
-                __m512i base = _mm512_add_epi32(lane_m, _mm512_set1_epi32((int)(c * m)));
-                __m512 a = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), msk, _mm512_add_epi32(base, k), sl, 4);
-                /* dy/dx = slope of region k */
-                st16(dx, off + c, _mm512_mul_ps(g, a), msk, dt);
+                if (m > REG_TABLE) { /* dy/dx = slope of region k, by gather */
+                    __m512i base = _mm512_add_epi32(lane_m, _mm512_set1_epi32((int)(c * m)));
+                    __m512 a = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), msk, _mm512_add_epi32(base, k), sl, 4);
+                    st16(dx, off + c, _mm512_mul_ps(g, a), msk, dt);
+                }
                 __m512 r = _mm512_sub_ps(u, fi);
                 r = _mm512_mask_mov_ps(r, _mm512_cmp_ps_mask(xv, lo, _CMP_LT_OQ), xl);
                 r = _mm512_mask_mov_ps(r, _mm512_cmp_ps_mask(xv, hi, _CMP_GE_OQ), _mm512_sub_ps(xv, hi));
@@ -248,10 +284,13 @@ static inline int avx512_bwd_rows(const void *gp, const void *x, void *dx, int64
                 _mm512_store_ps(gbuf + slot, g);
                 _mm512_store_ps(rbuf + slot, _mm512_mul_ps(g, r));
             }
-        }
-        for (int64_t cb = 0; cb < nb; cb++) {
-            const int64_t slot = cb * ROW_CHUNK * 16;
-            hist_block(kbuf + slot, gbuf + slot, rbuf + slot, r1 - r0, accf + cb * mg * 2 * 16, m);
+            if (m <= REG_TABLE) { /* dy/dx = slope of region k, on the transposed tile */
+                if (nr == 16 && nc == 16)
+                    bwd_dx_tile(kbuf, gbuf, dx, r0, 16, c, 16, C, dt, sl, m);
+                else
+                    bwd_dx_tile(kbuf, gbuf, dx, r0, nr, c, nc, C, dt, sl, m);
+            }
+            hist_block(kbuf, gbuf, rbuf, nr, accf + cb * mg * 2 * 16, m);
         }
         if (++chunks == FLUSH_CHUNKS) {
             flush_acc(accf, accd, nb * mg);

@@ -4,7 +4,8 @@
  *   avx512_fwd_range     elements [pb, pe) row segment by row segment (long rows);
  *   avx512_fwd_channels  channels [cb, ce), each channel's tables loaded once for its `outer`
  *                        rows (short rows: small feature maps);
- *   avx512_fwd_rows      rows of C channels, channels fastest (inner == 1).
+ *   avx512_fwd_rows      rows of C channels, channels fastest (inner == 1): 16 x 16 tiles
+ *                        transposed in registers (partial tiles at the edges).
  * With N + 2 <= REG_TABLE the slope and intercept are looked up in registers (vpermt2ps), else
  * gathered. `dt` is a compile-time constant in the drivers' dtype switch: these are inlined.
  */
@@ -30,6 +31,7 @@ static inline __m512 finish16(__m512 x, __m512 sh, __m512 a, __m512 b) {
 typedef struct { /* per call: depends on N only */
     __mmask16 m0, m1;
     __m512i last, right, left;
+    int64_t m; /* N + 2: table entries per channel */
 } fwd_consts;
 typedef struct { /* per channel */
     __m512 a0, a1, b0, b1, lo, hi, inv, sh;
@@ -37,7 +39,7 @@ typedef struct { /* per channel */
 static inline fwd_consts make_fwd_consts(int64_t n) {
     const int64_t cnt = n + 1; /* entries 1 .. N + 1 of the channel's tables */
     fwd_consts k = {tail_mask(cnt), cnt > 16 ? tail_mask(cnt - 16) : (__mmask16)0, _mm512_set1_epi32((int)(n - 1)),
-                    _mm512_set1_epi32((int)n), _mm512_set1_epi32(REG_TABLE - 1)};
+                    _mm512_set1_epi32((int)n), _mm512_set1_epi32(REG_TABLE - 1), n + 2};
     return k;
 }
 static inline __attribute__((always_inline)) fwd_chan load_fwd_chan(const float *sl, const float *ic, float lo,
@@ -139,7 +141,7 @@ static inline __attribute__((always_inline)) void avx512_fwd_channels(const void
     }
 }
 
-/* Channels fastest (inner == 1): a row of C channels, per-lane tables by gather. */
+/* Channels fastest (inner == 1), N + 2 > REG_TABLE: a row of C channels, per-lane tables by gather. */
 static inline void fwd_row_f(const void *x, void *y, int64_t off, int64_t C, int dt, const float *sl,
                              const float *ic, const float *left, const float *right, const float *invd,
                              const float *shift, int64_t n) {
@@ -188,42 +190,66 @@ static inline void transpose16(__m512 *r) {
     }
 }
 
-/* Channels fastest, forward, 16 rows x 16 channels at a time: transpose the tile so that each
- * vector holds one channel, use the in-register table lookup of the NCHW path (no gathers),
- * transpose back. Needs C % 16 == 0 and N + 2 <= REG_TABLE; returns the first row it did not do. */
-static inline int64_t fwd_tiles_f(const void *x, void *y, int64_t rb, int64_t re, int64_t C, int dt,
-                                  const float *sl, const float *ic, const float *left, const float *right,
-                                  const float *invd, const float *shift, int64_t n) {
-    const int64_t m = n + 2;
-    if (C % 16 != 0 || m > REG_TABLE) return rb;
-    const fwd_consts k = make_fwd_consts(n);
-    const __mmask16 all = (__mmask16)0xFFFF;
-    int64_t r0 = rb;
-    for (; r0 + 16 <= re; r0 += 16) {
-        for (int64_t c0 = 0; c0 < C; c0 += 16) {
-            __m512 v[16];
-            for (int j = 0; j < 16; j++) v[j] = ld16(x, (r0 + j) * C + c0, all, dt);
-            transpose16(v); /* v[j]: channel c0 + j of rows r0 .. r0 + 15 */
-            for (int j = 0; j < 16; j++) {
-                const int64_t c = c0 + j;
-                const fwd_chan t = load_fwd_chan(sl + c * m, ic + c * m, left[c], right[c], invd[c], shift[c], &k);
-                v[j] = fwd16(v[j], &t, &k);
-            }
-            transpose16(v);
-            for (int j = 0; j < 16; j++) st16(y, (r0 + j) * C + c0, v[j], all, dt);
+/* Channels fastest, forward, one tile of nr <= 16 rows x nc <= 16 channels (rows r0 ..,
+ * channels c0 ..): transpose it so that each vector holds one channel, use the in-register
+ * table lookup of the NCHW path (no gathers), transpose back. Rows past nr are zeros and
+ * channels past nc are not computed; only the tile's own elements are stored. With nr and nc
+ * the constant 16 (whole tiles) the compiler keeps the tile in registers. N + 2 <= REG_TABLE. */
+static inline __attribute__((always_inline)) void fwd_tile_f(const void *x, void *y, int64_t r0, const int nr,
+                                                             int64_t c0, const int nc, int64_t C, const int dt,
+                                                             const float *sl, const float *ic, const float *left,
+                                                             const float *right, const float *invd,
+                                                             const float *shift, const fwd_consts *k, const int pf) {
+    const int64_t m = k->m;
+    const __mmask16 cm = tail_mask(nc);
+    __m512 v[16];
+    if (pf) /* this channel block's lines of the next 16 rows: 32 short strided streams defeat the
+             * hardware prefetcher */
+        for (int i = 0; i < 16; i++) {
+            _mm_prefetch(elem_ptr(x, (r0 + 16 + i) * C + c0, dt), _MM_HINT_T0);
+            _mm_prefetch(elem_ptr(y, (r0 + 16 + i) * C + c0, dt), _MM_HINT_ET0);
         }
+    for (int i = 0; i < 16; i++) v[i] = i < nr ? ld16(x, (r0 + i) * C + c0, cm, dt) : _mm512_setzero_ps();
+    transpose16(v); /* v[j]: channel c0 + j of rows r0 .. r0 + 15 */
+    for (int j = 0; j < nc; j++) {
+        const int64_t c = c0 + j;
+        const fwd_chan t = load_fwd_chan(sl + c * m, ic + c * m, left[c], right[c], invd[c], shift[c], k);
+        v[j] = fwd16(v[j], &t, k);
     }
-    return r0;
+    transpose16(v);
+    for (int i = 0; i < nr; i++) st16(y, (r0 + i) * C + c0, v[i], cm, dt);
 }
 
-/* Rows [rb, re) of C channels (inner == 1): whole 16-row tiles transposed, the rest by gather. */
+/* Rows [rb, re) of C channels (inner == 1): 16 x 16 tiles transposed in registers, the last
+ * row block and the last channel block (C % 16) as partial tiles; N + 2 > REG_TABLE: by gather. */
 static inline __attribute__((always_inline)) void avx512_fwd_rows(const void *x, void *y, int64_t rb, int64_t re,
                                                                   int64_t C, const int dt, const float *sl,
                                                                   const float *ic, const float *left,
                                                                   const float *right, const float *invd,
                                                                   const float *shift, int64_t n) {
-    for (int64_t r = fwd_tiles_f(x, y, rb, re, C, dt, sl, ic, left, right, invd, shift, n); r < re; r++)
-        fwd_row_f(x, y, r * C, C, dt, sl, ic, left, right, invd, shift, n);
+    if (n + 2 > REG_TABLE) {
+        for (int64_t r = rb; r < re; r++) fwd_row_f(x, y, r * C, C, dt, sl, ic, left, right, invd, shift, n);
+        return;
+    }
+    const fwd_consts k = make_fwd_consts(n);
+    const int64_t cfull = C / 16 * 16;
+    int64_t r0 = rb;
+    for (; r0 + 32 <= re; r0 += 16) { /* with a prefetch of the next 16 rows */
+        for (int64_t c0 = 0; c0 < cfull; c0 += 16)
+            fwd_tile_f(x, y, r0, 16, c0, 16, C, dt, sl, ic, left, right, invd, shift, &k, 1);
+        if (cfull < C)
+            fwd_tile_f(x, y, r0, 16, cfull, (int)(C - cfull), C, dt, sl, ic, left, right, invd, shift, &k, 1);
+    }
+    for (; r0 + 16 <= re; r0 += 16) {
+        for (int64_t c0 = 0; c0 < cfull; c0 += 16)
+            fwd_tile_f(x, y, r0, 16, c0, 16, C, dt, sl, ic, left, right, invd, shift, &k, 0);
+        if (cfull < C)
+            fwd_tile_f(x, y, r0, 16, cfull, (int)(C - cfull), C, dt, sl, ic, left, right, invd, shift, &k, 0);
+    }
+    if (r0 < re)
+        for (int64_t c0 = 0; c0 < C; c0 += 16)
+            fwd_tile_f(x, y, r0, (int)(re - r0), c0, C - c0 < 16 ? (int)(C - c0) : 16, C, dt, sl, ic, left, right,
+                       invd, shift, &k, 0);
 }
 #endif /* PWLU_AVX512 */
 

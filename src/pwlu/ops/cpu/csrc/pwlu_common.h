@@ -126,6 +126,10 @@ static inline void st16(void *p, int64_t i, __m512 v, __mmask16 m, int dt) {
     }
     }
 }
+/* The address of element i of a 4-byte (fp32) or 2-byte (fp16, bf16) array, for prefetches. */
+static inline const char *elem_ptr(const void *p, int64_t i, int dt) {
+    return (const char *)p + i * (dt == PWLU_F32 ? 4 : 2);
+}
 static inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u); }
 
 /* Region index k (int32) and the offsets x - lo, u and i of 16 elements. */
