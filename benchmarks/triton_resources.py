@@ -16,7 +16,8 @@ change there shows up here.
 Matrix: forward and backward kernels x sm_80 and sm_90 x float32, bfloat16, float16 inputs
 (float32 tables) x NCHW, channels-last, ``(B, T, C)`` and layer-wise layouts (an aligned
 representative of each and an odd shape that defeats the divisibility specialization) x
-N in {4, 16, 64} (``--n`` to change). Identical configurations are compiled once.
+N in {4, 16, 64} (``--n`` to change; the 2-D PWLU kernels also at their default N = 8). Identical
+configurations are compiled once.
 
 Prints a markdown table and writes it to ``benchmarks/results/triton_resources.md`` (``--out``
 to write elsewhere). Exit status 1 on a compile error or on any spill (stores or loads) at
@@ -39,6 +40,7 @@ os.environ.pop("TRITON_INTERPRET", None)
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import datetime as dt  # noqa: E402
+import importlib  # noqa: E402
 import io  # noqa: E402
 import math  # noqa: E402
 import multiprocessing  # noqa: E402
@@ -72,6 +74,17 @@ CASES = [
 ]
 LAYOUTS = ("NCHW", "channels-last", "BTC", "layer-wise")
 KERNELS = {"_pwlu_forward_kernel": "forward", "_pwlu_backward_kernel": "backward"}
+#: Kernels of the other ops' Triton backends: ``{kernel: (module, label)}``, recorded by
+#: :func:`record_op_launches` through the module's entry in :data:`OP_LAUNCHES`.
+OP_KERNELS = {
+    "_pwlu2d_forward_kernel": ("pwlu.ops.pwlu2d_triton_backend", "pwlu2d forward"),
+    "_pwlu2d_backward_kernel": ("pwlu.ops.pwlu2d_triton_backend", "pwlu2d backward"),
+    # N-PWLU (SPEC section 9): the forward kernel serves training and eval (folded tables)
+    "_npwlu_forward_kernel": ("pwlu.ops.npwlu_triton_backend", "npwlu forward"),
+    "_npwlu_backward_kernel": ("pwlu.ops.npwlu_triton_backend", "npwlu backward"),
+}
+#: The label of every kernel in the tables.
+LABELS = {**KERNELS, **{name: label for name, (_, label) in OP_KERNELS.items()}}
 
 # Streaming-multiprocessor limits shared by sm_80 and sm_90, for the occupancy column
 REGS_PER_SM, MAX_WARPS_PER_SM, MAX_CTAS_PER_SM, REG_GRANULE = 65536, 64, 32, 256
@@ -189,6 +202,117 @@ def record_launches(cases, dtypes, ns, archs) -> list[Row]:
     return rows
 
 
+def _launch_pwlu2d(module, x, channel_dim, n) -> None:
+    """One forward and one backward launch of the 2-D PWLU kernels on input ``x``."""
+    import torch
+
+    c = 1 if channel_dim is None else x.shape[channel_dim]
+    values, geometry = torch.empty(c, n + 1, n + 1), torch.empty(c, 10)
+    module.forward(x, x, values, geometry, channel_dim)
+    module.backward(torch.empty_like(x), x, x, values, geometry, channel_dim)
+
+
+def _launch_npwlu(module, x, channel_dim, n) -> None:
+    """One forward launch and the backward's launches (one per pass over the regions) of the
+    N-PWLU kernels on input ``x``, with float32 tables as :func:`pwlu.ops.npwlu_folding.npwlu_fold_tables`
+    shapes them."""
+    import torch
+
+    c = 1 if channel_dim is None else x.shape[channel_dim]
+    slopes, intercepts, breakpoints = torch.empty(c, n + 2), torch.empty(c, n + 2), torch.empty(c, n + 1)
+    inv_widths, shift = torch.empty(c, n), torch.empty(c)
+    module.forward(x, slopes, intercepts, breakpoints, shift, channel_dim)
+    module.backward(torch.empty_like(x), x, slopes, breakpoints, inv_widths, channel_dim)
+
+
+def _block_label(kwargs: dict) -> str:
+    """The "block" column of a launch: tile, threads with a histogram, regions histogrammed."""
+    if "BLOCK_O" in kwargs:  # PWLU-style (outer, channel/inner) tiles
+        label = f"{kwargs['BLOCK_O']}x{kwargs['BLOCK_K']}"
+    else:
+        label = str(kwargs.get("BLOCK", "-"))
+    if "SLOTS" in kwargs:
+        label += f", {kwargs['SLOTS']} slots"
+    if "REGION_LO" in kwargs:
+        label += f", regions {kwargs['REGION_LO']}-{kwargs['REGION_HI']}"
+    return label
+
+
+#: ``{module: launch(module, x, channel_dim (non-negative or None), n)}`` for :func:`record_op_launches`.
+OP_LAUNCHES = {"pwlu.ops.pwlu2d_triton_backend": _launch_pwlu2d, "pwlu.ops.npwlu_triton_backend": _launch_npwlu}
+#: N values compiled for a module on top of ``--n``: PWLU2D's default N = 8 (``(N + 1)^2`` values per channel).
+OP_EXTRA_NS = {"pwlu.ops.pwlu2d_triton_backend": (8,)}
+
+
+def record_op_launches(cases, dtypes, ns, archs) -> list[Row]:
+    """:func:`record_launches` for the kernels of :data:`OP_KERNELS`: each module's launchers,
+    driven by its :data:`OP_LAUNCHES` entry, with its kernels replaced by recorders."""
+    import torch
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    launches = []
+
+    class Recorder:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((self.fn, args, kwargs))
+
+    backends = {arch: make_backend(GPUTarget("cuda", arch, 32)) for arch in archs}
+    rows = []
+    for module_name, launch in OP_LAUNCHES.items():
+        module = importlib.import_module(module_name)
+        kernels = {name: getattr(module, name) for name, (m, _) in OP_KERNELS.items() if m == module_name}
+        binders = {
+            (name, arch): create_function_from_signature(fn.signature, fn.params, backends[arch])
+            for name, fn in kernels.items()
+            for arch in archs
+        }
+        try:
+            for name, fn in kernels.items():
+                setattr(module, name, Recorder(fn))
+            for layout, shape, channel_dim, channels_last, *offset in cases:
+                offset = bool(offset and offset[0])
+                module_ns = sorted({*ns, *OP_EXTRA_NS.get(module_name, ())})
+                for dtype_name, n in ((d, n) for d in dtypes for n in module_ns):
+                    dtype = getattr(torch, dtype_name)
+                    if offset:
+                        x = torch.empty(math.prod(shape) + 1, dtype=dtype)[1:].view(shape)
+                    else:
+                        x = torch.empty(shape, dtype=dtype)
+                    if channels_last:
+                        x = x.to(memory_format=torch.channels_last)
+                    launches.clear()
+                    launch(module, x, None if channel_dim is None else channel_dim % x.dim(), n)
+                    assert {fn.__name__ for fn, _, _ in launches} == set(kernels), launches
+                    for fn, args, kwargs in launches:
+                        kwargs = {**kwargs, "debug": bool(fn.debug)}
+                        block = _block_label(kwargs)
+                        for arch in archs:
+                            bound, spec, opts = binders[fn.__name__, arch](*args, **kwargs)
+                            options, signature, constexprs, attrs = fn._pack_args(
+                                backends[arch], kwargs, bound, spec, opts
+                            )
+                            launch_options = {k: v for k, v in kwargs.items() if k in options.__dict__}
+                            job = Job(
+                                fn.__name__,
+                                arch,
+                                _freeze(signature),
+                                _freeze(constexprs),
+                                _freeze(attrs),
+                                _freeze(launch_options),
+                            )
+                            label = "x".join(map(str, shape)) + (" +1 (unaligned)" if offset else "")
+                            rows.append(Row(fn.__name__, arch, dtype_name, layout, label, n, block, job))
+        finally:
+            for name, fn in kernels.items():
+                setattr(module, name, fn)
+    return rows
+
+
 def _parse_ptxas(log: str, kernel: str) -> dict:
     """Registers, spills and stack from the ``ptxas -v`` log of one kernel."""
     out = {"log": log}
@@ -208,7 +332,7 @@ def _compile(job: Job):
 
     from pwlu.ops import triton_backend as tb
 
-    fn = getattr(tb, job.kernel)
+    fn = getattr(importlib.import_module(OP_KERNELS[job.kernel][0]) if job.kernel in OP_KERNELS else tb, job.kernel)
     attrs = {path: [list(a) for a in values] for path, values in job.attrs}
     return triton.compile(
         ASTSource(fn, dict(job.signature), dict(job.constexprs), attrs),
@@ -337,7 +461,7 @@ def markdown(rows: list[Row], results: dict, meta: dict, ns, seconds: float) -> 
     failures = []
     for row in rows:
         res = results[row.job]
-        label = f"{KERNELS[row.kernel]} sm_{row.arch} {row.dtype} {row.layout} {row.shape} N={row.n}"
+        label = f"{LABELS[row.kernel]} sm_{row.arch} {row.dtype} {row.layout} {row.shape} N={row.n}"
         if "error" in res:
             failures.append(f"{label}: compile error: {res['error']}")
         elif row.n <= SPILL_LIMIT_N and (res["spill_stores"] or res["spill_loads"]):
@@ -366,7 +490,7 @@ def markdown(rows: list[Row], results: dict, meta: dict, ns, seconds: float) -> 
         f"- compiled: {len(ok)} of {len(rows)} rows; compile errors: {len(rows) - len(ok)}; "
         f"failures (errors or spills at N <= {SPILL_LIMIT_N}): {len(failures)}",
     ]
-    for kernel in KERNELS:
+    for kernel in LABELS:
         for arch in ARCHS:
             sel = [r for r in ok if r.kernel == kernel and r.arch == arch]
             if not sel:
@@ -375,7 +499,7 @@ def markdown(rows: list[Row], results: dict, meta: dict, ns, seconds: float) -> 
             spills = sum(1 for r in sel if results[r.job]["spill_stores"] or results[r.job]["spill_loads"])
             res = results[top.job]
             lines.append(
-                f"- {KERNELS[kernel]} sm_{arch}: max {res['registers']} registers ({top.dtype} {top.layout} "
+                f"- {LABELS[kernel]} sm_{arch}: max {res['registers']} registers ({top.dtype} {top.layout} "
                 f"{top.shape} N={top.n}, {res['num_warps']} warps, {occupancy(res['registers'], res['num_warps'], res['shared'], arch)} "
                 f"warps/SM); rows with spills: {spills}"
             )
@@ -390,7 +514,7 @@ def markdown(rows: list[Row], results: dict, meta: dict, ns, seconds: float) -> 
     for row in rows:
         res = results[row.job]
         head = (
-            f"| {KERNELS[row.kernel]} | sm_{row.arch} | {row.dtype} | {row.layout} | "
+            f"| {LABELS[row.kernel]} | sm_{row.arch} | {row.dtype} | {row.layout} | "
             f"{row.shape} | {row.n} | {row.block} |"
         )
         if "error" in res:
@@ -419,7 +543,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     meta = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"), **versions()}
-    rows = record_launches(CASES, DTYPES, args.n, ARCHS)
+    rows = record_launches(CASES, DTYPES, args.n, ARCHS) + record_op_launches(CASES, DTYPES, args.n, ARCHS)
     jobs = list(dict.fromkeys(r.job for r in rows))
     # a fresh kernel cache: every job is compiled (and ptxas run) here, none served from ~/.triton
     with tempfile.TemporaryDirectory(prefix="pwlu-triton-aot-") as cache:

@@ -29,6 +29,18 @@ def _seed_torch():
 
 
 @pytest.fixture
+def one_thread():
+    """torch on one thread during the test (the conversion tests share a small CPU), restored after.
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def fresh_build(tmp_path, monkeypatch):
     """A fresh CPU-kernel cache directory and no loaded library; restores the real one afterwards."""
     from pwlu.ops.cpu import build as cpu_build

@@ -319,7 +319,12 @@ def test_convert_functional_activations_warns_naming_them():
         pwlu.convert_activations(model, example_input=X)
 
 
-def test_convert_warns_not_when_something_was_converted():
+def test_convert_warns_about_functional_calls_also_when_something_was_converted():
+    """Issue 13: activations called as functions in ``forward`` (``F.relu``, ``F.gelu``), which
+    cannot be converted, warn also when other activations were converted (they used to convert
+    silently, leaving the model half converted); a model of activation modules only converts
+    without a warning."""
+
     class Mixed(_FunctionalNet):
         def __init__(self) -> None:
             super().__init__()
@@ -328,10 +333,16 @@ def test_convert_warns_not_when_something_was_converted():
         def forward(self, x):
             return super().forward(self.act(x))
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with pytest.warns(UserWarning) as record:
         model = pwlu.convert_activations(Mixed(), example_input=X)
     assert isinstance(model.act, pwlu.PWLU)
+    assert len(record) == 1, [str(w.message) for w in record]
+    message = str(record[0].message)
+    assert "relu" in message and "gelu" in message and "not converted" in message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = pwlu.convert_activations(nn.Sequential(nn.Conv2d(3, 4, 3), nn.SiLU()), example_input=X)
+    assert isinstance(model[1], pwlu.PWLU)
 
 
 # ----------------------------------------------------------------------------------------

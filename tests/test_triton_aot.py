@@ -3,8 +3,9 @@
 Runs ``benchmarks/triton_resources.py`` in its own process with the interpreter off (Triton
 fixes interpreter mode when it is first imported, and this session may have it on), writing
 its table to a temporary file so the committed ``benchmarks/results/triton_resources.md`` is
-left alone. Every kernel x arch x dtype x layout x N in {4, 16, 64} must compile, with no
-register spills; the committed table must list the configurations the launchers pick today.
+left alone. Every kernel x arch x dtype x layout x N in {4, 16, 64} (and the 2-D PWLU kernels at
+N = 8) must compile, with no register spills; the committed table must list the configurations
+the launchers pick today.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ if importlib.util.find_spec("triton") is None:
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "triton_resources.py"
 COMMITTED = ROOT / "benchmarks" / "results" / "triton_resources.md"
-KERNELS = ("forward", "backward")
+KERNELS = ("forward", "backward", "pwlu2d forward", "pwlu2d backward", "npwlu forward", "npwlu backward")
 ARCHS = ("sm_80", "sm_90")
 DTYPES = ("float32", "bfloat16", "float16")
 LAYOUTS = ("NCHW", "channels-last", "BTC", "layer-wise")
 NS = ("4", "16", "64")
+PWLU2D_KERNELS, PWLU2D_NS = ("pwlu2d forward", "pwlu2d backward"), ("4", "8", "16")  # 8: its default N
 COLUMNS = ("kernel", "arch", "dtype", "layout", "shape", "N", "block", "warps", "regs", "spill", "stack", "smem")
 
 
@@ -67,6 +69,7 @@ def test_every_kernel_compiles_for_sm80_and_sm90_without_spills(tmp_path):
     assert all(0 < int(r["regs"]) <= 255 for r in rows)
     compiled = {(r["kernel"], r["arch"], r["dtype"], r["layout"], r["N"]) for r in rows}
     missing = set(itertools.product(KERNELS, ARCHS, DTYPES, LAYOUTS, NS)) - compiled
+    missing |= set(itertools.product(PWLU2D_KERNELS, ARCHS, DTYPES, LAYOUTS, PWLU2D_NS)) - compiled
     assert not missing, sorted(missing)[:10]
     assert "failures (errors or spills at N <= 64): 0" in proc.stdout
 

@@ -341,6 +341,12 @@ def _pwlu(num_channels: int | None = None, channel_dim: int = 1, **kwargs) -> nn
     return PWLU(num_channels, channel_dim=channel_dim, **kwargs)
 
 
+def _npwlu(num_channels: int | None = None, channel_dim: int = 1, **kwargs) -> nn.Module:
+    from .nonuniform import NPWLU  # (imported here: pwlu.nonuniform needs the functional layer)
+
+    return NPWLU(num_channels, channel_dim=channel_dim, **kwargs)
+
+
 ACTIVATIONS: dict[str, Callable[..., nn.Module]] = {
     "relu": _relu,
     "swish": _swish,
@@ -350,6 +356,7 @@ ACTIVATIONS: dict[str, Callable[..., nn.Module]] = {
     "pau": _pau,
     "frelu": _frelu,
     "pwlu": _pwlu,
+    "npwlu": _npwlu,
 }
 
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import itertools
 import math
 import warnings
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +28,8 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.overrides import TorchFunctionMode
 
 from .baselines import call_factory, get_activation
-from .modules import LazyPWLU, TimmPWLU
+from .matching import FITS, HF_ACTIVATION_NAMES, Calibration, MatchTarget, activation_target, fit_pwlu
+from .modules import PWLU, LazyPWLU, TimmPWLU
 
 __all__ = [
     "ACTIVATION_TYPES",
@@ -75,10 +77,15 @@ class ConversionError(RuntimeError):
 
 
 def is_activation(module: nn.Module) -> bool:
-    """Whether ``module`` is an activation that :func:`convert_activations` replaces."""
+    """Whether ``module`` is an activation that :func:`convert_activations` replaces: one of
+    :data:`ACTIVATION_TYPES`, timm's own classes, or transformers' (``transformers.activations``:
+    ``GELUActivation``, ``NewGELUActivation``, ``FastGELUActivation``, ``QuickGELUActivation``,
+    ``SiLUActivation``, ...; see :data:`pwlu.matching.HF_ACTIVATION_NAMES`)."""
     if isinstance(module, ACTIVATION_TYPES):
         return True
     cls = type(module)
+    if cls.__module__.startswith("transformers.") and cls.__name__ in HF_ACTIVATION_NAMES:
+        return True
     return cls.__module__.startswith("timm.") and cls.__name__ in _TIMM_ACTIVATION_NAMES
 
 
@@ -105,7 +112,7 @@ class _Call:
 def _run(model: nn.Module, example_input: Any) -> Any:
     if isinstance(example_input, tuple):
         return model(*example_input)
-    if isinstance(example_input, dict):
+    if isinstance(example_input, Mapping):  # keyword arguments (also a transformers BatchEncoding)
         return model(**example_input)
     return model(example_input)
 
@@ -350,6 +357,92 @@ def _why_nothing(model: nn.Module, functional: dict[str, int]) -> str:
     return f"convert_activations converted nothing in {type(model).__name__}: " + "; ".join(reasons)
 
 
+# ----------------------------------------------------------------------------- function matching
+
+#: Inputs kept per channel and call site for the least-squares fit of ``init="match"``.
+MATCH_SAMPLES = 4096
+
+
+def _model_input(batch: Any) -> Any:
+    """The model input of one calibration batch: the first element of an ``(input, target, ...)``
+    tuple or list (a DataLoader's ``[x, y]``), else the batch itself (a tensor, or a mapping of
+    keyword arguments: a dict, a transformers ``BatchEncoding``)."""
+    if isinstance(batch, (tuple, list)):
+        if not batch:
+            raise ValueError("convert_activations: a calibration batch is an empty tuple/list")
+        return batch[0]
+    return batch
+
+
+def _calibrate(model: nn.Module, sites: dict[int, tuple[str, Calibration]], batches: Iterable[Any]) -> int:
+    """Run every calibration batch through ``model`` in eval mode under ``no_grad`` (modes, buffers
+    and the RNG restored afterwards), feeding each call site's input to its :class:`Calibration`.
+    Returns the number of batches."""
+
+    def pre_hook(module: nn.Module, args: tuple) -> None:
+        x = args[0] if args else None
+        if isinstance(x, Tensor) and x.is_floating_point():
+            sites[id(module)][1].record(x)
+
+    modules = {id(m): m for m in model.modules()}
+    handles = [modules[i].register_forward_pre_hook(pre_hook) for i in sites]
+    training = {id(m): m.training for m in model.modules()}
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    count = 0
+    try:
+        model.eval()
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            for batch in batches:
+                _run(model, _model_input(batch))
+                count += 1
+    finally:
+        for h in handles:
+            h.remove()
+        for m in model.modules():
+            m.training = training.get(id(m), m.training)
+        with torch.no_grad():
+            for b, value in saved:
+                b.copy_(value)
+    return count
+
+
+def _match(
+    model: nn.Module, plan: list[tuple[str, nn.Module]], batches: Iterable[Any], fit: str, num_sigmas: float = 3.0
+) -> None:
+    """``init="match"``: calibrate every planned PWLU on ``batches`` at its call site, then fit it to
+    the activation it replaces (:mod:`pwlu.matching`)."""
+    generator = torch.Generator().manual_seed(0)
+    sites: dict[int, tuple[str, Calibration]] = {}
+    targets: dict[str, MatchTarget] = {}
+    for name, new in plan:
+        old = model.get_submodule(name)
+        if type(new) is not PWLU:
+            raise ValueError(
+                f"convert_activations: init='match' fits a PWLU (activation='pwlu'), but the factory made a "
+                f"{type(new).__name__} for {name!r}"
+            )
+        target = activation_target(old, new.num_channels)
+        if target is None:
+            raise ConversionError(
+                f"convert_activations: init='match' cannot fit a PWLU to {name!r} ({type(old).__name__}: a per-channel "
+                "PReLU replaced layer-wise or on another channel axis); exclude it or use mode='channel'"
+            )
+        new.reset_running_stats()
+        sites[id(old)] = (name, Calibration(new, MATCH_SAMPLES, generator))
+        targets[name] = target
+    if not sites:
+        return
+    if _calibrate(model, sites, batches) == 0:
+        raise ValueError("convert_activations: calibration= yielded no batch")
+    for name, calib in sites.values():
+        if int(calib.pwlu.num_batches_tracked) == 0:
+            raise ConversionError(
+                f"convert_activations: activation {name!r} was not called by the calibration batches, so no PWLU "
+                "can be fitted to it; use batches that run the whole model, or exclude it"
+            )
+        fit_pwlu(calib.pwlu, targets[name], calib.samples, fit=fit, num_sigmas=num_sigmas, name=name)
+
+
 def convert_activations(
     model: nn.Module,
     activation: str | Callable[..., nn.Module] = "pwlu",
@@ -360,6 +453,9 @@ def convert_activations(
     *,
     channel_dim: int | None = None,
     activation_kwargs: dict[str, Any] | None = None,
+    init: str = "relu",
+    calibration: Iterable[Any] | None = None,
+    fit: str = "lstsq",
 ) -> nn.Module:
     """Replace every activation of ``model`` by PWLU or a baseline, one new module per call site.
 
@@ -399,10 +495,10 @@ def convert_activations(
     Args:
         model (nn.Module): modified in place.
         activation (str or callable): a name from :data:`pwlu.baselines.ACTIVATIONS` (``"relu"``,
-            ``"swish"``, ``"prelu"``, ``"apl"``, ``"pau"``, ``"frelu"``, ``"pwlu"``) or a factory
+            ``"swish"``, ``"prelu"``, ``"apl"``, ``"pau"``, ``"frelu"``, ``"pwlu"``, ``"npwlu"``) or a factory
             called as ``factory(num_channels)``, with ``channel_dim=`` too when it has a parameter of
             that name. ``num_channels`` is ``None`` in layer mode.
-        num_intervals (int): ``N`` for PWLU (ignored by the other activations).
+        num_intervals (int): ``N`` for PWLU and N-PWLU (ignored by the other activations).
         mode (str): ``"channel"`` (one set of parameters per channel) or ``"layer"``.
         exclude (str or iterable of str): ``fnmatch`` patterns of module names; an activation is
             left alone when its name or the name of one of its ancestors matches, e.g.
@@ -415,6 +511,33 @@ def convert_activations(
         channel_dim (int, optional): force the channel axis, see above.
         activation_kwargs (dict, optional): extra keyword arguments for the factory (for PWLU e.g.
             ``bound`` or ``init``).
+        init (str): ``"relu"`` (default; the paper's from-scratch setting: each PWLU starts as
+            ReLU on ``[-bound, bound]``, or as ``activation_kwargs["init"]``, and needs a
+            :class:`~pwlu.BoundaryRealigner`) or ``"match"`` (SPEC section 11, ``activation="pwlu"``
+            only): each PWLU is fitted to the activation it replaces, so the converted model
+            computes (almost) what the trained one did, see "Function matching" below.
+        calibration (iterable, optional): for ``init="match"`` (required there): model inputs, or
+            ``(input, target)`` pairs, or a ``DataLoader`` yielding either; each input is passed as
+            ``example_input`` is. Iterated once. Its first input is the example input when
+            ``example_input`` is not given. A few batches (~1-2k samples) suffice.
+        fit (str): for ``init="match"``: ``"lstsq"`` (default) or ``"interpolate"``.
+
+    Function matching (``init="match"``): the calibration batches run through the *original*
+    model in eval mode under ``no_grad`` (batch norm uses its running statistics, dropout is
+    off; modes, buffers and the RNG are restored). At every converted call site, the per-channel
+    input statistics are recorded (SPEC Eq. 5, cumulative average, in the new PWLU's
+    ``running_mean``/``running_std`` buffers) with a uniform sample of up to
+    :data:`MATCH_SAMPLES` inputs per channel. Each PWLU gets the range ``mean ± 3·std`` (Eq. 6),
+    the outer slopes of the replaced function far from 0 (GELU, SiLU, Hardswish, Mish, ELU,
+    Softplus, QuickGELU...: 0 and 1; ReLU6 and transformers' clipped GELU: 0 and 0; LeakyReLU,
+    PReLU, RReLU: their negative slope and 1; SELU: 0 and its scale) and breakpoint values
+    fitted to it (:func:`pwlu.matching.fit_pwlu`): ``fit="lstsq"`` minimises the squared error
+    over the recorded inputs of the channel, those outside the range included;
+    ``fit="interpolate"`` takes ``f`` at the breakpoints. The default is the fit that measured
+    better (README, "Converting a trained model"). Matched PWLUs are in phase II
+    (``module.matched`` names the function): train them directly. A
+    :class:`~pwlu.BoundaryRealigner` attached anyway warns and leaves matched PWLUs out of its
+    phase I (no freeze, no Eq. 6 reset to ReLU).
 
     Returns:
         nn.Module: ``model``, converted (a new ``fx.GraphModule`` only in the rare case where the
@@ -422,17 +545,20 @@ def convert_activations(
 
     Raises:
         ValueError: unknown activation name, bad mode or num_intervals, a model without a
-            derivable example input.
+            derivable example input; ``init="match"`` without ``calibration`` or with an
+            activation other than PWLU, an empty ``calibration``, a bad ``init`` or ``fit``.
         ConversionError: the example forward pass fails, an activation is reused in a way that
             cannot be split, one call site sees different channel counts, or the model (or a
-            submodule) is a ``torch.jit.script`` module, whose compiled forward cannot change.
+            submodule) is a ``torch.jit.script`` module, whose compiled forward cannot change;
+            with ``init="match"``, a converted activation that the calibration batches never call.
 
     Warns:
         UserWarning: when the model has no activation module to convert, saying why: a
         ``torch.jit.trace`` result (its submodules are traced graphs), activations called as
         functions in ``forward`` (``F.relu(x)``: the warning names them and how often they ran),
         or none at all. (Activation modules that the rules above leave alone warn only when
-        never called.)
+        never called.) Also when some activations were converted but the forward calls others
+        as functions, which stay as they are.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert_activations: model must be an nn.Module, but got {type(model).__name__}")
@@ -448,8 +574,35 @@ def convert_activations(
         raise TypeError(f"convert_activations: exclude must be a pattern or a list of patterns, but got {exclude!r}")
     _check_not_scripted(model)
     kwargs = dict(activation_kwargs or {})
-    if factory is get_activation("pwlu"):
+    if factory is get_activation("pwlu") or factory is get_activation("npwlu"):
         kwargs.setdefault("num_intervals", num_intervals)
+    if init not in ("relu", "match"):
+        raise ValueError(f"convert_activations: init must be 'relu' or 'match', but got {init!r}")
+    if init == "match":
+        if fit not in FITS:
+            raise ValueError(f"convert_activations: fit must be one of {FITS}, but got {fit!r}")
+        if factory is not get_activation("pwlu"):
+            raise ValueError(f"convert_activations: init='match' needs activation='pwlu', but got {activation!r}")
+        if "init" in kwargs:
+            raise ValueError("convert_activations: init='match' and activation_kwargs['init'] exclude each other")
+        if calibration is None:
+            raise ValueError(
+                "convert_activations: init='match' needs calibration= (model inputs, (input, target) pairs or a "
+                "DataLoader) to record each activation's input statistics"
+            )
+        if isinstance(calibration, (Tensor, Mapping)):
+            raise TypeError(
+                "convert_activations: calibration must be an iterable of batches (e.g. [x1, x2] or a DataLoader), "
+                f"not a single {type(calibration).__name__}"
+            )
+        batches = iter(calibration)
+        try:
+            first = next(batches)
+        except StopIteration:
+            raise ValueError("convert_activations: calibration= yielded no batch") from None
+        calibration = itertools.chain([first], batches)
+        if example_input is None:
+            example_input = _model_input(first)
     if example_input is None:
         example_input = _default_input(model)
 
@@ -499,12 +652,21 @@ def convert_activations(
         plan.append((name, new))
     if not plan and not calls:  # (activation modules all left alone by the rules: no warning)
         warnings.warn(_why_nothing(model, functional), stacklevel=2)
+    elif plan and functional:
+        found = ", ".join(f"{name} x{n}" for name, n in functional.items())
+        warnings.warn(
+            f"convert_activations: {type(model).__name__}'s forward also calls activations as functions ({found}), "
+            "which are not modules: they are not converted and stay as they are",
+            stacklevel=2,
+        )
     if never_called:
         warnings.warn(
             f"convert_activations: {len(never_called)} activation(s) were not called by the example forward "
             f"pass and are left unchanged: {never_called}",
             stacklevel=2,
         )
+    if init == "match":
+        _match(model, plan, calibration, fit)
     for name, new in plan:
         _set_submodule(model, name, new)
     return model

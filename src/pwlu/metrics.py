@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .distributed import full
+from .merge import merge_modules
 from .modules import PWLU
 from .ops.folding import effective_bounds
 from .realign import pwlu_modules
@@ -105,21 +107,24 @@ def boundary_iou(
             that take several inputs (default: the rule above).
 
     Returns:
-        dict[str, Tensor[C]]: module name to per-channel IOU (``Tensor[1]`` layer-wise).
+        dict[str, Tensor[C]]: module name to per-channel IOU (``Tensor[1]`` layer-wise); a
+        :class:`pwlu.PWLU2D` named ``m`` gives ``"m.x"`` and ``"m.y"``, one per input and range.
     """
     if not (isinstance(lower, (int, float)) and isinstance(upper, (int, float)) and 0 <= lower < upper <= 1):
         raise ValueError(f"boundary_iou: need 0 <= lower < upper <= 1, but got lower={lower!r}, upper={upper!r}")
     if isinstance(reservoir_size, bool) or not isinstance(reservoir_size, int) or reservoir_size < 1:
         raise ValueError(f"boundary_iou: reservoir_size must be an int >= 1, but got {reservoir_size!r}")
     modules = pwlu_modules(model)
-    if not modules:
-        raise ValueError(f"boundary_iou: no PWLU module in {type(model).__name__}")
+    merges = merge_modules(model)  # a PWLU2D has two inputs and two ranges: "<name>.x", "<name>.y"
+    if not modules and not merges:
+        raise ValueError(f"boundary_iou: no PWLU (or PWLU2D) module in {type(model).__name__}")
     generator = torch.Generator().manual_seed(seed)
     reservoirs = {name: _ChannelReservoir(reservoir_size, generator) for name, _ in modules}
+    reservoirs.update({f"{name}.{a}": _ChannelReservoir(reservoir_size, generator) for name, _ in merges for a in "xy"})
 
-    def make_hook(name: str, module: PWLU):
+    def make_hook(name: str, module: PWLU, index: int = 0):
         def hook(_: nn.Module, args: tuple[Any, ...]) -> None:
-            x = args[0]
+            x = args[index]
             if module.channel_wise:
                 cd = module.channel_dim % x.dim()
                 flat = x.movedim(cd, 0).reshape(x.shape[cd], -1)
@@ -131,6 +136,7 @@ def boundary_iou(
 
     was_training = {m: m.training for m in model.modules()}
     handles = [m.register_forward_pre_hook(make_hook(name, m)) for name, m in modules]
+    handles += [m.register_forward_pre_hook(make_hook(f"{name}.{a}", m, i)) for name, m in merges for i, a in enumerate("xy")]
     try:
         model.eval()
         for batch in batches:
@@ -146,11 +152,22 @@ def boundary_iou(
     result = {}
     for name, module in modules:
         res = reservoirs[name]
+        # full(): the whole value of an FSDP2-sharded parameter (a collective: before any skip)
+        left = full(module.left_bound).to(torch.float64).reshape(-1)
+        right, _, _ = effective_bounds(left, full(module.right_bound).to(torch.float64).reshape(-1), 1)
         if res.values is None or res.values.shape[1] == 0:
             warnings.warn(f"boundary_iou: PWLU {name!r} saw no input", stacklevel=2)
             continue
         lo, hi = res.quantiles(float(lower), float(upper))
-        left = module.left_bound.detach().to(torch.float64).reshape(-1)
-        right, _, _ = effective_bounds(left, module.right_bound.detach().to(torch.float64).reshape(-1), 1)
         result[name] = interval_iou(left.to(lo.device), right.to(lo.device), lo, hi)
+    for name, module in merges:
+        for a in "xy":
+            res = reservoirs[f"{name}.{a}"]
+            left = full(getattr(module, f"{a}_left_bound")).to(torch.float64).reshape(-1)
+            right, _, _ = effective_bounds(left, full(getattr(module, f"{a}_right_bound")).to(torch.float64).reshape(-1), 1)
+            if res.values is None or res.values.shape[1] == 0:
+                warnings.warn(f"boundary_iou: PWLU2D {name!r} saw no input", stacklevel=2)
+                continue
+            lo, hi = res.quantiles(float(lower), float(upper))
+            result[f"{name}.{a}"] = interval_iou(left.to(lo.device), right.to(lo.device), lo, hi)
     return result

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
+from .distributed import assign_, full, op_params
 from .functional import pwlu
 from .ops.folded import pwlu_folded
 from .ops.folding import fold_tables
@@ -110,6 +111,10 @@ class PWLU(nn.Module):
     #: ``torch.distributed`` group the statistics are merged over (``None``: the world, when
     #: one is initialised).
     stats_process_group = None
+    #: Set by ``convert_activations(init="match")``: the name of the function this PWLU was
+    #: fitted to (it starts in phase II; :class:`~pwlu.BoundaryRealigner` skips its phase I).
+    #: ``None`` otherwise, and after a reset to ReLU. Not in the state dict.
+    matched = None
 
     def __init__(
         self,
@@ -190,8 +195,9 @@ class PWLU(nn.Module):
         shape = self.left_bound.shape
         dtype = self.points.dtype
         f64 = dict(dtype=torch.float64, device=self.points.device)
-        left = self.left_bound.to(**f64) if left_bound is None else torch.as_tensor(left_bound, **f64)
-        right = self.right_bound.to(**f64) if right_bound is None else torch.as_tensor(right_bound, **f64)
+        # full(): the whole value of an FSDP2-sharded (DTensor) parameter; assign_() writes one back
+        left = full(self.left_bound).to(**f64) if left_bound is None else torch.as_tensor(left_bound, **f64)
+        right = full(self.right_bound).to(**f64) if right_bound is None else torch.as_tensor(right_bound, **f64)
         left, right = torch.broadcast_tensors(left.expand(shape), right.expand(shape))
         if not bool((torch.isfinite(left.to(dtype)) & torch.isfinite(right.to(dtype))).all()):
             raise ValueError(
@@ -200,9 +206,7 @@ class PWLU(nn.Module):
             )
         if not bool((right > left).all()):
             raise ValueError(f"PWLU: need left_bound < right_bound, but got {left.tolist()} and {right.tolist()}")
-        n = self.num_intervals
-        steps = torch.arange(n + 1, **f64) / n
-        breakpoints = left.unsqueeze(-1) + steps * (right - left).unsqueeze(-1)
+        breakpoints = left.unsqueeze(-1) + self._breakpoint_fractions() * (right - left).unsqueeze(-1)
         name = getattr(fn, "__name__", type(fn).__name__)
         values = _checked_values(fn, name, breakpoints, dtype)
         with torch.enable_grad():
@@ -216,11 +220,17 @@ class PWLU(nn.Module):
                     f"(got {slope[i].item()!r}); the outer slopes come from it. Choose a function that is "
                     "differentiable there, or other boundaries"
                 )
-        self.points.copy_(values)
-        self.left_bound.copy_(left)
-        self.right_bound.copy_(right)
-        self.left_slope.copy_(slope_l.detach())
-        self.right_slope.copy_(slope_r.detach())
+        assign_(self.points, values)
+        assign_(self.left_bound, left)
+        assign_(self.right_bound, right)
+        assign_(self.left_slope, slope_l.detach())
+        assign_(self.right_slope, slope_r.detach())
+
+    def _breakpoint_fractions(self) -> Tensor:
+        """``(B_i - B_L) / (B_R - B_L)`` for the ``N + 1`` breakpoints, in float64: ``i / N`` here
+        (:class:`pwlu.NPWLU` overrides it with its learned fractions)."""
+        n = self.num_intervals
+        return torch.arange(n + 1, dtype=torch.float64, device=self.points.device) / n
 
     def forward(self, x: Tensor) -> Tensor:
         # torch.jit.script, torch.jit.trace (and the TorchScript-based ONNX exporter), the
@@ -249,7 +259,7 @@ class PWLU(nn.Module):
             params = (found["points"], found["left_bound"], found["right_bound"], found["left_slope"], found["right_slope"])  # fmt: skip
         except KeyError:  # e.g. under torch.nn.utils.parametrize
             params = (self.points, self.left_bound, self.right_bound, self.left_slope, self.right_slope)
-        y = pwlu(x, *params, self.channel_dim)
+        y = pwlu(x, *op_params(params, self.num_channels is None), self.channel_dim)
         if self.training and self._collecting and not _recomputing():
             cd = None if self.num_channels is None else self.channel_dim % x.dim()
             self._update_statistics(x, cd)
@@ -278,6 +288,12 @@ class PWLU(nn.Module):
         # checkpoints from before realignment lack the statistics buffers: keep the defaults
         for name in ("running_mean", "running_std", "num_batches_tracked", "collecting"):
             state_dict.setdefault(prefix + name, getattr(self, name).detach().clone())
+        # layer-wise scalars: shape () here and (1,) after pwlu.prepare_fully_shard, either way round
+        for name in ("left_bound", "right_bound", "left_slope", "right_slope"):
+            saved, own = state_dict.get(prefix + name), self._parameters.get(name)
+            if isinstance(saved, Tensor) and isinstance(own, Tensor) and not isinstance(own, UninitializedParameter):
+                if saved.shape != own.shape and saved.numel() == own.numel() == 1 and saved.dim() + own.dim() == 1:
+                    state_dict[prefix + name] = saved.reshape(own.shape)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )

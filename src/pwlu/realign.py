@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
+from .distributed import assign_, full
+from .merge import merge_modules, realign_merges
 from .modules import PWLU
 from .ops.folding import MIN_WIDTH, effective_bounds
 from .ops.validation import PARAMETER_NAMES
@@ -56,7 +58,8 @@ def check_materialised(modules: list[tuple[str, PWLU]], who: str) -> None:
 
 
 def _params(module: PWLU) -> list[nn.Parameter]:
-    return [getattr(module, name) for name in _PARAM_NAMES]
+    # every learned parameter: the five of PWLU, and the width logits of an N-PWLU (SPEC section 9)
+    return [getattr(module, name) for name in getattr(module, "parameter_names", _PARAM_NAMES)]
 
 
 def _check_positive(name: str, value: Any, allow_zero: bool = False) -> None:
@@ -112,26 +115,38 @@ def _data_bounds(module: PWLU, num_sigmas: float, min_width: float) -> tuple[Ten
 
 
 def _relu_reset(module: PWLU, left: Tensor, right: Tensor) -> None:
-    """Eq. 6: ``K_L = 0``, ``K_R = 1``, ``Y_P[i] = max(0, B_L + i·d)`` on ``[left, right]``."""
+    """Eq. 6: ``K_L = 0``, ``K_R = 1``, ``Y_P[i] = max(0, B_L + i·d)`` on ``[left, right]``
+    (an N-PWLU gets uniform intervals again first, ``θ = 0``: SPEC section 9)."""
+    reset_widths = getattr(module, "reset_widths", None)
+    if reset_widths is not None:
+        reset_widths()
     module.init_from_function(F.relu, left, right)
-    with torch.no_grad():
-        module.left_slope.fill_(0.0)
-        module.right_slope.fill_(1.0)
+    assign_(module.left_slope, 0.0)
+    assign_(module.right_slope, 1.0)
+    module.matched = None  # no longer the function it was matched to
 
 
-def _hat_design(grid: Tensor, left: Tensor, right: Tensor, n: int) -> Tensor:
+def _hat_design(grid: Tensor, left: Tensor, right: Tensor, n: int, fractions: Tensor | None = None) -> Tensor:
     """Design matrix of a PWLU in its linear parameters ``(Y_P[0..N], K_L, K_R)``.
 
     Args:
         grid (Tensor[C, G]): sample points; left, right (Tensor[C]): the boundaries.
+        fractions (Tensor[C, N+1], optional): the breakpoints' ``(b_j - B_L) / (B_R - B_L)`` of an
+            N-PWLU (SPEC section 9); ``None``: uniform.
 
     Returns:
         Tensor[C, G, N+3]: ``PWLU(grid) = A @ [Y_P, K_L, K_R]`` for fixed boundaries.
     """
-    d = ((right - left) / n).unsqueeze(-1)
-    u = (grid - left.unsqueeze(-1)) / d
-    i = torch.floor(u).clamp(0, n - 1)
-    t = (u - i).clamp(0, 1)  # outer regions: t = 0 (left) or 1 (right) picks Y_P[0] / Y_P[N]
+    if fractions is None:
+        d = ((right - left) / n).unsqueeze(-1)
+        u = (grid - left.unsqueeze(-1)) / d
+        i = torch.floor(u).clamp(0, n - 1)
+        t = (u - i).clamp(0, 1)  # outer regions: t = 0 (left) or 1 (right) picks Y_P[0] / Y_P[N]
+    else:  # interval i: how many interior breakpoints lie at or below the point
+        b = left.unsqueeze(-1) + fractions * (right - left).unsqueeze(-1)
+        i = (grid.unsqueeze(-1) >= b[:, None, 1:n]).sum(-1)
+        lo, hi = b.gather(-1, i), b.gather(-1, i + 1)
+        t = ((grid - lo) / torch.clamp(hi - lo, min=torch.finfo(b.dtype).tiny)).clamp(0, 1)
     a = grid.new_zeros(*grid.shape, n + 3)
     a.scatter_add_(-1, i.long().unsqueeze(-1), (1 - t).unsqueeze(-1))
     a.scatter_add_(-1, (i.long() + 1).unsqueeze(-1), t.unsqueeze(-1))
@@ -144,7 +159,7 @@ def _channel_params(module: PWLU) -> list[Tensor]:
     """The five parameters as float64 ``Tensor[C, N+1]`` / ``Tensor[C]`` (C = 1 layer-wise)."""
     out = []
     for name in _PARAM_NAMES:
-        p = getattr(module, name).detach().to(torch.float64)
+        p = full(getattr(module, name)).to(torch.float64)  # the whole value of an FSDP2 DTensor
         out.append(p.reshape(-1, p.shape[-1]) if name == "points" else p.reshape(-1))
     return out
 
@@ -161,6 +176,8 @@ def _refit(module: PWLU, left: Tensor, right: Tensor, grid_size: int, name: str 
     n = module.num_intervals
     points, old_l, old_r, k_l, k_r = (p.cpu() for p in _channel_params(module))
     old_r, _, _ = effective_bounds(old_l, old_r, n)
+    # an N-PWLU keeps its widths: the breakpoints move with the range, at the same fractions of it
+    fractions = module._breakpoint_fractions().cpu().reshape(-1, n + 1) if hasattr(module, "width_logits") else None
     left = left.cpu().reshape(-1).expand_as(old_l)
     right = right.cpu().reshape(-1).expand_as(old_l)
     d_new = (right - left) / n
@@ -176,10 +193,15 @@ def _refit(module: PWLU, left: Tensor, right: Tensor, grid_size: int, name: str 
         ],
         -1,
     )  # (C, G)
+    if fractions is not None:  # an N-PWLU: 8 samples inside every new interval, however narrow
+        steps = torch.arange(8, **f64) / 8
+        inside = fractions[:, :-1, None] + steps * (fractions[:, 1:] - fractions[:, :-1]).unsqueeze(-1)
+        grid = torch.cat([grid, left.unsqueeze(-1) + inside.flatten(1) * (right - left).unsqueeze(-1)], -1)
     # the old function on the grid, through its own design matrix (exact PWLU evaluation)
     old_theta = torch.cat([points, k_l.unsqueeze(-1), k_r.unsqueeze(-1)], -1)
-    target = _hat_design(grid, old_l, old_r, n) @ old_theta.unsqueeze(-1)
-    theta = torch.linalg.lstsq(_hat_design(grid, left, right, n), target, driver="gelsd").solution.squeeze(-1)
+    target = _hat_design(grid, old_l, old_r, n, fractions) @ old_theta.unsqueeze(-1)
+    design = _hat_design(grid, left, right, n, fractions)
+    theta = torch.linalg.lstsq(design, target, driver="gelsd").solution.squeeze(-1)
     dtype = module.points.dtype
     if not bool(torch.isfinite(theta.to(dtype)).all()):  # checked before anything changes
         raise ValueError(
@@ -189,12 +211,11 @@ def _refit(module: PWLU, left: Tensor, right: Tensor, grid_size: int, name: str 
         )
     theta = theta.to(module.points.device)
     shape = module.left_bound.shape
-    with torch.no_grad():
-        module.points.copy_(theta[:, : n + 1].reshape(module.points.shape))
-        module.left_bound.copy_(left.reshape(shape))
-        module.right_bound.copy_(right.reshape(shape))
-        module.left_slope.copy_(theta[:, n + 1].reshape(shape))
-        module.right_slope.copy_(theta[:, n + 2].reshape(shape))
+    assign_(module.points, theta[:, : n + 1].reshape(module.points.shape))
+    assign_(module.left_bound, left.reshape(shape))
+    assign_(module.right_bound, right.reshape(shape))
+    assign_(module.left_slope, theta[:, n + 1].reshape(shape))
+    assign_(module.right_slope, theta[:, n + 2].reshape(shape))
 
 
 @torch.no_grad()
@@ -204,6 +225,8 @@ def realign_boundaries(
     preserve_function: bool = False,
     min_width: float = DEFAULT_MIN_WIDTH,
     grid_size: int = 2048,
+    *,
+    skip_matched: bool = False,
 ) -> list[str]:
     """Reset every PWLU's range to its input statistics (SPEC Eq. 6, the 3-sigma rule).
 
@@ -232,6 +255,10 @@ def realign_boundaries(
       2% of the function's range there. A *narrower* range makes the function linear
       outside it, so curvature there is lost (the error is then bounded only by how far
       the old function is from linear outside the new range).
+      An N-PWLU (:class:`pwlu.NPWLU`) keeps its width logits ``θ``: the new breakpoints sit at
+      the same fractions of the new range, the values are refitted there, and with few
+      intervals a kink that no new breakpoint meets is smoothed (exact again wherever the
+      new breakpoints can represent the old function). The Eq. 6 reset sets ``θ`` to 0.
 
     Modules whose running statistics have seen no batch are left unchanged, with a warning.
 
@@ -241,6 +268,9 @@ def realign_boundaries(
         preserve_function (bool): refit the shape instead of resetting it to ReLU.
         min_width (float): smallest ``B_R - B_L``, ``>= pwlu.MIN_WIDTH`` (default ``1e-2``).
         grid_size (int): least-squares sample points per channel (``preserve_function``).
+        skip_matched (bool): leave function-matched PWLUs (``module.matched`` set by
+            ``convert_activations(init="match")``) unchanged; :class:`~pwlu.BoundaryRealigner`'s
+            Eq. 6 reset passes ``True``. A matched PWLU that is reset to ReLU loses its ``matched``.
 
     Returns:
         list[str]: the names of the realigned modules.
@@ -257,11 +287,14 @@ def realign_boundaries(
     if isinstance(grid_size, bool) or not isinstance(grid_size, int) or grid_size < 16:
         raise ValueError(f"realign_boundaries: grid_size must be an int >= 16, but got {grid_size!r}")
     modules = pwlu_modules(model)
-    if not modules:
-        raise ValueError(f"realign_boundaries: no PWLU module in {type(model).__name__}")
-    check_materialised(modules, "realign_boundaries")
+    merges = merge_modules(model)  # 2-D PWLUs (SPEC section 10): both ranges, V back to addition
+    if not modules and not merges:
+        raise ValueError(f"realign_boundaries: no PWLU (or PWLU2D) module in {type(model).__name__}")
+    check_materialised(modules + merges, "realign_boundaries")
     done = []
     for name, module in modules:
+        if skip_matched and module.matched is not None:
+            continue
         if int(module.num_batches_tracked) == 0:
             warnings.warn(
                 f"realign_boundaries: PWLU {name or '<model>'!r} has seen no training batch while "
@@ -283,7 +316,7 @@ def realign_boundaries(
         else:
             _relu_reset(module, left, right)
         done.append(name)
-    return done
+    return done + realign_merges(merges, float(num_sigmas), float(min_width), preserve_function)
 
 
 @torch.no_grad()
@@ -298,9 +331,10 @@ def fix_init(model: nn.Module, bound: float) -> None:
     """
     _check_positive("fix_init: bound", bound)
     modules = pwlu_modules(model)
-    if not modules:
-        raise ValueError(f"fix_init: no PWLU module in {type(model).__name__}")
-    check_materialised(modules, "fix_init")
+    merges = merge_modules(model)  # a PWLU2D becomes addition on [-bound, bound]^2
+    if not modules and not merges:
+        raise ValueError(f"fix_init: no PWLU (or PWLU2D) module in {type(model).__name__}")
+    check_materialised(modules + merges, "fix_init")
     for name, module in modules:
         dtype = module.left_bound.dtype
         if bound >= _representable_limit(dtype):
@@ -308,10 +342,17 @@ def fix_init(model: nn.Module, bound: float) -> None:
                 f"fix_init: PWLU {name or '<model>'!r} has {str(dtype).replace('torch.', '')} parameters, which "
                 f"cannot hold bound={bound!r} (at most {_representable_limit(dtype):.6g})"
             )
+    for name, merge in merges:
+        if bound >= _representable_limit(merge.values.dtype):
+            raise ValueError(f"fix_init: PWLU2D {name or '<model>'!r} cannot hold bound={bound!r} in its {merge.values.dtype}")
     for _, module in modules:
         _relu_reset(module, torch.tensor(-float(bound)), torch.tensor(float(bound)))
         module.reset_running_stats()
         module.set_collecting(False)
+    for _, merge in merges:
+        merge.init_from_function(torch.add, -float(bound), float(bound), -float(bound), float(bound))
+        merge.reset_running_stats()
+        merge.set_collecting(False)
 
 
 _MOVED = {

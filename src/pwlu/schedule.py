@@ -8,6 +8,7 @@ Paper: https://arxiv.org/abs/2104.03693, Sec. 3.3.
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from typing import Any
 
@@ -15,10 +16,43 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from .merge import merge_modules
 from .ops.folding import MIN_WIDTH
 from .realign import DEFAULT_MIN_WIDTH, _check_positive, _params, check_materialised, pwlu_modules, realign_boundaries
 
 __all__ = ["BoundaryRealigner", "parameter_groups"]
+
+
+class _ZeroSwappedInGrads:
+    """Phase-I forward pre-hook on a PWLU: FSDP2 swaps unsharded parameters in for the forward
+    pass (the sharded ones, hooked by :meth:`BoundaryRealigner._freeze`, are not in the autograd
+    graph), so hook the parameters found at forward time whose gradients are not zeroed yet.
+
+    A module-level class, so that a model pickled (or deep-copied) in phase I can be: the copy
+    gets an inert hook (``handles`` is ``None``), which removes itself at its first eager call;
+    the copy's realigner, if it has one, registers its own (``BoundaryRealigner.__setstate__``).
+    """
+
+    def __init__(self, handles: list[Any] | None = None, hooked: set[int] | None = None) -> None:
+        self.handles = handles  # the realigner's hook handles: the new gradient hooks go there
+        self.hooked = hooked if hooked is not None else set()
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        if torch.compiler.is_compiling():
+            return
+        if self.handles is None:  # unpickled: not the copy's freeze; drop out of the module
+            for key in [k for k, hook in module._forward_pre_hooks.items() if hook is self]:
+                del module._forward_pre_hooks[key]
+            return
+        if not torch.is_grad_enabled():
+            return
+        for p in _params(module):
+            if id(p) not in self.hooked and p.requires_grad:
+                self.hooked.add(id(p))
+                self.handles.append(p.register_hook(torch.zeros_like))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_ZeroSwappedInGrads, ())  # inert in the copy (the handles and ids are this process's)
 
 
 class BoundaryRealigner:
@@ -35,6 +69,9 @@ class BoundaryRealigner:
       momentum, no Adam state. The optimizer is not rebuilt and its state stays clean, so
       phase II starts as if the PWLU parameters were new to it.
     * **At step** ``warmup_steps``: :func:`realign_boundaries` (Eq. 6), then phase II.
+    * **Function-matched PWLUs** (``convert_activations(init="match")``, ``module.matched`` set)
+      are already in phase II: a warning at construction, then no freeze, no collecting (unless
+      ``rebound_every``) and no Eq. 6 reset for them; other PWLUs follow the schedule.
     * **Phase II**: all PWLU parameters train. With ``rebound_every=k``, statistics keep
       being collected and every ``k`` steps the boundaries move to them with
       ``realign_boundaries(preserve_function=True)`` (beyond the paper). The optimizer's
@@ -99,10 +136,19 @@ class BoundaryRealigner:
         if min_width < MIN_WIDTH:
             raise ValueError(f"BoundaryRealigner: min_width must be >= pwlu.MIN_WIDTH={MIN_WIDTH}, but got {min_width}")
         self.model = model
-        self.modules = pwlu_modules(model)
+        # PWLUs, and PWLU2D merges (SPEC section 10: frozen as addition in phase I, both ranges reset)
+        self.modules = pwlu_modules(model) + merge_modules(model)
         if not self.modules:
-            raise ValueError(f"BoundaryRealigner: no PWLU module in {type(model).__name__}")
+            raise ValueError(f"BoundaryRealigner: no PWLU (or PWLU2D) module in {type(model).__name__}")
         check_materialised(self.modules, "BoundaryRealigner")
+        matched = [name for name, m in self.modules if getattr(m, "matched", None) is not None]
+        if matched and warmup_steps > 0:
+            warnings.warn(
+                f"BoundaryRealigner: {len(matched)} of {len(self.modules)} PWLUs are function-matched "
+                "(convert_activations(init='match')) and already in phase II; they skip phase I (not frozen, not "
+                "reset to ReLU at warmup_steps) and train from the first step. A matched model needs no realigner",
+                stacklevel=2,
+            )
         self.warmup_steps = warmup_steps
         self.momentum = momentum
         self.num_sigmas = float(num_sigmas)
@@ -148,18 +194,24 @@ class BoundaryRealigner:
         """Put every PWLU and the hooks in the state that ``num_steps`` implies."""
         warm = self.in_warmup
         collect = warm or self.rebound_every is not None
-        for _, module in self.modules:
-            module.set_collecting(collect)
+        for _, module in self.modules:  # function-matched PWLUs have no phase I
+            module.set_collecting(
+                collect if getattr(module, "matched", None) is None else self.rebound_every is not None
+            )
         if warm and not self._hooks:
             self._freeze()
         elif not warm and self._hooks:
             self.remove_hooks()
 
     def _freeze(self) -> None:
-        params = [p for _, m in self.modules for p in _params(m)]
+        params = [p for _, m in self.modules if getattr(m, "matched", None) is None for p in _params(m)]
         for p in params:
             if p.requires_grad:
                 self._hooks.append(p.register_hook(torch.zeros_like))
+        zero_swapped_in = _ZeroSwappedInGrads(self._hooks, {id(p) for p in params})
+        for _, m in self.modules:
+            if getattr(m, "matched", None) is None:
+                self._hooks.append(m.register_forward_pre_hook(zero_swapped_in))
         ref = weakref.ref(self)
         holder: list[Any] = []
 
@@ -169,7 +221,8 @@ class BoundaryRealigner:
             if realigner is None:
                 holder[0].remove()
                 return
-            for p in params:
+            # the modules' parameters now (fully_shard, applied after this hook, replaces them)
+            for p in [p for _, m in realigner.modules for p in _params(m)]:
                 p.grad = None
 
         handle = register_optimizer_step_pre_hook(drop_pwlu_grads)
@@ -216,7 +269,7 @@ class BoundaryRealigner:
         """Advance one optimizer step; realign at ``warmup_steps``, re-bound in phase II."""
         self.num_steps += 1
         if self.num_steps == self.warmup_steps:
-            realign_boundaries(self.model, self.num_sigmas, min_width=self.min_width)
+            realign_boundaries(self.model, self.num_sigmas, min_width=self.min_width, skip_matched=True)
         elif (
             self.rebound_every is not None
             and self.num_steps > self.warmup_steps
@@ -262,7 +315,8 @@ class BoundaryRealigner:
 
 
 def parameter_groups(model: nn.Module, weight_decay: float, pwlu_weight_decay: float = 0.0) -> list[dict[str, Any]]:
-    """Optimizer parameter groups: PWLU parameters apart from the rest.
+    """Optimizer parameter groups: PWLU parameters apart from the rest (those of
+    :class:`pwlu.PWLU2D` merges count as PWLU parameters).
 
     Recommended: ``pwlu_weight_decay=0`` (the default). Weight decay pulls every PWLU
     parameter towards 0: the breakpoint values and outer slopes towards the zero function,
@@ -283,7 +337,7 @@ def parameter_groups(model: nn.Module, weight_decay: float, pwlu_weight_decay: f
     """
     _check_positive("parameter_groups: weight_decay", weight_decay, allow_zero=True)
     _check_positive("parameter_groups: pwlu_weight_decay", pwlu_weight_decay, allow_zero=True)
-    pwlu_ids = {id(p) for _, m in pwlu_modules(model) for p in _params(m)}
+    pwlu_ids = {id(p) for _, m in pwlu_modules(model) + merge_modules(model) for p in _params(m)}
     seen: set[int] = set()
     pwlu_params, others = [], []
     for p in model.parameters():

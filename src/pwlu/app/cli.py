@@ -30,8 +30,17 @@ def _add_train_options(p: argparse.ArgumentParser, single: bool = True) -> None:
         p.add_argument("--seed", type=int, default=d.seed)
         p.add_argument("--mode", default=d.mode, help="PWLU mode: channel or layer")
         p.add_argument("--intervals", type=int, default=d.intervals, help="PWLU intervals N")
+        p.add_argument("--merges", default=d.merges,
+                       help="residual merges: add, or pwlu2d (a learned 2-D PWLU per merge)")  # fmt: skip
+        p.add_argument("--merge-intervals", type=int, default=d.merge_intervals, help="2-D PWLU intervals N per axis")
         p.add_argument("--fix-init", type=float, default=None, metavar="X", help="fix-init-X: range [-X, X], no phase I")
         p.add_argument("--rebound-every", type=int, default=None, help="function-preserving re-bound every k steps")
+        p.add_argument("--init-from", default=None, metavar="CHECKPOINT",
+                       help="fine-tune a `pwlu train` checkpoint (same --model and --dataset); with another "
+                            "--activation (pwlu), its activations are converted")  # fmt: skip
+        p.add_argument("--init", default=d.init, choices=["relu", "match"],
+                       help="with --init-from and --activation pwlu: relu (PWLUs start as ReLU, phase I and "
+                            "realignment follow) or match (fitted to the checkpoint's activations, no phase I)")  # fmt: skip
         p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt (same options required)")
         p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--dataset", default=d.dataset, help="fashion-mnist, cifar10, synthetic or imagefolder:PATH")

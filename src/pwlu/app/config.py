@@ -32,8 +32,12 @@ class TrainConfig:
     weight_decay: float | None = None  # None: the per-architecture default (SPEC section 7)
     intervals: int = 16
     mode: str = "channel"
+    merges: str = "add"  # "pwlu2d": every residual addition becomes a PWLU2D (SPEC section 10)
+    merge_intervals: int = 8
     fix_init: float | None = None
     rebound_every: int | None = None
+    init_from: str | None = None  # a `pwlu train` checkpoint to start from (fine-tuning, SPEC section 11)
+    init: str = "relu"  # with init_from and activation pwlu: "match" fits each PWLU to the replaced activation
     seed: int = 0
     train_subset: int | None = None
     test_subset: int | None = None
@@ -48,11 +52,19 @@ class TrainConfig:
             raise ConfigError(f"unknown activation {self.activation!r}; expected one of {', '.join(ACTIVATIONS)}")
         if self.mode not in ("channel", "layer"):
             raise ConfigError(f"--mode must be 'channel' or 'layer', but got {self.mode!r}")
-        for name in ("epochs", "batch_size", "intervals", "train_subset", "test_subset", "rebound_every", "stop_after"):
+        if self.merges not in ("add", "pwlu2d"):
+            raise ConfigError(f"--merges must be 'add' or 'pwlu2d', but got {self.merges!r}")
+        for name in ("epochs", "batch_size", "intervals", "train_subset", "test_subset", "rebound_every", "stop_after",
+                     "merge_intervals"):
             value = getattr(self, name)
             if value is not None and value < 1:  # None: unset (the optional ones)
                 raise ConfigError(f"{option_name(name)} must be >= 1, but got {value}")
-        if not 0 <= self.warmup_epochs < self.epochs:  # also rejects NaN
+        if self.init not in ("relu", "match"):
+            raise ConfigError(f"--init must be 'relu' or 'match', but got {self.init!r}")
+        if self.init == "match" and (self.init_from is None or self.activation != "pwlu"):
+            raise ConfigError("--init match fits PWLUs to a trained model's activations: it needs --init-from "
+                              f"CHECKPOINT and --activation pwlu (got --activation {self.activation})")  # fmt: skip
+        if self.init != "match" and not 0 <= self.warmup_epochs < self.epochs:  # also rejects NaN
             raise ConfigError(f"--warmup-epochs must be in [0, epochs), but got {self.warmup_epochs}")
         if self.fix_init is not None and not (math.isfinite(self.fix_init) and self.fix_init > 0):
             raise ConfigError(f"--fix-init must be a finite number > 0, but got {self.fix_init}")
@@ -63,7 +75,9 @@ class TrainConfig:
 
     @property
     def uses_realignment(self) -> bool:
-        return self.activation == "pwlu" and self.fix_init is None and self.warmup_epochs > 0
+        learned = self.activation in ("pwlu", "npwlu") or self.merges == "pwlu2d"
+        # function-matched PWLUs (--init match) start in phase II: no realignment
+        return learned and self.fix_init is None and self.warmup_epochs > 0 and self.init != "match"
 
 
 #: Fields that may differ between a run and its continuation (``--resume``) or its reuse by

@@ -8,7 +8,7 @@ import pathlib
 import torch
 from torch import Tensor, nn
 
-from pwlu import PWLU, pwlu
+from pwlu import PWLU, npwlu, pwlu
 
 from .launcher import require
 
@@ -49,7 +49,8 @@ def collect_inputs(model: nn.Module, batches, max_per_module: int = 20000) -> di
 @torch.no_grad()
 def plot_shapes(model: nn.Module, inputs: dict[str, Tensor], path: str | pathlib.Path, channels: int = 4) -> None:
     """A grid with one panel per PWLU: the learned function (up to ``channels`` channels) over
-    its input histogram, with the boundaries marked."""
+    its input histogram, with the boundaries marked (and, for an N-PWLU, its learned breakpoints
+    as dots on each curve)."""
     plt = _pyplot()
     modules = [(n, m) for n, m in model.named_modules() if isinstance(m, PWLU)]
     if not modules:
@@ -70,8 +71,12 @@ def plot_shapes(model: nn.Module, inputs: dict[str, Tensor], path: str | pathlib
             ax.set_zorder(hax.get_zorder() + 1)
             ax.patch.set_visible(False)
         curves = _evaluate(m, grid)  # (L, C) or (L, 1)
+        breakpoints = _breakpoints(m)  # (C, N+1) for an N-PWLU, else None
         for c in range(min(channels, curves.shape[1])):
-            ax.plot(grid.numpy(), curves[:, c].numpy(), lw=1.2)
+            (line,) = ax.plot(grid.numpy(), curves[:, c].numpy(), lw=1.2)
+            if breakpoints is not None:
+                values = m.points.detach().float().reshape(-1, m.num_intervals + 1)[c]
+                ax.plot(breakpoints[c].numpy(), values.numpy(), "o", ms=2.5, color=line.get_color())
         for b in (m.left_bound.min().item(), m.right_bound.max().item()):
             ax.axvline(b, color="0.5", ls=":", lw=0.8)
         ax.set_title(name, fontsize=8)
@@ -84,13 +89,22 @@ def plot_shapes(model: nn.Module, inputs: dict[str, Tensor], path: str | pathlib
     plt.close(fig)
 
 
+def _breakpoints(m: PWLU) -> Tensor | None:
+    """An N-PWLU's breakpoints as ``(C, N+1)`` float32 (``(1, N+1)`` layer-wise); ``None`` for a PWLU."""
+    if getattr(m, "width_logits", None) is None:
+        return None
+    return m.breakpoints().float().reshape(-1, m.num_intervals + 1)
+
+
 def _evaluate(m: PWLU, grid: Tensor) -> Tensor:
     """Every channel of ``m`` on ``grid``: ``(L, C)`` (``(L, 1)`` layer-wise)."""
-    params = (m.points, m.left_bound, m.right_bound, m.left_slope, m.right_slope)
+    fn, params = pwlu, (m.points, m.left_bound, m.right_bound, m.left_slope, m.right_slope)
+    if getattr(m, "width_logits", None) is not None:  # N-PWLU (SPEC section 9)
+        fn, params = npwlu, (m.points, m.width_logits, *params[1:])
     if not m.channel_wise:
-        return pwlu(grid, *params).reshape(-1, 1)
+        return fn(grid, *params).reshape(-1, 1)
     x = grid.reshape(-1, 1).expand(-1, m.num_channels).contiguous()
-    return pwlu(x, *params, channel_dim=1)
+    return fn(x, *params, channel_dim=1)
 
 
 def plot_iou(ious: dict[str, dict[str, Tensor]], path: str | pathlib.Path) -> None:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pwlu import PWLU, BoundaryRealigner, fix_init, get_activation, parameter_groups
+from pwlu import NPWLU, PWLU, BoundaryRealigner, convert_merges, fix_init, get_activation, parameter_groups
 from pwlu.baselines import call_factory
 
 from .config import ConfigError, TrainConfig, config_differences
@@ -33,17 +33,22 @@ def make_activation_factory(cfg: TrainConfig):
     """``act(num_channels, channel_dim=1) -> nn.Module`` for the configured activation (``channel_dim=-1``
     for token layouts ``(B, T, C)``, as in the ViT's MLPs)."""
     factory = get_activation(cfg.activation)
-    if cfg.activation == "pwlu":
-        return lambda c, channel_dim=1: PWLU(
+    if cfg.activation in ("pwlu", "npwlu"):  # N-PWLU: the same options, learned widths
+        cls = NPWLU if cfg.activation == "npwlu" else PWLU
+        return lambda c, channel_dim=1: cls(
             None if cfg.mode == "layer" else c, num_intervals=cfg.intervals, channel_dim=channel_dim
         )
     return lambda c, channel_dim=1: call_factory(factory, c, channel_dim)
 
 
 def build(cfg: TrainConfig, data: TensorData) -> nn.Module:
-    return build_model(
+    model = build_model(
         cfg.model, make_activation_factory(cfg), data.in_channels, data.num_classes, image_size=data.train_x.shape[-1]
     )
+    if cfg.merges == "pwlu2d":  # every residual addition becomes a PWLU2D (uses no random numbers)
+        example = torch.zeros(2, *data.train_x.shape[1:], dtype=next(model.parameters()).dtype)
+        model = convert_merges(model, cfg.merge_intervals, mode=cfg.mode, example_input=example)
+    return model
 
 
 def prepare_data(cfg: TrainConfig) -> TensorData:
@@ -241,6 +246,60 @@ def check_run_dir(cfg: TrainConfig, resume: bool = False, overwrite: bool = Fals
     return ckpt
 
 
+def _load_weights(model: nn.Module, ckpt: dict, path: str | os.PathLike) -> tuple:
+    """Load a :func:`train` checkpoint's weights into ``model`` (built from its config); returns its
+    normalisation ``(mean, std)``.
+
+    Raises:
+        ConfigError: the weights or the normalisation do not match (a corrupt checkpoint).
+    """
+    try:
+        model.load_state_dict(ckpt["model"])
+        mean, std = ckpt["normalisation"]
+    except (RuntimeError, KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"checkpoint {path} does not match its config: {state_dict_error(e)}") from None
+    return mean, std
+
+
+def model_from_checkpoint(cfg: TrainConfig, data: TensorData, match: bool = True) -> tuple[nn.Module, tuple]:
+    """The model of ``cfg.init_from`` (a :func:`train` checkpoint) with its weights, for fine-tuning,
+    and the normalisation it was trained with.
+
+    With ``cfg.activation`` equal to the checkpoint's, the model is returned as trained. With
+    ``--activation pwlu`` (the checkpoint's being another), its activations are converted by
+    :func:`pwlu.convert_activations` (``cfg.intervals``, ``cfg.mode``): ``cfg.init == "match"``
+    fits each PWLU to the activation it replaces, calibrated on 8 batches of 128 training images
+    (SPEC section 11; no phase I follows), ``"relu"`` starts them as ReLU (phase I and realignment
+    follow). ``match=False`` only converts (the structure of a run being resumed, whose checkpoint
+    then replaces the weights).
+
+    Raises:
+        ConfigError: the checkpoint was trained on another --model or --dataset, or a conversion to
+            anything but pwlu.
+    """
+    from pwlu import convert_activations
+
+    ckpt = load_checkpoint(cfg.init_from)
+    src = config_from_checkpoint(ckpt, cfg.init_from)
+    for field in ("model", "dataset"):
+        if getattr(src, field) != getattr(cfg, field):
+            raise ConfigError(f"--init-from {cfg.init_from} was trained with --{field} {getattr(src, field)}, "
+                              f"not {getattr(cfg, field)}; pass --{field} {getattr(src, field)}")  # fmt: skip
+    if cfg.activation != src.activation and cfg.activation != "pwlu":
+        raise ConfigError(f"--init-from {cfg.init_from} has --activation {src.activation}: fine-tune it with "
+                          f"--activation {src.activation}, or convert it with --activation pwlu")  # fmt: skip
+    model = build(src, data)
+    mean, std = _load_weights(model, ckpt, cfg.init_from)
+    if cfg.activation != src.activation:
+        g = torch.Generator().manual_seed(cfg.seed)
+        idx = torch.randperm(len(data.train_y), generator=g)[: 8 * 128]
+        batches = [normalise(data.train_x[idx[i : i + 128]], mean, std) for i in range(0, len(idx), 128)]
+        matching = match and cfg.init == "match"
+        model = convert_activations(model, "pwlu", cfg.intervals, cfg.mode, example_input=batches[0],
+                                    init="match" if matching else "relu", calibration=batches if matching else None)  # fmt: skip
+    return model, (mean, std)
+
+
 def load_trained(
     path: str | os.PathLike, data_dir: str | None = None, data: TensorData | None = None, test_batches: int = 4
 ) -> tuple[nn.Module, TrainConfig, list[torch.Tensor]]:
@@ -253,11 +312,7 @@ def load_trained(
         cfg.data_dir = data_dir
     data = data if data is not None else prepare_data(cfg)
     model = build(cfg, data)
-    try:
-        model.load_state_dict(ckpt["model"])
-        mean, std = ckpt["normalisation"]
-    except (RuntimeError, KeyError, TypeError, ValueError) as e:
-        raise ConfigError(f"checkpoint {path} does not match its config: {state_dict_error(e)}") from None
+    mean, std = _load_weights(model, ckpt, path)
     n = min(len(data.test_y), 256 * test_batches)
     return model, cfg, [normalise(data.test_x[i : i + 256], mean, std) for i in range(0, n, 256)]
 
@@ -281,8 +336,11 @@ def train(cfg: TrainConfig, data: TensorData | None = None, resume: bool = False
     mean, std = channel_stats(data.train_x)
 
     torch.manual_seed(cfg.seed)
-    model = build(cfg, data)
-    if cfg.activation == "pwlu" and cfg.fix_init is not None:
+    if cfg.init_from is not None:  # fine-tuning: the trained model, converted (matched) unless resuming
+        model, (mean, std) = model_from_checkpoint(cfg, data, match=ckpt is None)
+    else:
+        model = build(cfg, data)
+    if (cfg.activation in ("pwlu", "npwlu") or cfg.merges == "pwlu2d") and cfg.fix_init is not None:
         fix_init(model, cfg.fix_init)
     steps_per_epoch = math.ceil(len(data.train_y) / (cfg.batch_size * world))
     total_steps = cfg.epochs * steps_per_epoch

@@ -183,3 +183,32 @@ def is_available(name: str, device: torch.device) -> bool:
 def select(device: torch.device) -> PWLUBackend:
     """The PWLU backend for ``device`` under the current setting (never ``reference``)."""
     return PWLU_BACKENDS.select(device)
+
+
+# ----------------------------------------------------------------------------- 2-D PWLU
+
+
+@runtime_checkable
+class PWLU2DBackend(Backend, Protocol):
+    """A 2-D PWLU backend (SPEC section 10); semantics of ``pwlu2d_torch_backend.py``, on the
+    packed per-channel ``values Tensor[C, N+1, N+1]`` and ``geometry Tensor[C, 10]`` of
+    :func:`pwlu.ops.pwlu2d_grads.pwlu2d_geometry` (compute dtype, ``C = 1`` and
+    ``channel_dim = None`` layer-wise):
+
+    * ``forward(x, y, values, geometry, channel_dim) -> z``
+    * ``backward(grad, x, y, values, geometry, channel_dim) -> (dx, dy, hist, sums)``, with
+      ``hist Tensor[C, N, N, 2, 3]`` and ``sums Tensor[C, 12]`` as in :mod:`pwlu.ops.pwlu2d_grads`.
+    """
+
+    forward: Callable[..., Tensor]
+    backward: Callable[..., tuple[Tensor, Tensor, Tensor, Tensor]]
+
+
+PWLU2D_BACKENDS: BackendTable[PWLU2DBackend] = BackendTable(
+    "PWLU2D",
+    {
+        "torch": "pwlu.ops.pwlu2d_torch_backend",
+        "cpu": "pwlu.ops.pwlu2d_cpu_backend",
+        "triton": "pwlu.ops.pwlu2d_triton_backend",
+    },
+)

@@ -1,0 +1,340 @@
+"""Model surgery for merges: put a :class:`~pwlu.PWLU2D` in place of every residual addition.
+
+:func:`convert_merges` finds the residual blocks of a model by class name
+(:data:`MERGE_BLOCK_NAMES`: torchvision's and timm's ResNet, MobileNet and EfficientNet blocks,
+and the application's small models), traces each block's own ``forward`` with torch.fx (every
+submodule one opaque node), and replaces each addition of two tensors that both depend on the
+block's input (``out += identity``, ``x + self.conv(x)``, ``self.drop_path(x) + shortcut``) by a
+call of a new ``PWLU2D`` submodule. One example forward pass measures every merge's shape, so
+channel counts are measured, never guessed.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import operator
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+from .convert import (
+    ConversionError,
+    _check_not_scripted,
+    _default_input,
+    _free_attr,
+    _run,
+    _set_submodule,
+    _ShallowTracer,
+)
+from .merge import PWLU2D
+
+__all__ = ["MERGE_BLOCK_NAMES", "Addition", "convert_merges", "merge_sites"]
+
+#: Class names of the blocks whose residual additions :func:`convert_merges` replaces.
+MERGE_BLOCK_NAMES = frozenset(
+    {
+        # torchvision: ResNet, MobileNetV2/V3, EfficientNet (V1: MBConv, V2: FusedMBConv)
+        "BasicBlock", "Bottleneck", "InvertedResidual", "MBConv", "FusedMBConv",
+        # timm: ResNet (BasicBlock, Bottleneck), EfficientNet / MobileNet blocks, ConvNeXt
+        "DepthwiseSeparableConv", "EdgeResidual", "CondConvResidual", "UniversalInvertedResidual",
+        "ConvNeXtBlock",
+        # pwlu.app.models
+        "TransformerBlock",
+    }
+)  # fmt: skip
+
+_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+_ADD_METHODS = {"add", "add_"}
+
+
+class Addition(nn.Module):
+    """``x + y`` as a module: the stand-in of a merge while its shape is measured, and what stays
+    in place of a merge that the example forward pass never reached."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        if not torch.jit.is_scripting() and not torch.jit.is_tracing():
+            if isinstance(x, Tensor) and isinstance(y, Tensor):
+                self.shapes.append((tuple(x.shape), tuple(y.shape)))
+        return x + y
+
+
+def _depends_on_input(node: fx.Node, memo: dict[fx.Node, bool]) -> bool:
+    if node in memo:
+        return memo[node]
+    stack, order = [node], []
+    while stack:  # iterative: long blocks make deep graphs
+        n = stack.pop()
+        if n in memo:
+            continue
+        order.append(n)
+        stack.extend(a for a in n.all_input_nodes if a not in memo)
+    for n in reversed(order):  # inputs of n were pushed after n, so they are resolved first
+        memo[n] = n.op == "placeholder" or any(memo.get(a, False) for a in n.all_input_nodes)
+    return memo[node]
+
+
+def _is_merge(node: fx.Node, memo: dict[fx.Node, bool]) -> bool:
+    """An addition of two tensors that both depend on the block's input."""
+    if node.op == "call_function" and node.target in _ADD_FUNCTIONS:
+        pass
+    elif node.op == "call_method" and node.target in _ADD_METHODS:
+        pass
+    else:
+        return False
+    if len(node.args) != 2 or any(k != "alpha" for k in node.kwargs) or node.kwargs.get("alpha", 1) != 1:
+        return False
+    a, b = node.args
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+        return False
+    return _depends_on_input(a, memo) and _depends_on_input(b, memo)
+
+
+def merge_sites(block: nn.Module) -> list[str]:
+    """The residual additions in ``block``'s own forward, as fx node names (empty: none), for
+    inspection. Raises :class:`ConversionError` when fx cannot trace the block."""
+    graph = _trace(block, "")
+    memo: dict[fx.Node, bool] = {}
+    return [n.name for n in graph.nodes if _is_merge(n, memo)]
+
+
+def _trace(block: nn.Module, name: str) -> fx.Graph:
+    try:
+        return _ShallowTracer().trace(block)
+    except Exception as e:
+        where = f"{type(block).__name__} {name or '(the model itself)'}"
+        raise ConversionError(
+            f"convert_merges: torch.fx cannot trace the residual block {where} to find its additions "
+            f"({type(e).__name__}: {e}); exclude {name or '<the model>'!r}, or write its forward without "
+            "data-dependent Python control flow"
+        ) from e
+
+
+def _rewrite(block: nn.Module, name: str) -> tuple[nn.Module, list[str]]:
+    """``block`` as an ``fx.GraphModule`` (same class name, same state-dict keys) in which every
+    residual addition calls a new :class:`Addition` submodule; and those submodules' names."""
+    graph = _trace(block, name)
+    memo: dict[fx.Node, bool] = {}
+    nodes = [n for n in graph.nodes if _is_merge(n, memo)]
+    if not nodes:
+        return block, []
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    added = []
+    for node in nodes:
+        first = node.args[0]
+        # x.add_(y) (fx records ``out += identity`` as an out-of-place add): later reads of x
+        # see the sum, so they read the merge's output instead
+        later = [u for u in first.users if u is not node and order[u] > order[node]] if node.target == "add_" else []
+        attr = _free_attr(block, "merge") if hasattr(block, "merge") else "merge"
+        block.add_module(attr, Addition())
+        with graph.inserting_after(node):
+            call = graph.call_module(attr, tuple(node.args))
+        node.replace_all_uses_with(call)
+        for user in later:
+            user.replace_input_with(first, call)
+        graph.erase_node(node)
+        added.append(attr)
+    graph.lint()
+    rewritten = fx.GraphModule(block, graph, class_name=type(block).__name__)
+    rewritten.train(block.training)
+    return rewritten, added
+
+
+def _excluded(name: str, patterns: list[str]) -> bool:
+    parts = name.split(".") if name else [""]
+    ancestors = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    return any(fnmatch.fnmatchcase(a, p) for a in ancestors for p in patterns)
+
+
+def _channel_dim(shape: tuple[int, ...]) -> int:
+    return -1 if len(shape) == 3 else 1
+
+
+def convert_merges(
+    model: nn.Module,
+    num_intervals: int = 8,
+    mode: str = "channel",
+    example_input: Any = None,
+    exclude: str | Iterable[str] | None = None,
+    *,
+    blocks: Iterable[str | type] = (),
+    merge_kwargs: dict[str, Any] | None = None,
+) -> nn.Module:
+    """Replace every residual addition of ``model`` by a :class:`~pwlu.PWLU2D`, one per merge.
+
+    SPEC section 10. Found: in every submodule whose class name is in :data:`MERGE_BLOCK_NAMES`
+    (torchvision ``BasicBlock``/``Bottleneck`` with their ``out += identity``, MobileNetV2/V3
+    ``InvertedResidual`` and EfficientNet ``MBConv``/``FusedMBConv`` with ``x + block(x)``;
+    timm's ResNet, EfficientNet/MobileNet and ConvNeXt blocks; ``pwlu.app.models``' blocks) or in
+    ``blocks``, every addition (``+``, ``+=``, ``torch.add``, ``Tensor.add``/``add_``, no
+    ``alpha``) of two tensors that both depend on the block's input. An addition of a constant or
+    a parameter (a position embedding) is not a merge. ResNet-18 has 8 merges, ResNet-50 16,
+    MobileNetV2 10.
+
+    How it works: each such block is traced by torch.fx (only its own forward; submodules are
+    opaque calls) and becomes an ``fx.GraphModule`` with the same class name and the same
+    state-dict keys plus ``merge`` (``merge_1``... for a second merge in one block), called
+    where the addition was. One forward pass with ``example_input`` (under ``no_grad``, in the
+    model's current mode; batch-norm statistics and the RNG are restored) measures the shape of
+    each merge's inputs; each merge then gets a ``PWLU2D`` with that channel count (axis 1, or -1
+    for 3-D ``(B, T, C)`` inputs), initialised as addition, so the converted model computes the
+    same outputs (up to rounding). A merge the example pass never reaches stays a plain
+    :class:`Addition` module, with a warning. Blocks are converted in place; the model is
+    returned (a new ``fx.GraphModule`` when the model itself is such a block). It composes with
+    :func:`pwlu.convert_activations` in either order.
+
+    In-place additions: after ``x.add_(y)`` the block's later reads of ``x`` read the merge's
+    output. torch.fx itself records an augmented assignment ``out += identity`` as ``out + identity``
+    (as in every fx rewrite); a block that reads the same tensor through a second name after
+    ``+=`` would see the old value (none of the blocks above does).
+
+    Args:
+        model (nn.Module): modified in place.
+        num_intervals (int): ``N`` of every ``PWLU2D``.
+        mode (str): ``"channel"`` (one surface per channel) or ``"layer"``.
+        example_input: as for :func:`pwlu.convert_activations` (default: a random
+            ``(1, C, 224, 224)`` image, or timm's ``pretrained_cfg["input_size"]``).
+        exclude (str or iterable of str): ``fnmatch`` patterns of block names (or of an ancestor),
+            e.g. ``"layer4.*"``: their additions stay.
+        blocks (iterable of str or type): further block classes (or class names) to search.
+        merge_kwargs (dict, optional): extra keyword arguments of ``PWLU2D`` (``bound``, ``init``).
+
+    Returns:
+        nn.Module: ``model``, converted.
+
+    Raises:
+        ValueError: bad ``num_intervals``, ``mode``; a model without a derivable example input.
+        ConversionError: a listed block that torch.fx cannot trace, a merge of two differently shaped tensors
+            (broadcasting), the example forward pass failing, or a TorchScript model.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert_merges: model must be an nn.Module, but got {type(model).__name__}")
+    if isinstance(num_intervals, bool) or not isinstance(num_intervals, int) or num_intervals < 1:
+        raise ValueError(f"convert_merges: num_intervals must be an int >= 1, but got {num_intervals!r}")
+    if mode not in ("channel", "layer"):
+        raise ValueError(f"convert_merges: mode must be 'channel' or 'layer', but got {mode!r}")
+    patterns = [exclude] if isinstance(exclude, str) else list(exclude or [])
+    if not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"convert_merges: exclude must be a pattern or a list of patterns, but got {exclude!r}")
+    names = set(MERGE_BLOCK_NAMES)
+    types_: tuple[type, ...] = ()
+    for b in blocks:
+        if isinstance(b, str):
+            names.add(b)
+        elif isinstance(b, type):
+            types_ += (b,)
+        else:
+            raise TypeError(f"convert_merges: blocks must hold class names or classes, but got {b!r}")
+    _check_not_scripted(model)
+    kwargs = dict(merge_kwargs or {})
+    if example_input is None:
+        example_input = _default_input(model)
+
+    # 1. rewrite every block (deepest first) with Addition stand-ins; undo everything on failure
+    found = [
+        (name, m)
+        for name, m in model.named_modules()
+        if (type(m).__name__ in names or isinstance(m, types_)) and not _excluded(name, patterns)
+        and not isinstance(m, PWLU2D)
+    ]  # fmt: skip
+    found.sort(key=lambda item: -(item[0].count(".") + 1 if item[0] else 0))
+    undo: list[tuple[str, nn.Module]] = []
+    sites: list[tuple[str, Addition]] = []
+    root = model
+    try:
+        for name, block in found:
+            rewritten, added = _rewrite(block, name)
+            if not added:
+                continue
+            undo.append((name, block))
+            if name:
+                _set_submodule(root, name, rewritten)
+            else:
+                root = rewritten
+            prefix = f"{name}." if name else ""
+            sites += [(prefix + a, rewritten.get_submodule(a)) for a in added]
+        if not sites:
+            warnings.warn(
+                f"convert_merges converted nothing in {type(model).__name__}: no residual addition in a block of "
+                f"the known classes (pwlu.convert2d.MERGE_BLOCK_NAMES{' or blocks=' if types_ else ''}); "
+                "pass blocks=[YourBlock] for other residual blocks",
+                stacklevel=2,
+            )
+            return model
+        # 2. measure every merge's shape
+        _probe(root, example_input)
+        plan = []
+        param = next(root.parameters(), None)
+        to_kw = dict(device=param.device, dtype=param.dtype) if param is not None and param.is_floating_point() else {}
+        never = []
+        for name, add in sites:
+            if not add.shapes:
+                never.append(name)
+                continue
+            shapes = set(add.shapes)
+            if any(sx != sy for sx, sy in shapes):
+                raise ConversionError(
+                    f"convert_merges: merge {name!r} adds tensors of different shapes {sorted(shapes)} "
+                    "(broadcasting); a PWLU2D needs two inputs of one shape. Exclude its block"
+                )
+            dims = {_channel_dim(sx) for sx, _ in shapes}
+            channels = {sx[_channel_dim(sx)] for sx, _ in shapes if len(sx) >= 2}
+            if mode == "channel" and (len(dims) > 1 or len(channels) != 1):
+                raise ConversionError(
+                    f"convert_merges: merge {name!r} sees inputs of shapes {sorted(s for s, _ in shapes)}, so no "
+                    "single channel count fits it (or it has no channel axis); use mode='layer' or exclude it"
+                )
+            num_channels = channels.pop() if mode == "channel" else None
+            new = PWLU2D(num_channels, num_intervals, channel_dim=dims.pop(), **kwargs)
+            new.to(**to_kw).train(add.training)
+            plan.append((name, new))
+    except BaseException:
+        for name, block in reversed(undo):
+            if name:
+                _set_submodule(model, name, block)
+        for _, block in undo:  # the original blocks got an Addition attribute each
+            for attr, child in list(block.named_children()):
+                if isinstance(child, Addition):
+                    delattr(block, attr)
+        raise
+    for _, block in undo:
+        for attr, child in list(block.named_children()):
+            if isinstance(child, Addition):
+                delattr(block, attr)
+    for name, new in plan:
+        _set_submodule(root, name, new)
+    for _, add in sites:
+        add.shapes = []
+    if never:
+        warnings.warn(
+            f"convert_merges: {len(never)} merge(s) were not reached by the example forward pass and stay "
+            f"additions: {never}",
+            stacklevel=2,
+        )
+    return root
+
+
+def _probe(model: nn.Module, example_input: Any) -> None:
+    """One forward pass, side-effect free (buffers and the RNG restored)."""
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            _run(model, example_input)
+    except ConversionError:
+        raise
+    except Exception as e:
+        raise ConversionError(
+            f"convert_merges: the forward pass with example_input failed ({type(e).__name__}: {e}); "
+            "pass an example_input that the model accepts in its current train/eval mode"
+        ) from e
+    finally:
+        with torch.no_grad():
+            for b, value in saved:
+                b.copy_(value)

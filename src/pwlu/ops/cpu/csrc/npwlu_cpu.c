@@ -1,0 +1,354 @@
+/* N-PWLU (non-uniform PWLU, SPEC section 9) forward/backward on folded tables: plain C + OpenMP,
+ * AVX-512 where the compiler targets it. Its own library (pwlu/ops/npwlu_cpu_backend.py,
+ * NativeLibrary "npwlu_cpu"); it shares pwlu_common.h (dtype codes, return codes, loads and
+ * stores, the thread split, the row-segment iterator) with the PWLU kernels.
+ *
+ * x is viewed as (outer, C, inner), dense. Tables per channel c (compute dtype):
+ *   slopes, intercepts [C][N+2]   region k: y = slopes[k] * (x - shift[c]) + intercepts[k]
+ *   bp [C][N+1]                   breakpoints b_0 = B_L .. b_N = B_R (effective)
+ *   inv_w [C][N]                  1 / w_j of the (floored) interval widths (backward)
+ * Region: k = 0 if x < b_0, N+1 if x >= b_N, else 1 + #{j in 1..N-1 : x >= b_j} (the N-1
+ * interior breakpoints; exact, closed on the left; NaN: 1). A flat piece maps +-inf to its
+ * intercept. Backward: dx = g * slopes[k]; hist[c][k] += (g, g * r), r = x - b_0 (k = 0),
+ * x - b_N (k = N+1), (x - b_{k-1}) * inv_w[k-1] (inner). Each thread fills its own double
+ * histogram over a static partition; they are summed in thread order (bit-identical run to
+ * run for a fixed thread count). The AVX-512 path (float compute) keeps lane-private float
+ * accumulators per region for at most LANE_TERMS terms per lane, then adds them into double.
+ * Every exported function returns PWLU_OK or a PWLU_ERR_* code.
+ */
+#include "pwlu_common.h"
+
+int npwlu_cpu_abi_version(void) { return PWLU_ABI_VERSION; }
+int npwlu_cpu_has_avx512(void) { return PWLU_AVX512; }
+int npwlu_cpu_has_f16(void) { return PWLU_F16_KERNEL; }
+
+typedef struct {
+    const void *x, *g;
+    void *out;
+    int dt;
+    int64_t outer, C, inner, n;
+    const float *sl, *ic, *bp, *iw, *sh;
+} ncall_f;
+typedef struct {
+    const void *x, *g;
+    void *out;
+    int dt;
+    int64_t outer, C, inner, n;
+    const double *sl, *ic, *bp, *iw, *sh;
+} ncall_d;
+
+static inline int nf32c_dtype_ok(int dt) { return dt == PWLU_F32 || dt == PWLU_BF16 || (dt == PWLU_F16 && PWLU_F16_KERNEL); }
+
+/* ---- scalar region search (both compute types) ---- */
+static inline int64_t region_f(float x, const float *b, int64_t n) {
+    if (x < b[0]) return 0;
+    if (x >= b[n]) return n + 1;
+    int64_t k = 1;
+    for (int64_t j = 1; j < n; j++) k += x >= b[j]; /* interior breakpoints */
+    return k;
+}
+static inline int64_t region_d(double x, const double *b, int64_t n) {
+    if (x < b[0]) return 0;
+    if (x >= b[n]) return n + 1;
+    int64_t k = 1;
+    for (int64_t j = 1; j < n; j++) k += x >= b[j];
+    return k;
+}
+
+/* ---- scalar forward/backward of one element run [b, e) of channel c, stride 1 or C ---- */
+static void scalar_fwd_f(const ncall_f *a, int64_t c, int64_t b, int64_t e, int64_t stride) {
+    const int64_t n = a->n;
+    const float *sl = a->sl + c * (n + 2), *ic = a->ic + c * (n + 2), *bp = a->bp + c * (n + 1);
+    const float sh = a->sh[c];
+    for (int64_t i = b; i < e; i += stride) {
+        const float x = load_s(a->x, i, a->dt);
+        const int64_t k = region_f(x, bp, n);
+        float y = sl[k] * (x - sh) + ic[k];
+        if (isinf(x) && sl[k] == 0.0f) y = ic[k];
+        store_s(a->out, i, y, a->dt);
+    }
+}
+static void scalar_fwd_d(const ncall_d *a, int64_t c, int64_t b, int64_t e, int64_t stride) {
+    const int64_t n = a->n;
+    const double *sl = a->sl + c * (n + 2), *ic = a->ic + c * (n + 2), *bp = a->bp + c * (n + 1);
+    const double sh = a->sh[c];
+    for (int64_t i = b; i < e; i += stride) {
+        const double x = load_d(a->x, i, a->dt);
+        const int64_t k = region_d(x, bp, n);
+        double y = sl[k] * (x - sh) + ic[k];
+        if (isinf(x) && sl[k] == 0.0) y = ic[k];
+        store_d(a->out, i, y, a->dt);
+    }
+}
+static void scalar_bwd_f(const ncall_f *a, int64_t c, int64_t b, int64_t e, int64_t stride, double *hist) {
+    const int64_t n = a->n;
+    const float *sl = a->sl + c * (n + 2), *bp = a->bp + c * (n + 1), *iw = a->iw + c * n;
+    double *h = hist + c * (n + 2) * 2;
+    for (int64_t i = b; i < e; i += stride) {
+        const float x = load_s(a->x, i, a->dt), g = load_s(a->g, i, a->dt);
+        const int64_t k = region_f(x, bp, n);
+        store_s(a->out, i, g * sl[k], a->dt); /* dy/dx = slope of region k */
+        const float r = k == 0 ? x - bp[0] : k == n + 1 ? x - bp[n] : (x - bp[k - 1]) * iw[k - 1];
+        h[2 * k] += g;
+        h[2 * k + 1] += g * r;
+    }
+}
+static void scalar_bwd_d(const ncall_d *a, int64_t c, int64_t b, int64_t e, int64_t stride, double *hist) {
+    const int64_t n = a->n;
+    const double *sl = a->sl + c * (n + 2), *bp = a->bp + c * (n + 1), *iw = a->iw + c * n;
+    double *h = hist + c * (n + 2) * 2;
+    for (int64_t i = b; i < e; i += stride) {
+        const double x = load_d(a->x, i, a->dt), g = load_d(a->g, i, a->dt);
+        const int64_t k = region_d(x, bp, n);
+        store_d(a->out, i, g * sl[k], a->dt);
+        const double r = k == 0 ? x - bp[0] : k == n + 1 ? x - bp[n] : (x - bp[k - 1]) * iw[k - 1];
+        h[2 * k] += g;
+        h[2 * k + 1] += g * r;
+    }
+}
+
+#if PWLU_AVX512
+/* ---- AVX-512 (float compute): a table of up to 32 entries in two registers ---- */
+typedef struct {
+    __m512 lo, hi;
+    const float *mem; /* tables longer than 32: gathered */
+    int64_t len;
+} table16;
+static inline table16 table_load(const float *t, int64_t len) {
+    table16 r;
+    r.mem = t;
+    r.len = len;
+    r.lo = _mm512_maskz_loadu_ps(tail_mask(len), t);
+    r.hi = len > 16 ? _mm512_maskz_loadu_ps(tail_mask(len - 16), t + 16) : _mm512_setzero_ps();
+    return r;
+}
+static inline __m512 table_get(const table16 *t, __m512i k) {
+    if (t->len <= 16) return _mm512_permutexvar_ps(k, t->lo);
+    if (t->len <= 32) return _mm512_permutex2var_ps(t->lo, k, t->hi);
+    return _mm512_i32gather_ps(k, t->mem, 4);
+}
+
+/* Region k of 16 elements: 1 + the interior breakpoints <= x, 0 left of b_0, N+1 from b_N on. */
+static inline __m512i region16_np(__m512 x, const float *bp, int64_t n, __m512 lo, __m512 hi) {
+    const __m512i one = _mm512_set1_epi32(1);
+    __m512i k = one;
+    for (int64_t j = 1; j < n; j++)
+        k = _mm512_mask_add_epi32(k, _mm512_cmp_ps_mask(x, _mm512_set1_ps(bp[j]), _CMP_GE_OQ), k, one);
+    k = _mm512_mask_mov_epi32(k, _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ), _mm512_setzero_si512());
+    return _mm512_mask_mov_epi32(k, _mm512_cmp_ps_mask(x, hi, _CMP_GE_OQ), _mm512_set1_epi32((int)n + 1));
+}
+
+static inline __attribute__((always_inline)) void avx_fwd_seg(const ncall_f *a, int64_t c, int64_t b, int64_t e,
+                                                              const int dt) {
+    const int64_t n = a->n;
+    const float *bp = a->bp + c * (n + 1);
+    const table16 ts = table_load(a->sl + c * (n + 2), n + 2), ti = table_load(a->ic + c * (n + 2), n + 2);
+    const __m512 lo = _mm512_set1_ps(bp[0]), hi = _mm512_set1_ps(bp[n]), sh = _mm512_set1_ps(a->sh[c]);
+    const __m512 inf = _mm512_set1_ps(INFINITY);
+    for (int64_t i = b; i < e; i += 16) {
+        const __mmask16 m = tail_mask(e - i);
+        const __m512 x = ld16(a->x, i, m, dt);
+        const __m512i k = region16_np(x, bp, n, lo, hi);
+        const __m512 s = table_get(&ts, k), t = table_get(&ti, k);
+        __m512 y = _mm512_fmadd_ps(s, _mm512_sub_ps(x, sh), t); /* y = a[k] (x - shift) + b[k] */
+        /* a flat piece maps +-inf to its constant */
+        const __mmask16 flat = _mm512_cmp_ps_mask(_mm512_abs_ps(x), inf, _CMP_EQ_OQ) &
+                               _mm512_cmp_ps_mask(s, _mm512_setzero_ps(), _CMP_EQ_OQ);
+        y = _mm512_mask_mov_ps(y, flat, t);
+        st16(a->out, i, y, m, dt);
+    }
+}
+
+/* lane-private float accumulators of a region, added into double every LANE_TERMS vectors */
+static inline void flush_acc(__m512 *acc, int64_t regions, double *h) {
+    for (int64_t k = 0; k < 2 * regions; k++) {
+        const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(acc[k]));
+        const __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[k]), 1)));
+        h[k] += _mm512_reduce_add_pd(_mm512_add_pd(lo, hi));
+        acc[k] = _mm512_setzero_ps();
+    }
+}
+
+#define NP_MAX_ACC 2 * 130 /* accumulators of N + 2 <= 130 regions on the stack; more: scalar path */
+
+static inline __attribute__((always_inline)) void avx_bwd_seg(const ncall_f *a, int64_t c, int64_t b, int64_t e,
+                                                              double *hist, const int dt) {
+    const int64_t n = a->n, regions = n + 2;
+    const float *bp = a->bp + c * (n + 1);
+    const table16 ts = table_load(a->sl + c * (n + 2), n + 2);
+    const table16 tb = table_load(bp, n + 1), tw = table_load(a->iw + c * n, n);
+    const __m512 lo = _mm512_set1_ps(bp[0]), hi = _mm512_set1_ps(bp[n]);
+    const __m512i one = _mm512_set1_epi32(1), nm1 = _mm512_set1_epi32((int)n - 1);
+    __m512 acc[NP_MAX_ACC]; /* acc[2k]: sum g, acc[2k+1]: sum g r of region k */
+    for (int64_t k = 0; k < 2 * regions; k++) acc[k] = _mm512_setzero_ps();
+    double *h = hist + c * regions * 2;
+    int64_t terms = 0;
+    for (int64_t i = b; i < e; i += 16) {
+        const __mmask16 m = tail_mask(e - i);
+        const __m512 x = ld16(a->x, i, m, dt), g = ld16(a->g, i, m, dt); /* masked lanes: x = g = 0 */
+        const __m512i k = region16_np(x, bp, n, lo, hi);
+        st16(a->out, i, _mm512_mul_ps(g, table_get(&ts, k)), m, dt); /* dy/dx = slope of region k */
+        /* r: x - b_0 (left), x - b_N (right), (x - b_j) / w_j in interval j = k - 1 */
+        const __m512i j = _mm512_min_epi32(_mm512_max_epi32(_mm512_sub_epi32(k, one), _mm512_setzero_si512()), nm1);
+        __m512 r = _mm512_mul_ps(_mm512_sub_ps(x, table_get(&tb, j)), table_get(&tw, j));
+        r = _mm512_mask_mov_ps(r, _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ), _mm512_sub_ps(x, lo));
+        r = _mm512_mask_mov_ps(r, _mm512_cmp_ps_mask(x, hi, _CMP_GE_OQ), _mm512_sub_ps(x, hi));
+        const __m512 gr = _mm512_maskz_mul_ps(m, g, r);
+        for (int64_t q = 0; q < regions; q++) { /* one compare and two masked adds per region */
+            const __mmask16 hit = _mm512_cmpeq_epi32_mask(k, _mm512_set1_epi32((int)q));
+            acc[2 * q] = _mm512_mask_add_ps(acc[2 * q], hit, acc[2 * q], g);
+            acc[2 * q + 1] = _mm512_mask_add_ps(acc[2 * q + 1], hit, acc[2 * q + 1], gr);
+        }
+        if (++terms == LANE_TERMS) {
+            flush_acc(acc, regions, h);
+            terms = 0;
+        }
+    }
+    flush_acc(acc, regions, h);
+}
+#endif /* PWLU_AVX512 */
+
+/* ---- per-thread work over part t of nth ---- */
+static inline int rows_layout(int64_t C, int64_t inner) { return inner == 1 && C > 1; }
+
+static inline __attribute__((always_inline)) void fwd_work_f(const ncall_f *a, int t, int nth, const int dt) {
+    int64_t b, e;
+    if (rows_layout(a->C, a->inner)) { /* channels fastest: rows of C, channel by channel */
+        split(a->outer, t, nth, 1, &b, &e);
+        for (int64_t c = 0; c < a->C; c++) scalar_fwd_f(a, c, b * a->C + c, e * a->C, a->C);
+        return;
+    }
+    split(a->outer * a->C * a->inner, t, nth, ALIGN_ELEMS, &b, &e);
+    for (seg_iter s = seg_first(b, e, a->inner, a->C); s.b < e; seg_next(&s, e, a->inner, a->C)) {
+#if PWLU_AVX512
+        avx_fwd_seg(a, s.c, s.b, s.e, dt);
+#else
+        (void)dt;
+        scalar_fwd_f(a, s.c, s.b, s.e, 1);
+#endif
+    }
+}
+static inline __attribute__((always_inline)) void bwd_work_f(const ncall_f *a, int t, int nth, double *hist,
+                                                             const int dt) {
+    int64_t b, e;
+    if (rows_layout(a->C, a->inner)) {
+        split(a->outer, t, nth, 1, &b, &e);
+        for (int64_t c = 0; c < a->C; c++) scalar_bwd_f(a, c, b * a->C + c, e * a->C, a->C, hist);
+        return;
+    }
+    split(a->outer * a->C * a->inner, t, nth, ALIGN_ELEMS, &b, &e);
+    for (seg_iter s = seg_first(b, e, a->inner, a->C); s.b < e; seg_next(&s, e, a->inner, a->C)) {
+#if PWLU_AVX512
+        if (2 * (a->n + 2) <= NP_MAX_ACC) {
+            avx_bwd_seg(a, s.c, s.b, s.e, hist, dt);
+            continue;
+        }
+#endif
+        (void)dt;
+        scalar_bwd_f(a, s.c, s.b, s.e, 1, hist);
+    }
+}
+static void fwd_thread_f(const ncall_f *a, int t, int nth) {
+    switch (a->dt) {
+    case PWLU_F32: fwd_work_f(a, t, nth, PWLU_F32); break;
+    case PWLU_F16: fwd_work_f(a, t, nth, PWLU_F16); break;
+    default: fwd_work_f(a, t, nth, PWLU_BF16); break;
+    }
+}
+static void bwd_thread_f(const ncall_f *a, int t, int nth, double *hist) {
+    switch (a->dt) {
+    case PWLU_F32: bwd_work_f(a, t, nth, hist, PWLU_F32); break;
+    case PWLU_F16: bwd_work_f(a, t, nth, hist, PWLU_F16); break;
+    default: bwd_work_f(a, t, nth, hist, PWLU_BF16); break;
+    }
+}
+static void fwd_thread_d(const ncall_d *a, int t, int nth) {
+    int64_t b, e;
+    if (rows_layout(a->C, a->inner)) {
+        split(a->outer, t, nth, 1, &b, &e);
+        for (int64_t c = 0; c < a->C; c++) scalar_fwd_d(a, c, b * a->C + c, e * a->C, a->C);
+        return;
+    }
+    split(a->outer * a->C * a->inner, t, nth, 1, &b, &e);
+    for (seg_iter s = seg_first(b, e, a->inner, a->C); s.b < e; seg_next(&s, e, a->inner, a->C))
+        scalar_fwd_d(a, s.c, s.b, s.e, 1);
+}
+static void bwd_thread_d(const ncall_d *a, int t, int nth, double *hist) {
+    int64_t b, e;
+    if (rows_layout(a->C, a->inner)) {
+        split(a->outer, t, nth, 1, &b, &e);
+        for (int64_t c = 0; c < a->C; c++) scalar_bwd_d(a, c, b * a->C + c, e * a->C, a->C, hist);
+        return;
+    }
+    split(a->outer * a->C * a->inner, t, nth, 1, &b, &e);
+    for (seg_iter s = seg_first(b, e, a->inner, a->C); s.b < e; seg_next(&s, e, a->inner, a->C))
+        scalar_bwd_d(a, s.c, s.b, s.e, 1, hist);
+}
+
+/* ---- drivers: one OpenMP region; backward partial histograms summed in thread order ---- */
+static int run_fwd(const void *args, int is_double, int nthreads) {
+    nthreads = clamp_threads(nthreads);
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+    {
+        int t, nth;
+        thread_id(&t, &nth);
+        if (is_double)
+            fwd_thread_d((const ncall_d *)args, t, nth);
+        else
+            fwd_thread_f((const ncall_f *)args, t, nth);
+    }
+    return PWLU_OK;
+}
+static int run_bwd(const void *args, int is_double, int64_t hist_len, int nthreads, double *hist) {
+    nthreads = clamp_threads(nthreads);
+    double *partial = nthreads > 1 ? (double *)calloc((size_t)nthreads * (size_t)hist_len, sizeof(double)) : NULL;
+    if (nthreads > 1 && partial == NULL) return PWLU_ERR_NOMEM;
+    memset(hist, 0, (size_t)hist_len * sizeof(double));
+    int used = 1;
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+    {
+        int t, nth;
+        thread_id(&t, &nth);
+        double *mine = nth > 1 ? partial + (int64_t)t * hist_len : hist;
+        if (t == 0) used = nth;
+        if (is_double)
+            bwd_thread_d((const ncall_d *)args, t, nth, mine);
+        else
+            bwd_thread_f((const ncall_f *)args, t, nth, mine);
+    }
+    if (used > 1)
+        for (int t = 0; t < used; t++)
+            for (int64_t i = 0; i < hist_len; i++) hist[i] += partial[(int64_t)t * hist_len + i];
+    free(partial);
+    return PWLU_OK;
+}
+
+/* ---- exported ---- */
+int npwlu_forward_f32c(const void *x, void *y, int dt, int64_t outer, int64_t C, int64_t inner, int64_t n,
+                       const float *slopes, const float *intercepts, const float *bp, const float *shift,
+                       int nthreads) {
+    if (!nf32c_dtype_ok(dt)) return PWLU_ERR_DTYPE;
+    const ncall_f a = {x, NULL, y, dt, outer, C, inner, n, slopes, intercepts, bp, NULL, shift};
+    return run_fwd(&a, 0, nthreads);
+}
+int npwlu_forward_f64(const void *x, void *y, int dt, int64_t outer, int64_t C, int64_t inner, int64_t n,
+                      const double *slopes, const double *intercepts, const double *bp, const double *shift,
+                      int nthreads) {
+    if (dt != PWLU_F64) return PWLU_ERR_DTYPE;
+    const ncall_d a = {x, NULL, y, dt, outer, C, inner, n, slopes, intercepts, bp, NULL, shift};
+    return run_fwd(&a, 1, nthreads);
+}
+int npwlu_backward_f32c(const void *g, const void *x, void *dx, int dt, int64_t outer, int64_t C, int64_t inner,
+                        int64_t n, const float *slopes, const float *bp, const float *inv_w, int nthreads,
+                        double *hist) {
+    if (!nf32c_dtype_ok(dt)) return PWLU_ERR_DTYPE;
+    const ncall_f a = {x, g, dx, dt, outer, C, inner, n, slopes, NULL, bp, inv_w, NULL};
+    return run_bwd(&a, 0, C * (n + 2) * 2, nthreads, hist);
+}
+int npwlu_backward_f64(const void *g, const void *x, void *dx, int dt, int64_t outer, int64_t C, int64_t inner,
+                       int64_t n, const double *slopes, const double *bp, const double *inv_w, int nthreads,
+                       double *hist) {
+    if (dt != PWLU_F64) return PWLU_ERR_DTYPE;
+    const ncall_d a = {x, g, dx, dt, outer, C, inner, n, slopes, NULL, bp, inv_w, NULL};
+    return run_bwd(&a, 1, C * (n + 2) * 2, nthreads, hist);
+}

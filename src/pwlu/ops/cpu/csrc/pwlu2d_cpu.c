@@ -1,0 +1,570 @@
+/* 2-D PWLU (SPEC section 10) on the CPU: forward and backward of z = F(x, y), the learnable
+ * merge of two branches. Python side: pwlu/ops/pwlu2d_cpu_backend.py (library "pwlu2d_cpu").
+ *
+ * Layout: x, y, g, z, dx, dy are dense (outer, C, inner) buffers (C = 1, inner = numel
+ * layer-wise). Per channel c: values[c] is (N+1, N+1) and geo[c] the packed geometry of
+ * pwlu/ops/pwlu2d_grads.py: (X_L, X_R, 1/dx, Y_L, Y_R, 1/dy, K_XL, K_XR, K_YL, K_YR), the
+ * right bounds effective (minimum width applied). float32/float16/bfloat16 compute in float,
+ * float64 in double.
+ *
+ * The backward writes dx and dy and, in double, the per-cell, per-triangle histogram
+ * hist[C][N][N][2][3] = (sum g, sum g s, sum g t) and the 12 per-channel sums of
+ * pwlu2d_grads.py; every thread fills its own copy, summed at the end (no atomics).
+ */
+#include "pwlu_common.h"
+
+/* No floating-point traps are ever enabled here: without this, gcc keeps the branch-free
+ * selects below as control flow and does not vectorise the loops (results are unchanged). */
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
+
+int pwlu2d_cpu_abi_version(void) { return PWLU_ABI_VERSION; }
+
+/* One element's position on one axis, branch-free (the loops vectorise): u in [0, N] (0 left
+ * of the range, N right of it), the cell index (0 for NaN: NaN > 0 is false) and u - index. */
+static inline float locate_f(float a, float lo, float hi, float inv, int n, int *index, float *frac, int *left,
+                             int *right) {
+    *left = a < lo;
+    *right = a >= hi;
+    float u = (a - lo) * inv;
+    u = *left ? 0.0f : u;
+    u = *right ? (float)n : u;
+    float fi = floorf(u);
+    fi = fi > 0.0f ? fi : 0.0f;
+    fi = fi < (float)(n - 1) ? fi : (float)(n - 1);
+    *index = (int)fi;
+    *frac = u - fi;
+    return u;
+}
+static inline double locate_d(double a, double lo, double hi, double inv, int n, int *index, double *frac, int *left,
+                              int *right) {
+    *left = a < lo;
+    *right = a >= hi;
+    double u = (a - lo) * inv;
+    u = *left ? 0.0 : u;
+    u = *right ? (double)n : u;
+    double fi = floor(u);
+    fi = fi > 0.0 ? fi : 0.0;
+    fi = fi < (double)(n - 1) ? fi : (double)(n - 1);
+    *index = (int)fi;
+    *frac = u - fi;
+    return u;
+}
+
+/* ------------------------------------------------------------------------------ forward */
+
+/* One channel's geometry in locals (loads outside the loops; selects between locals vectorise). */
+typedef struct {
+    float xl, xr, ix, yl, yr, iy, kxl, kxr, kyl, kyr;
+} geo_f;
+typedef struct {
+    double xl, xr, ix, yl, yr, iy, kxl, kxr, kyl, kyr;
+} geo_d;
+static inline geo_f geo_load_f(const float *g) {
+    const geo_f r = {g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], g[9]};
+    return r;
+}
+static inline geo_d geo_load_d(const double *g) {
+    const geo_d r = {g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], g[9]};
+    return r;
+}
+
+/* z = V[i,j] + s a + t b + the outer terms; a = dF/ds, b = dF/dt of the triangle (lower: s >= t,
+ * vertices V[i,j], V[i+1,j], V[i+1,j+1]; upper: V[i,j], V[i,j+1], V[i+1,j+1]). */
+static inline float forward_f(float x, float y, const float *restrict v, const geo_f g, int n) {
+    int i, j, xl, xr, yl, yr;
+    float s, t;
+    locate_f(x, g.xl, g.xr, g.ix, n, &i, &s, &xl, &xr);
+    locate_f(y, g.yl, g.yr, g.iy, n, &j, &t, &yl, &yr);
+    const int lower = s >= t, base = i * (n + 1) + j;
+    const float v00 = v[base], v11 = v[base + n + 2], vm = v[base + 1 + lower * n];
+    const float a = lower ? vm - v00 : v11 - vm, b = lower ? v11 - vm : vm - v00;
+    /* K (x - B) on the selected outer side; a flat piece maps ±inf to 0 (not inf * 0 = NaN) */
+    const float kx = xl ? g.kxl : g.kxr, bx = xl ? g.xl : g.xr;
+    const float ky = yl ? g.kyl : g.kyr, by = yl ? g.yl : g.yr;
+    const float ox = ((xl | xr) & (kx != 0.0f)) ? kx * (x - bx) : 0.0f;
+    const float oy = ((yl | yr) & (ky != 0.0f)) ? ky * (y - by) : 0.0f;
+    return v00 + s * a + t * b + ox + oy;
+}
+static inline double forward_d(double x, double y, const double *restrict v, const geo_d g, int n) {
+    int i, j, xl, xr, yl, yr;
+    double s, t;
+    locate_d(x, g.xl, g.xr, g.ix, n, &i, &s, &xl, &xr);
+    locate_d(y, g.yl, g.yr, g.iy, n, &j, &t, &yl, &yr);
+    const int lower = s >= t, base = i * (n + 1) + j;
+    const double v00 = v[base], v11 = v[base + n + 2], vm = v[base + 1 + lower * n];
+    const double a = lower ? vm - v00 : v11 - vm, b = lower ? v11 - vm : vm - v00;
+    const double kx = xl ? g.kxl : g.kxr, bx = xl ? g.xl : g.xr;
+    const double ky = yl ? g.kyl : g.kyr, by = yl ? g.yl : g.yr;
+    const double ox = ((xl | xr) & (kx != 0.0)) ? kx * (x - bx) : 0.0;
+    const double oy = ((yl | yr) & (ky != 0.0)) ? ky * (y - by) : 0.0;
+    return v00 + s * a + t * b + ox + oy;
+}
+
+/* One row segment of the float32 forward (restrict: the loop vectorises, with gathers). */
+__attribute__((noinline)) static void forward_seg_f32(const float *restrict x, const float *restrict y, float *restrict z, int64_t len,
+                            const float *restrict v, const float *geo, int n) {
+    const geo_f g = geo_load_f(geo);
+    for (int64_t e = 0; e < len; e++) z[e] = forward_f(x[e], y[e], v, g, n);
+}
+__attribute__((noinline)) static void forward_seg_f64(const double *restrict x, const double *restrict y, double *restrict z, int64_t len,
+                            const double *restrict v, const double *geo, int n) {
+    const geo_d g = geo_load_d(geo);
+    for (int64_t e = 0; e < len; e++) z[e] = forward_d(x[e], y[e], v, g, n);
+}
+
+#if PWLU_AVX512
+/* ---- AVX-512 forward for N <= 8: the vertex values of the N^2 <= 64 cells in registers ----
+ * Four tables of 64 floats (V[i,j], V[i+1,j], V[i,j+1], V[i+1,j+1] by cell i N + j), four zmm
+ * each; a lookup is two vpermt2ps (cells 0-31, 32-63) and a blend: no gathers. */
+#define LUT_MAX_N 8
+
+typedef struct {
+    __m512 t[4][4];
+} cell_tables;
+
+static inline void cell_tables_build(const float *v, int n, cell_tables *ct) {
+    float buf[4][64];
+    memset(buf, 0, sizeof(buf));
+    for (int i = 0; i < n; i++)
+        for (int j = 0; j < n; j++) {
+            const int cell = i * n + j, base = i * (n + 1) + j;
+            buf[0][cell] = v[base];
+            buf[1][cell] = v[base + n + 1];
+            buf[2][cell] = v[base + 1];
+            buf[3][cell] = v[base + n + 2];
+        }
+    for (int k = 0; k < 4; k++)
+        for (int q = 0; q < 4; q++) ct->t[k][q] = _mm512_loadu_ps(buf[k] + 16 * q);
+}
+
+static inline __m512 cell_lookup(const __m512 *t, __m512i cell) {
+    const __m512 lo = _mm512_permutex2var_ps(t[0], cell, t[1]);
+    const __m512 hi = _mm512_permutex2var_ps(t[2], cell, t[3]);
+    const __mmask16 upper_half = _mm512_test_epi32_mask(cell, _mm512_set1_epi32(32));
+    return _mm512_mask_blend_ps(upper_half, lo, hi);
+}
+
+/* u, cell index (as float) and fraction of 16 elements on one axis, as locate_f. */
+static inline __m512 locate16(__m512 a, __m512 lo, __m512 hi, __m512 inv, __m512 nf, __m512 nm1, __mmask16 *left,
+                              __mmask16 *right, __m512 *fi) {
+    *left = _mm512_cmp_ps_mask(a, lo, _CMP_LT_OQ);
+    *right = _mm512_cmp_ps_mask(a, hi, _CMP_GE_OQ);
+    __m512 u = _mm512_mul_ps(_mm512_sub_ps(a, lo), inv);
+    u = _mm512_mask_mov_ps(u, *left, _mm512_setzero_ps());
+    u = _mm512_mask_mov_ps(u, *right, nf);
+    __m512 f = _mm512_roundscale_ps(u, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    f = _mm512_min_ps(_mm512_max_ps(f, _mm512_setzero_ps()), nm1); /* max(NaN, 0) = 0 */
+    *fi = f;
+    return u;
+}
+
+/* One row segment of channel c (any float storage dtype), N <= LUT_MAX_N. */
+static void forward_seg_lut(const void *x, const void *y, void *z, int dt, int64_t b, int64_t e,
+                            const cell_tables *ct, const float *geo, int n) {
+    const __m512 xlo = _mm512_set1_ps(geo[0]), xhi = _mm512_set1_ps(geo[1]), ix = _mm512_set1_ps(geo[2]);
+    const __m512 ylo = _mm512_set1_ps(geo[3]), yhi = _mm512_set1_ps(geo[4]), iy = _mm512_set1_ps(geo[5]);
+    const __m512 kxl = _mm512_set1_ps(geo[6]), kxr = _mm512_set1_ps(geo[7]);
+    const __m512 kyl = _mm512_set1_ps(geo[8]), kyr = _mm512_set1_ps(geo[9]);
+    const __m512 nf = _mm512_set1_ps((float)n), nm1 = _mm512_set1_ps((float)(n - 1)), zero = _mm512_setzero_ps();
+    const __m512i nn = _mm512_set1_epi32(n);
+    for (int64_t k = b; k < e; k += 16) {
+        const __mmask16 m = tail_mask(e - k);
+        const __m512 xv = ld16(x, k, m, dt), yv = ld16(y, k, m, dt);
+        __mmask16 xl, xr, yl, yr;
+        __m512 fi, fj;
+        const __m512 u = locate16(xv, xlo, xhi, ix, nf, nm1, &xl, &xr, &fi);
+        const __m512 w = locate16(yv, ylo, yhi, iy, nf, nm1, &yl, &yr, &fj);
+        const __m512 s = _mm512_sub_ps(u, fi), t = _mm512_sub_ps(w, fj);
+        const __m512i cell = _mm512_add_epi32(_mm512_mullo_epi32(_mm512_cvttps_epi32(fi), nn), _mm512_cvttps_epi32(fj));
+        const __mmask16 lower = _mm512_cmp_ps_mask(s, t, _CMP_GE_OQ);
+        const __m512 v00 = cell_lookup(ct->t[0], cell), v11 = cell_lookup(ct->t[3], cell);
+        /* V[i+1,j] on the lower triangle, V[i,j+1] on the upper one */
+        const __m512 vm = _mm512_mask_blend_ps(lower, cell_lookup(ct->t[2], cell), cell_lookup(ct->t[1], cell));
+        const __m512 a = _mm512_mask_blend_ps(lower, _mm512_sub_ps(v11, vm), _mm512_sub_ps(vm, v00));
+        const __m512 bb = _mm512_mask_blend_ps(lower, _mm512_sub_ps(vm, v00), _mm512_sub_ps(v11, vm));
+        __m512 zv = _mm512_fmadd_ps(t, bb, _mm512_fmadd_ps(s, a, v00));
+        /* K (x - B) on the selected outer side; a flat piece maps ±inf to 0 */
+        const __m512 kx = _mm512_mask_blend_ps(xl, kxr, kxl), bx = _mm512_mask_blend_ps(xl, xhi, xlo);
+        const __m512 ky = _mm512_mask_blend_ps(yl, kyr, kyl), by = _mm512_mask_blend_ps(yl, yhi, ylo);
+        const __mmask16 ox = (xl | xr) & _mm512_cmp_ps_mask(kx, zero, _CMP_NEQ_UQ);
+        const __mmask16 oy = (yl | yr) & _mm512_cmp_ps_mask(ky, zero, _CMP_NEQ_UQ);
+        zv = _mm512_add_ps(zv, _mm512_maskz_mul_ps(ox, kx, _mm512_sub_ps(xv, bx)));
+        zv = _mm512_add_ps(zv, _mm512_maskz_mul_ps(oy, ky, _mm512_sub_ps(yv, by)));
+        st16(z, k, zv, m, dt);
+    }
+}
+#endif /* PWLU_AVX512 */
+
+/* Forward, float compute: dt is the storage dtype of x, y and z (F32, F16 or BF16). */
+int pwlu2d_forward_f32c(const void *x, const void *y, void *z, int dt, int64_t outer, int64_t C, int64_t inner,
+                        const float *values, const float *geometry, int n, int nthreads) {
+    if (dt != PWLU_F32 && dt != PWLU_BF16 && !(dt == PWLU_F16 && PWLU_F16_KERNEL)) return PWLU_ERR_DTYPE;
+    const int64_t total = outer * C * inner, vsize = (int64_t)(n + 1) * (n + 1);
+#pragma omp parallel num_threads(clamp_threads(nthreads))
+    {
+        int th, nth;
+        thread_id(&th, &nth);
+        int64_t pb, pe;
+        split(total, th, nth, ALIGN_ELEMS, &pb, &pe);
+        if (pb < pe) {
+            for (seg_iter sg = seg_first(pb, pe, inner, C); sg.b < pe; seg_next(&sg, pe, inner, C)) {
+                const float *v = values + sg.c * vsize, *geo = geometry + sg.c * 10;
+#if PWLU_AVX512
+                if (n <= LUT_MAX_N && sg.e - sg.b >= 64) {
+                    cell_tables ct;
+                    cell_tables_build(v, n, &ct);
+                    forward_seg_lut(x, y, z, dt, sg.b, sg.e, &ct, geo, n);
+                    continue;
+                }
+#endif
+                if (dt == PWLU_F32) {
+                    forward_seg_f32((const float *)x + sg.b, (const float *)y + sg.b, (float *)z + sg.b, sg.e - sg.b,
+                                    v, geo, n);
+                } else {
+                    const geo_f gf = geo_load_f(geo);
+                    for (int64_t e = sg.b; e < sg.e; e++)
+                        store_s(z, e, forward_f(load_s(x, e, dt), load_s(y, e, dt), v, gf, n), dt);
+                }
+            }
+        }
+    }
+    return PWLU_OK;
+}
+
+int pwlu2d_forward_f64(const double *x, const double *y, double *z, int64_t outer, int64_t C, int64_t inner,
+                       const double *values, const double *geometry, int n, int nthreads) {
+    const int64_t total = outer * C * inner, vsize = (int64_t)(n + 1) * (n + 1);
+#pragma omp parallel num_threads(clamp_threads(nthreads))
+    {
+        int th, nth;
+        thread_id(&th, &nth);
+        int64_t pb, pe;
+        split(total, th, nth, ALIGN_ELEMS, &pb, &pe);
+        if (pb < pe) {
+            for (seg_iter sg = seg_first(pb, pe, inner, C); sg.b < pe; seg_next(&sg, pe, inner, C)) {
+                const double *v = values + sg.c * vsize, *geo = geometry + sg.c * 10;
+                forward_seg_f64(x + sg.b, y + sg.b, z + sg.b, sg.e - sg.b, v, geo, n);
+            }
+        }
+    }
+    return PWLU_OK;
+}
+
+/* ----------------------------------------------------------------------------- backward */
+
+/* One element of the backward: writes dx, dy; adds into the channel's histogram h
+ * ([N][N][2][3]) and sums s12 (12 accumulators, see pwlu2d_grads.py). */
+static inline void backward_f(float g, float x, float y, const float *v, const float *geo, int n, float *dx, float *dy,
+                              double *h, double *s12) {
+    int i, j, xl, xr, yl, yr;
+    float s, t;
+    const float u = locate_f(x, geo[0], geo[1], geo[2], n, &i, &s, &xl, &xr);
+    const float w = locate_f(y, geo[3], geo[4], geo[5], n, &j, &t, &yl, &yr);
+    const int lower = s >= t, base = i * (n + 1) + j;
+    const float v00 = v[base], v11 = v[base + n + 2], vm = v[base + (lower ? n + 1 : 1)];
+    const float a = lower ? vm - v00 : v11 - vm, b = lower ? v11 - vm : vm - v00;
+    /* dz/dx: K_XL or K_XR outside the range, the triangle's slope a / dx inside */
+    *dx = g * (xl ? geo[6] : (xr ? geo[7] : a * geo[2]));
+    *dy = g * (yl ? geo[8] : (yr ? geo[9] : b * geo[5]));
+    double *cell = h + ((int64_t)(i * n + j) * 2 + !lower) * 3;
+    cell[0] += g;
+    cell[1] += g * s;
+    cell[2] += g * t;
+    if (xl) {
+        s12[0] += g;
+        s12[1] += g * (x - geo[0]);
+    } else if (xr) {
+        s12[2] += g;
+        s12[3] += g * (x - geo[1]);
+    } else {
+        s12[8] += g * a;
+        s12[9] += g * a * u;
+    }
+    if (yl) {
+        s12[4] += g;
+        s12[5] += g * (y - geo[3]);
+    } else if (yr) {
+        s12[6] += g;
+        s12[7] += g * (y - geo[4]);
+    } else {
+        s12[10] += g * b;
+        s12[11] += g * b * w;
+    }
+}
+static inline void backward_d(double g, double x, double y, const double *v, const double *geo, int n, double *dx,
+                              double *dy, double *h, double *s12) {
+    int i, j, xl, xr, yl, yr;
+    double s, t;
+    const double u = locate_d(x, geo[0], geo[1], geo[2], n, &i, &s, &xl, &xr);
+    const double w = locate_d(y, geo[3], geo[4], geo[5], n, &j, &t, &yl, &yr);
+    const int lower = s >= t, base = i * (n + 1) + j;
+    const double v00 = v[base], v11 = v[base + n + 2], vm = v[base + (lower ? n + 1 : 1)];
+    const double a = lower ? vm - v00 : v11 - vm, b = lower ? v11 - vm : vm - v00;
+    *dx = g * (xl ? geo[6] : (xr ? geo[7] : a * geo[2]));
+    *dy = g * (yl ? geo[8] : (yr ? geo[9] : b * geo[5]));
+    double *cell = h + ((int64_t)(i * n + j) * 2 + !lower) * 3;
+    cell[0] += g;
+    cell[1] += g * s;
+    cell[2] += g * t;
+    if (xl) {
+        s12[0] += g;
+        s12[1] += g * (x - geo[0]);
+    } else if (xr) {
+        s12[2] += g;
+        s12[3] += g * (x - geo[1]);
+    } else {
+        s12[8] += g * a;
+        s12[9] += g * a * u;
+    }
+    if (yl) {
+        s12[4] += g;
+        s12[5] += g * (y - geo[3]);
+    } else if (yr) {
+        s12[6] += g;
+        s12[7] += g * (y - geo[4]);
+    } else {
+        s12[10] += g * b;
+        s12[11] += g * b * w;
+    }
+}
+
+/* The float32 backward in blocks of BWD_BLOCK elements: a vector pass (below) writes dx, dy and
+ * each element's histogram bin, g s and g t, and adds the 12 sums into lane-private float
+ * accumulators; a scalar pass adds (g, g s, g t) into the double histogram. */
+#define BWD_BLOCK 256
+#define LANES 16
+
+__attribute__((noinline)) static void backward_block_f32(const float *restrict gp, const float *restrict xp,
+                                                         const float *restrict yp, float *restrict dxp,
+                                                         float *restrict dyp, int64_t len, const float *restrict v,
+                                                         const float *geo, int n, int32_t *restrict bin,
+                                                         float *restrict gs, float *restrict gt,
+                                                         float (*restrict acc)[LANES]) {
+    const geo_f G = geo_load_f(geo);
+    for (int64_t k0 = 0; k0 < len; k0 += LANES) {
+        for (int l = 0; l < LANES; l++) {
+            const int64_t e = k0 + l;
+            const float g = gp[e], x = xp[e], y = yp[e];
+            int i, j, xl, xr, yl, yr;
+            float s, t;
+            const float u = locate_f(x, G.xl, G.xr, G.ix, n, &i, &s, &xl, &xr);
+            const float w = locate_f(y, G.yl, G.yr, G.iy, n, &j, &t, &yl, &yr);
+            const int lower = s >= t, base = i * (n + 1) + j;
+            const float v00 = v[base], v11 = v[base + n + 2], vm = v[base + 1 + lower * n];
+            const float a = lower ? vm - v00 : v11 - vm, b = lower ? v11 - vm : vm - v00;
+            /* dz/dx: K_XL or K_XR outside the range, the triangle's slope a / dx inside */
+            dxp[e] = g * (xl ? G.kxl : (xr ? G.kxr : a * G.ix));
+            dyp[e] = g * (yl ? G.kyl : (yr ? G.kyr : b * G.iy));
+            bin[e] = (i * n + j) * 2 + 1 - lower;
+            gs[e] = g * s;
+            gt[e] = g * t;
+            const int xin = !(xl | xr), yin = !(yl | yr);
+            acc[0][l] += xl ? g : 0.0f;
+            acc[1][l] += xl ? g * (x - G.xl) : 0.0f;
+            acc[2][l] += xr ? g : 0.0f;
+            acc[3][l] += xr ? g * (x - G.xr) : 0.0f;
+            acc[4][l] += yl ? g : 0.0f;
+            acc[5][l] += yl ? g * (y - G.yl) : 0.0f;
+            acc[6][l] += yr ? g : 0.0f;
+            acc[7][l] += yr ? g * (y - G.yr) : 0.0f;
+            acc[8][l] += xin ? g * a : 0.0f;
+            acc[9][l] += xin ? g * a * u : 0.0f;
+            acc[10][l] += yin ? g * b : 0.0f;
+            acc[11][l] += yin ? g * b * w : 0.0f;
+        }
+    }
+}
+
+/* One row segment of channel c, float32 storage: blocks through the vector pass, the rest
+ * (fewer than LANES elements) through the scalar backward_f. */
+static void backward_seg_f32(const float *g, const float *x, const float *y, float *dx, float *dy, int64_t len,
+                             const float *v, const float *geo, int n, double *h, double *s12) {
+    int32_t bin[BWD_BLOCK];
+    float gs[BWD_BLOCK], gt[BWD_BLOCK], acc[12][LANES];
+    for (int64_t b0 = 0; b0 < len; b0 += BWD_BLOCK) {
+        const int64_t rest = len - b0 < BWD_BLOCK ? len - b0 : BWD_BLOCK;
+        const int64_t vec = rest / LANES * LANES;
+        memset(acc, 0, sizeof(acc));
+        backward_block_f32(g + b0, x + b0, y + b0, dx + b0, dy + b0, vec, v, geo, n, bin, gs, gt, acc);
+        for (int64_t k = 0; k < vec; k++) {
+            double *cell = h + (int64_t)bin[k] * 3;
+            cell[0] += g[b0 + k];
+            cell[1] += gs[k];
+            cell[2] += gt[k];
+        }
+        for (int m = 0; m < 12; m++) {
+            double total = 0.0;
+            for (int l = 0; l < LANES; l++) total += acc[m][l];
+            s12[m] += total;
+        }
+        for (int64_t k = b0 + vec; k < b0 + rest; k++) backward_f(g[k], x[k], y[k], v, geo, n, dx + k, dy + k, h, s12);
+    }
+}
+
+#if PWLU_AVX512
+/* The backward for N <= LUT_MAX_N (any float storage dtype): blocks of BWD_BLOCK elements, a
+ * vector pass with the in-register cell tables (dx, dy, bins, g, g s, g t and the 12 sums in
+ * zmm accumulators), then the scalar histogram pass. */
+static void backward_seg_lut(const void *gp, const void *xp, const void *yp, void *dxp, void *dyp, int dt, int64_t b,
+                             int64_t e, const cell_tables *ct, const float *geo, int n, double *h, double *s12) {
+    const __m512 xlo = _mm512_set1_ps(geo[0]), xhi = _mm512_set1_ps(geo[1]), ix = _mm512_set1_ps(geo[2]);
+    const __m512 ylo = _mm512_set1_ps(geo[3]), yhi = _mm512_set1_ps(geo[4]), iy = _mm512_set1_ps(geo[5]);
+    const __m512 kxl = _mm512_set1_ps(geo[6]), kxr = _mm512_set1_ps(geo[7]);
+    const __m512 kyl = _mm512_set1_ps(geo[8]), kyr = _mm512_set1_ps(geo[9]);
+    const __m512 nf = _mm512_set1_ps((float)n), nm1 = _mm512_set1_ps((float)(n - 1));
+    const __m512i nn = _mm512_set1_epi32(n), one = _mm512_set1_epi32(1);
+    int32_t bin[BWD_BLOCK];
+    float gg[BWD_BLOCK], gs[BWD_BLOCK], gt[BWD_BLOCK];
+    for (int64_t b0 = b; b0 < e; b0 += BWD_BLOCK) {
+        const int64_t rest = e - b0 < BWD_BLOCK ? e - b0 : BWD_BLOCK;
+        __m512 acc[12];
+        for (int m = 0; m < 12; m++) acc[m] = _mm512_setzero_ps();
+        for (int64_t k = 0; k < rest; k += 16) {
+            const __mmask16 m = tail_mask(rest - k);
+            const __m512 g = ld16(gp, b0 + k, m, dt), xv = ld16(xp, b0 + k, m, dt), yv = ld16(yp, b0 + k, m, dt);
+            __mmask16 xl, xr, yl, yr;
+            __m512 fi, fj;
+            const __m512 u = locate16(xv, xlo, xhi, ix, nf, nm1, &xl, &xr, &fi);
+            const __m512 w = locate16(yv, ylo, yhi, iy, nf, nm1, &yl, &yr, &fj);
+            const __m512 s = _mm512_sub_ps(u, fi), t = _mm512_sub_ps(w, fj);
+            const __m512i cell =
+                _mm512_add_epi32(_mm512_mullo_epi32(_mm512_cvttps_epi32(fi), nn), _mm512_cvttps_epi32(fj));
+            const __mmask16 lower = _mm512_cmp_ps_mask(s, t, _CMP_GE_OQ);
+            const __m512 v00 = cell_lookup(ct->t[0], cell), v11 = cell_lookup(ct->t[3], cell);
+            const __m512 vm = _mm512_mask_blend_ps(lower, cell_lookup(ct->t[2], cell), cell_lookup(ct->t[1], cell));
+            const __m512 a = _mm512_mask_blend_ps(lower, _mm512_sub_ps(v11, vm), _mm512_sub_ps(vm, v00));
+            const __m512 bb = _mm512_mask_blend_ps(lower, _mm512_sub_ps(vm, v00), _mm512_sub_ps(v11, vm));
+            /* dz/dx: K_XL or K_XR outside the range, the triangle's slope a / dx inside (likewise y) */
+            __m512 sx = _mm512_mask_blend_ps(xl, _mm512_mask_blend_ps(xr, _mm512_mul_ps(a, ix), kxr), kxl);
+            __m512 sy = _mm512_mask_blend_ps(yl, _mm512_mask_blend_ps(yr, _mm512_mul_ps(bb, iy), kyr), kyl);
+            st16(dxp, b0 + k, _mm512_mul_ps(g, sx), m, dt);
+            st16(dyp, b0 + k, _mm512_mul_ps(g, sy), m, dt);
+            /* bin (i N + j) * 2 + upper, and g, g s, g t for the histogram pass */
+            const __m512i upper = _mm512_mask_mov_epi32(one, lower, _mm512_setzero_si512());
+            _mm512_mask_storeu_epi32(bin + k, m, _mm512_add_epi32(_mm512_slli_epi32(cell, 1), upper));
+            _mm512_mask_storeu_ps(gg + k, m, g);
+            _mm512_mask_storeu_ps(gs + k, m, _mm512_mul_ps(g, s));
+            _mm512_mask_storeu_ps(gt + k, m, _mm512_mul_ps(g, t));
+            const __mmask16 xin = (__mmask16)~(xl | xr) & m, yin = (__mmask16)~(yl | yr) & m;
+            const __m512 ga = _mm512_mul_ps(g, a), gb = _mm512_mul_ps(g, bb);
+            acc[0] = _mm512_mask_add_ps(acc[0], xl, acc[0], g);
+            acc[1] = _mm512_mask_add_ps(acc[1], xl, acc[1], _mm512_mul_ps(g, _mm512_sub_ps(xv, xlo)));
+            acc[2] = _mm512_mask_add_ps(acc[2], xr, acc[2], g);
+            acc[3] = _mm512_mask_add_ps(acc[3], xr, acc[3], _mm512_mul_ps(g, _mm512_sub_ps(xv, xhi)));
+            acc[4] = _mm512_mask_add_ps(acc[4], yl, acc[4], g);
+            acc[5] = _mm512_mask_add_ps(acc[5], yl, acc[5], _mm512_mul_ps(g, _mm512_sub_ps(yv, ylo)));
+            acc[6] = _mm512_mask_add_ps(acc[6], yr, acc[6], g);
+            acc[7] = _mm512_mask_add_ps(acc[7], yr, acc[7], _mm512_mul_ps(g, _mm512_sub_ps(yv, yhi)));
+            acc[8] = _mm512_mask_add_ps(acc[8], xin, acc[8], ga);
+            acc[9] = _mm512_mask_add_ps(acc[9], xin, acc[9], _mm512_mul_ps(ga, u));
+            acc[10] = _mm512_mask_add_ps(acc[10], yin, acc[10], gb);
+            acc[11] = _mm512_mask_add_ps(acc[11], yin, acc[11], _mm512_mul_ps(gb, w));
+        }
+        for (int64_t k = 0; k < rest; k++) {
+            double *c3 = h + (int64_t)bin[k] * 3;
+            c3[0] += gg[k];
+            c3[1] += gs[k];
+            c3[2] += gt[k];
+        }
+        for (int m = 0; m < 12; m++) s12[m] += (double)_mm512_reduce_add_ps(acc[m]);
+    }
+}
+#endif /* PWLU_AVX512 */
+
+/* Thread copies of the histogram and sums: per thread C * (6 N^2 + 12) doubles. */
+static double *alloc_partials(int nth, int64_t per_thread) { return (double *)calloc((size_t)nth * per_thread, sizeof(double)); }
+
+/* Sum the threads' copies into hist ([C][N][N][2][3]) and sums ([C][12]). */
+static void reduce_partials(const double *part, int nth, int64_t C, int64_t hsize, double *hist, double *sums) {
+    const int64_t per = C * (hsize + 12);
+    for (int64_t c = 0; c < C; c++) {
+        for (int64_t k = 0; k < hsize; k++) {
+            double acc = 0.0;
+            for (int th = 0; th < nth; th++) acc += part[th * per + c * hsize + k];
+            hist[c * hsize + k] = acc;
+        }
+        for (int k = 0; k < 12; k++) {
+            double acc = 0.0;
+            for (int th = 0; th < nth; th++) acc += part[th * per + C * hsize + c * 12 + k];
+            sums[c * 12 + k] = acc;
+        }
+    }
+}
+
+int pwlu2d_backward_f32c(const void *g, const void *x, const void *y, void *dx, void *dy, int dt, int64_t outer,
+                         int64_t C, int64_t inner, const float *values, const float *geometry, int n, int nthreads,
+                         double *hist, double *sums) {
+    if (dt != PWLU_F32 && dt != PWLU_BF16 && !(dt == PWLU_F16 && PWLU_F16_KERNEL)) return PWLU_ERR_DTYPE;
+    const int64_t total = outer * C * inner, vsize = (int64_t)(n + 1) * (n + 1), hsize = (int64_t)n * n * 6;
+    const int nth_max = clamp_threads(nthreads);
+    const int64_t per = C * (hsize + 12);
+    double *part = alloc_partials(nth_max, per);
+    if (!part) return PWLU_ERR_NOMEM;
+#pragma omp parallel num_threads(nth_max)
+    {
+        int th, nth;
+        thread_id(&th, &nth);
+        double *hist_t = part + th * per, *sums_t = hist_t + C * hsize;
+        int64_t pb, pe;
+        split(total, th, nth, ALIGN_ELEMS, &pb, &pe);
+        if (pb < pe) {
+            for (seg_iter sg = seg_first(pb, pe, inner, C); sg.b < pe; seg_next(&sg, pe, inner, C)) {
+                const float *v = values + sg.c * vsize, *geo = geometry + sg.c * 10;
+                double *h = hist_t + sg.c * hsize, s12[12] = {0};
+#if PWLU_AVX512
+                if (n <= LUT_MAX_N && sg.e - sg.b >= 64) {
+                    cell_tables ct;
+                    cell_tables_build(v, n, &ct);
+                    backward_seg_lut(g, x, y, dx, dy, dt, sg.b, sg.e, &ct, geo, n, h, s12);
+                } else
+#endif
+                if (dt == PWLU_F32) {
+                    backward_seg_f32((const float *)g + sg.b, (const float *)x + sg.b, (const float *)y + sg.b,
+                                     (float *)dx + sg.b, (float *)dy + sg.b, sg.e - sg.b, v, geo, n, h, s12);
+                } else {
+                    for (int64_t e = sg.b; e < sg.e; e++) {
+                        float ddx, ddy;
+                        backward_f(load_s(g, e, dt), load_s(x, e, dt), load_s(y, e, dt), v, geo, n, &ddx, &ddy, h, s12);
+                        store_s(dx, e, ddx, dt);
+                        store_s(dy, e, ddy, dt);
+                    }
+                }
+                for (int k = 0; k < 12; k++) sums_t[sg.c * 12 + k] += s12[k];
+            }
+        }
+    }
+    reduce_partials(part, nth_max, C, hsize, hist, sums);
+    free(part);
+    return PWLU_OK;
+}
+
+int pwlu2d_backward_f64(const double *g, const double *x, const double *y, double *dx, double *dy, int64_t outer,
+                        int64_t C, int64_t inner, const double *values, const double *geometry, int n, int nthreads,
+                        double *hist, double *sums) {
+    const int64_t total = outer * C * inner, vsize = (int64_t)(n + 1) * (n + 1), hsize = (int64_t)n * n * 6;
+    const int nth_max = clamp_threads(nthreads);
+    const int64_t per = C * (hsize + 12);
+    double *part = alloc_partials(nth_max, per);
+    if (!part) return PWLU_ERR_NOMEM;
+#pragma omp parallel num_threads(nth_max)
+    {
+        int th, nth;
+        thread_id(&th, &nth);
+        double *hist_t = part + th * per, *sums_t = hist_t + C * hsize;
+        int64_t pb, pe;
+        split(total, th, nth, ALIGN_ELEMS, &pb, &pe);
+        if (pb < pe) {
+            for (seg_iter sg = seg_first(pb, pe, inner, C); sg.b < pe; seg_next(&sg, pe, inner, C)) {
+                const double *v = values + sg.c * vsize, *geo = geometry + sg.c * 10;
+                double *h = hist_t + sg.c * hsize, s12[12] = {0};
+                for (int64_t e = sg.b; e < sg.e; e++) backward_d(g[e], x[e], y[e], v, geo, n, dx + e, dy + e, h, s12);
+                for (int k = 0; k < 12; k++) sums_t[sg.c * 12 + k] += s12[k];
+            }
+        }
+    }
+    reduce_partials(part, nth_max, C, hsize, hist, sums);
+    free(part);
+    return PWLU_OK;
+}

@@ -1,0 +1,111 @@
+"""Compiled CPU backend of N-PWLU: ``csrc/npwlu_cpu.c``, its own :class:`~pwlu.ops.cpu.build.NativeLibrary`
+(:data:`NPWLU_CPU`), built on first use like PWLU's kernels and sharing their build, cache,
+headers (``pwlu_common.h``) and input layout handling (:mod:`pwlu.ops.cpu.backend`).
+
+The Protocol :class:`pwlu.ops.npwlu_backends.NPWLUBackend`::
+
+    forward(x, slopes, intercepts, breakpoints, shift, channel_dim) -> y
+    backward(grad, x, slopes, breakpoints, inv_widths, channel_dim) -> (dx, hist)
+
+One pass forward (read x, write y), one pass backward (read x and g, write dx; the per-region
+histogram is accumulated on the way, in double across threads). With AVX-512 a 16-lane loop
+finds the region with ``N - 1`` compares against the interior breakpoints (plus two for the
+bounds) and looks slope and intercept up in registers (``vpermt2ps``, ``N + 2 <= 32``; gathered
+beyond). Channels-fastest layouts and float64 use the portable scalar loop. Timings: the
+``npwluN`` rows of ``benchmarks/bench_activation.py`` (``benchmarks/results/activation_latest.md``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from .cpu import build
+from .cpu.backend import _in_order, _kernel_dtype, _layout, _like, _num_threads, _tables
+from .cpu.build import NativeLibrary, check
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    """The ctypes signatures of ``csrc/npwlu_cpu.c``'s exports (each returns a ``PWLU_*`` code)."""
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    for name in ("npwlu_forward_f32c", "npwlu_forward_f64"):
+        fn = getattr(lib, name)
+        fn.argtypes = [p, p, i32, i64, i64, i64, i64, p, p, p, p, i32]
+        fn.restype = i32
+    for name in ("npwlu_backward_f32c", "npwlu_backward_f64"):
+        fn = getattr(lib, name)
+        fn.argtypes = [p, p, p, i32, i64, i64, i64, i64, p, p, p, i32, p]
+        fn.restype = i32
+    lib.npwlu_cpu_has_avx512.restype = i32
+    lib.npwlu_cpu_has_f16.restype = i32
+
+
+#: The N-PWLU kernels (``csrc/npwlu_cpu.c``).
+NPWLU_CPU = NativeLibrary("npwlu_cpu", "npwlu_cpu.c", declare=_declare)
+if NPWLU_CPU not in build.LIBRARIES:
+    build.LIBRARIES.append(NPWLU_CPU)  # reset with the others in tests
+
+
+def _library():
+    lib = NPWLU_CPU.get()
+    if lib is None:
+        raise RuntimeError("npwlu: the cpu backend was used while unavailable")
+    return lib
+
+
+def forward(x, slopes, intercepts, breakpoints, shift, channel_dim):
+    lib = _library()
+    if x.dtype == torch.float16 and not lib.npwlu_cpu_has_f16():  # no fp16 storage in this build
+        return forward(x.float(), slopes, intercepts, breakpoints, shift, channel_dim).half()
+    x, order, (outer, channels, inner) = _layout(x, channel_dim)
+    y = _like(x, order)
+    if x.numel() == 0:
+        return y
+    n = slopes.shape[-1] - 2
+    slopes, intercepts, breakpoints, shift = _tables(slopes, intercepts, breakpoints, shift)
+    fn = lib.npwlu_forward_f64 if x.dtype == torch.float64 else lib.npwlu_forward_f32c
+    rc = fn(
+        x.data_ptr(), y.data_ptr(), _kernel_dtype(x), outer, channels, inner, n,
+        slopes.data_ptr(), intercepts.data_ptr(), breakpoints.data_ptr(), shift.data_ptr(), _num_threads(x.numel()),
+    )  # fmt: skip
+    check(rc, fn.__name__)
+    return y
+
+
+def backward(grad, x, slopes, breakpoints, inv_widths, channel_dim):
+    lib = _library()
+    if x.dtype == torch.float16 and not lib.npwlu_cpu_has_f16():
+        dx, hist = backward(grad.float(), x.float(), slopes, breakpoints, inv_widths, channel_dim)
+        return dx.half(), hist
+    n = slopes.shape[-1] - 2
+    x, order, (outer, channels, inner) = _layout(x, channel_dim)
+    grad = _in_order(grad.to(x.dtype).expand_as(x), order)
+    dx = _like(x, order)
+    hist = torch.zeros(slopes.shape[0], n + 2, 2, dtype=torch.float64)
+    if x.numel() > 0:
+        slopes, breakpoints, inv_widths = _tables(slopes, breakpoints, inv_widths)
+        fn = lib.npwlu_backward_f64 if x.dtype == torch.float64 else lib.npwlu_backward_f32c
+        rc = fn(
+            grad.data_ptr(), x.data_ptr(), dx.data_ptr(), _kernel_dtype(x), outer, channels, inner, n,
+            slopes.data_ptr(), breakpoints.data_ptr(), inv_widths.data_ptr(), _num_threads(x.numel()), hist.data_ptr(),
+        )  # fmt: skip
+        check(rc, fn.__name__)
+    return dx, hist.to(slopes.dtype)
+
+
+def is_available(device: torch.device) -> bool:
+    """CPU tensors, where the kernel library builds."""
+    return torch.device(device).type == "cpu" and NPWLU_CPU.get() is not None
+
+
+class NPWLUCPUBackend:
+    """The C/AVX-512 N-PWLU backend (:class:`pwlu.ops.npwlu_backends.NPWLUBackend`)."""
+
+    name = "cpu"
+    forward = staticmethod(forward)
+    backward = staticmethod(backward)
+    is_available = staticmethod(is_available)
+
+
+BACKEND = NPWLUCPUBackend()

@@ -1,0 +1,342 @@
+"""2-D PWLU ops (SPEC section 10): the reference against an element-by-element loop, every
+fast path against the reference (forward, dx, dy and the nine parameter gradients),
+gradcheck, addition at init, low precision, double backward and bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import pwlu
+
+NAMES = (
+    "values",
+    "x_left_bound",
+    "x_right_bound",
+    "y_left_bound",
+    "y_right_bound",
+    "x_left_slope",
+    "x_right_slope",
+    "y_left_slope",
+    "y_right_slope",
+)
+
+
+def addition_params(n, channels=None, xr=(-2.0, 2.0), yr=(-1.0, 3.0), dtype=torch.float64):
+    """Parameters of z = x + y (V[i, j] = X_i + Y_j, all slopes 1), written from SPEC section 10."""
+    grid_x = torch.tensor([xr[0] + k * (xr[1] - xr[0]) / n for k in range(n + 1)], dtype=dtype)
+    grid_y = torch.tensor([yr[0] + k * (yr[1] - yr[0]) / n for k in range(n + 1)], dtype=dtype)
+    values = grid_x[:, None] + grid_y[None, :]
+    scalars = [torch.tensor(v, dtype=dtype) for v in (*xr, *yr, 1.0, 1.0, 1.0, 1.0)]
+    if channels is not None:
+        values = values.expand(channels, n + 1, n + 1).clone()
+        scalars = [s.expand(channels).clone() for s in scalars]
+    return [values, *scalars]
+
+
+def random_params(n, channels=None, dtype=torch.float64, seed=0):
+    """Random (non-additive) parameters around a grid of [-2, 2] x [-1, 3]."""
+    gen = torch.Generator().manual_seed(seed)
+    params = addition_params(n, channels, dtype=dtype)
+    return [p + 0.4 * torch.randn(p.shape, generator=gen, dtype=dtype) for p in params]
+
+
+def loop_pwlu2d(x, y, params, channel_dim=1):
+    """SPEC section 10 element by element, in Python floats (float64)."""
+    values = params[0].double()
+    others = [p.double() for p in params[1:]]
+    n = values.shape[-1] - 1
+    out = torch.empty(x.shape, dtype=torch.float64)
+    cd = channel_dim % max(x.dim(), 1)
+    for idx in torch.cartesian_prod(*[torch.arange(s) for s in x.shape]).reshape(-1, x.dim()).tolist():
+        idx = tuple(idx)
+        c = idx[cd] if values.dim() == 3 else None
+        v = values[c] if c is not None else values
+        xl, xr, yl, yr, kxl, kxr, kyl, kyr = (float(p[c] if c is not None else p) for p in others)
+        xr = max(xr, xl + pwlu.MIN_WIDTH) if xr - xl < pwlu.MIN_WIDTH else xr
+        yr = max(yr, yl + pwlu.MIN_WIDTH) if yr - yl < pwlu.MIN_WIDTH else yr
+        a, b = float(x[idx]), float(y[idx])
+        ac, bc = min(max(a, xl), xr), min(max(b, yl), yr)
+        u = (ac - xl) * n / (xr - xl) if a < xr else float(n)
+        w = (bc - yl) * n / (yr - yl) if b < yr else float(n)
+        i, j = min(math.floor(u), n - 1), min(math.floor(w), n - 1)
+        s, t = u - i, w - j
+        if s >= t:
+            f = float(v[i, j] + s * (v[i + 1, j] - v[i, j]) + t * (v[i + 1, j + 1] - v[i + 1, j]))
+        else:
+            f = float(v[i, j] + t * (v[i, j + 1] - v[i, j]) + s * (v[i + 1, j + 1] - v[i, j + 1]))
+        out[idx] = f + kxl * min(a - xl, 0) + kxr * max(a - xr, 0) + kyl * min(b - yl, 0) + kyr * max(b - yr, 0)
+    return out
+
+
+def region_inputs(shape, n=4, seed=0, dtype=torch.float64):
+    """x, y covering the inside (both triangles), grid lines, the diagonals, outside on
+    each side and at each corner, for the grid [-2, 2] x [-1, 3] with N = 4."""
+    gen = torch.Generator().manual_seed(seed)
+    count = math.prod(shape)
+    x = torch.rand(count, generator=gen, dtype=torch.float64) * 7 - 3.5  # [-3.5, 3.5]
+    y = torch.rand(count, generator=gen, dtype=torch.float64) * 7 - 2.5  # [-2.5, 4.5]
+    special = [
+        (-2.0, -1.0),
+        (2.0, 3.0),
+        (-2.0, 3.0),
+        (2.0, -1.0),  # corners of the grid exactly
+        (-1.0, 0.5),
+        (0.3, 0.0),
+        (1.0, 1.0),  # on grid lines
+        (-3.0, -2.0),
+        (3.0, 4.0),
+        (-3.0, 4.0),
+        (3.0, -2.0),  # outside, at each corner
+        (-3.0, 1.2),
+        (3.0, 1.2),
+        (0.4, -2.0),
+        (0.4, 4.0),  # outside, on each side
+    ]
+    for k, (a, b) in enumerate(special[:count]):
+        x[k], y[k] = a, b
+    return x.reshape(shape).to(dtype), y.reshape(shape).to(dtype)
+
+
+# ------------------------------------------------------------------------------- reference
+
+
+@pytest.mark.parametrize("channels, channel_dim", [(None, 1), (3, 1), (3, -1)])
+def test_reference_matches_element_loop(channels, channel_dim):
+    shape = (2, 3, 5) if channel_dim == 1 else (2, 5, 3)
+    x, y = region_inputs(shape)
+    params = random_params(4, channels)
+    z = pwlu.pwlu2d_reference(x, y, *params, channel_dim=channel_dim)
+    torch.testing.assert_close(z, loop_pwlu2d(x, y, params, channel_dim), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("channels", [None, 3])
+def test_addition_at_init(dtype, channels):
+    x, y = region_inputs((2, 3, 40), dtype=dtype)
+    x = x * 3  # far outside too
+    params = addition_params(4, channels, dtype=dtype)
+    atol = 1e-12 if dtype == torch.float64 else 5e-6
+    for fn in (pwlu.pwlu2d_reference, pwlu.pwlu2d):
+        torch.testing.assert_close(fn(x, y, *params), x + y, rtol=0, atol=atol * (1 + (x + y).abs().max().item()))
+
+
+@pytest.mark.parametrize("channels", [None, 3])
+def test_reference_gradcheck(channels):
+    x, y = region_inputs((2, 3, 6), seed=1)
+    params = random_params(4, channels, seed=1)
+    # keep clear of the kinks (grid lines, diagonals, bounds) where finite differences straddle two pieces
+    inputs = [t.clone().requires_grad_() for t in (x + 1e-3, y + 2.3e-3, *params)]
+    assert torch.autograd.gradcheck(lambda *a: pwlu.pwlu2d_reference(*a), inputs)
+
+
+def test_nan_and_inf_inputs():
+    params = random_params(4)
+    x = torch.tensor([float("nan"), 0.5, float("inf"), -float("inf"), 0.2], dtype=torch.float64)
+    y = torch.tensor([0.5, float("nan"), 0.5, 1.0, float("inf")], dtype=torch.float64)
+    z = pwlu.pwlu2d_reference(x, y, *params)
+    assert torch.isnan(z[:2]).all()
+    assert z[2] == float("inf") * torch.sign(params[6]) and z[3] == -float("inf") * torch.sign(params[5])
+    params[8] = torch.tensor(0.0, dtype=torch.float64)  # a flat outer piece: ±inf maps to its limit
+    z = pwlu.pwlu2d_reference(x, y, *params)
+    assert torch.isfinite(z[4])
+
+
+# ------------------------------------------------------------------------------- bad input
+
+
+def test_bad_input_names_the_value():
+    params = addition_params(4)
+    x = torch.randn(2, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"x.shape=\(2, 3\) and y.shape=\(3, 2\)"):
+        pwlu.pwlu2d(x, torch.randn(3, 2, dtype=torch.float64), *params)
+    with pytest.raises(TypeError, match="same dtype"):
+        pwlu.pwlu2d(x, x.float(), *params)
+    bad = list(params)
+    bad[0] = torch.zeros(5, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"values must have shape .* got shape \(5, 4\)"):
+        pwlu.pwlu2d(x, x, *bad)
+    bad = list(params)
+    bad[5] = torch.zeros(3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"x_left_slope must have shape \(\), but got \(3,\)"):
+        pwlu.pwlu2d(x, x, *bad)
+    bad = list(params)
+    bad[4] = torch.tensor(float("nan"), dtype=torch.float64)
+    with pytest.raises(ValueError, match="y_right_bound holds nan"):
+        pwlu.pwlu2d(x, x, *bad)
+    bad = list(params)
+    bad[0] = bad[0].clone()
+    bad[0][1, 2] = float("inf")
+    with pytest.raises(ValueError, match=r"values holds inf at index \(1, 2\)"):
+        pwlu.pwlu2d(x, x, *bad)
+    channel = addition_params(4, channels=5)
+    with pytest.raises(ValueError, match="3 channels on axis 1.*num_channels=5"):
+        pwlu.pwlu2d(x, x, *channel)
+    with pytest.raises(TypeError, match="y to be a torch.Tensor"):
+        pwlu.pwlu2d(x, 1.0, *params)
+
+
+# ------------------------------------------------------------------------------- fast paths
+
+BACKENDS = ["torch", "cpu", "triton"]
+KEYS = ("z", "dx", "dy") + tuple(f"d{name}" for name in NAMES)
+
+
+def run(fn, x, y, params, channel_dim, backend=None, seed=5):
+    """Output and all eleven gradients of ``fn`` (under ``backend`` if given)."""
+    x = x.detach().clone().requires_grad_(True)
+    y = y.detach().clone().requires_grad_(True)
+    params = [p.detach().clone().requires_grad_(True) for p in params]
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    if backend is None:
+        z = fn(x, y, *params, channel_dim=channel_dim)
+    else:
+        with pwlu.use_backend(backend):
+            z = fn(x, y, *params, channel_dim=channel_dim)
+    z.backward(grad.to(z.dtype))
+    return dict(zip(KEYS, [z.detach(), x.grad, y.grad, *(p.grad for p in params)]))
+
+
+def assert_all_close(fast, ref, rtol, atol):
+    for key in KEYS:
+        torch.testing.assert_close(fast[key], ref[key], rtol=rtol, atol=atol, msg=lambda m, key=key: f"{key}: {m}")
+
+
+def select_backend(backend):
+    from pwlu.ops.dispatch import PWLU2D_BACKENDS
+
+    if not PWLU2D_BACKENDS.is_available(backend, torch.device("cpu")):
+        pytest.skip(f"{backend} backend not available here")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "shape, channels, channel_dim",
+    [
+        ((3, 5, 7), None, 1),
+        ((2, 3, 5, 7), 3, 1),
+        ((2, 7, 3), 3, -1),
+        ((37,), None, 0),
+        ((4, 3), 3, 1),
+        ((2, 3, 301), 3, 1),  # rows longer than the CPU kernel's blocks, with a tail
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fast_path_matches_reference(backend, shape, channels, channel_dim, dtype):
+    select_backend(backend)
+    x, y = region_inputs(shape, seed=3, dtype=dtype)
+    params = [p.to(dtype) for p in random_params(4, channels, seed=3)]
+    fast = run(pwlu.pwlu2d, x, y, params, channel_dim, backend)
+    ref = run(pwlu.pwlu2d_reference, x, y, params, channel_dim)
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    assert_all_close(fast, ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n", [1, 8, 12])
+def test_fast_path_other_grid_sizes(backend, n):
+    """N = 1 (one cell), N = 8 (the CPU kernel's largest in-register table) and N = 12."""
+    select_backend(backend)
+    x, y = region_inputs((2, 3, 130), seed=11, dtype=torch.float32)
+    params = [p.float() for p in addition_params(n, 3)]
+    params = [p + 0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(n)) for p in params]
+    fast = run(pwlu.pwlu2d, x, y, params, 1, backend)
+    ref = run(pwlu.pwlu2d_reference, x, y, params, 1)
+    assert_all_close(fast, ref, rtol=2e-5, atol=2e-5)
+
+
+def test_cpu_kernel_threads():
+    """Two threads (above the kernel's grain size) give the single-threaded result."""
+    select_backend("cpu")
+    x, y = region_inputs((2, 4, 100, 100), seed=12, dtype=torch.float64)
+    params = random_params(4, 4, seed=12)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = run(pwlu.pwlu2d, x, y, params, 1, "cpu")
+        torch.set_num_threads(1)
+        one = run(pwlu.pwlu2d, x, y, params, 1, "cpu")
+    finally:
+        torch.set_num_threads(previous)
+    assert_all_close(two, one, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fast_path_min_width_and_channels_last(backend):
+    """A collapsed range (below MIN_WIDTH, its gradient goes to the left bound) and a
+    channels-last (non-contiguous) input."""
+    select_backend(backend)
+    x, y = region_inputs((2, 3, 4, 5), seed=4)
+    x, y = x.to(memory_format=torch.channels_last), y.to(memory_format=torch.channels_last)
+    params = random_params(4, 3, seed=4)
+    params[2] = params[1] + torch.tensor([1e-4, 0.5, 2.0], dtype=torch.float64)  # channel 0 collapsed
+    fast = run(pwlu.pwlu2d, x, y, params, 1, backend)
+    ref = run(pwlu.pwlu2d_reference, x, y, params, 1)
+    assert_all_close(fast, ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fast_path_nan_inf(backend):
+    select_backend(backend)
+    params = random_params(4, seed=6)
+    params[8] = torch.tensor(0.0, dtype=torch.float64)
+    x = torch.tensor([float("nan"), 0.5, float("inf"), -float("inf"), 0.2, 0.1], dtype=torch.float64)
+    y = torch.tensor([0.5, float("nan"), 0.5, 1.0, float("inf"), 0.7], dtype=torch.float64)
+    with pwlu.use_backend(backend):
+        z = pwlu.pwlu2d(x, y, *params)
+    torch.testing.assert_close(z, pwlu.pwlu2d_reference(x, y, *params), equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("channels", [None, 3])
+def test_fast_path_gradcheck(backend, channels):
+    select_backend(backend)
+    x, y = region_inputs((2, 3, 6), seed=7)
+    params = random_params(4, channels, seed=7)
+    inputs = [t.clone().requires_grad_() for t in (x + 1e-3, y + 2.3e-3, *params)]
+    # the interpreted Triton kernels are slow: one random projection (every gradient is also
+    # compared with the reference's in float64 in test_fast_path_matches_reference)
+    with pwlu.use_backend(backend):
+        assert torch.autograd.gradcheck(lambda *a: pwlu.pwlu2d(*a), inputs, fast_mode=backend == "triton")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_rule(backend, dtype):
+    """err(fast vs fp32 reference) <= 2 err(low-precision reference vs fp32 reference) + atol."""
+    select_backend(backend)
+    x, y = region_inputs((2, 3, 70), seed=8, dtype=torch.float32)
+    params = [p.float() for p in random_params(4, 3, seed=8)]
+    x, y = x.to(dtype).float(), y.to(dtype).float()  # the same representable inputs for all three
+    ref32 = run(pwlu.pwlu2d_reference, x, y, params, 1)
+    low_ref = run(pwlu.pwlu2d_reference, x.to(dtype), y.to(dtype), params, 1)
+    fast = run(pwlu.pwlu2d, x.to(dtype), y.to(dtype), params, 1, backend)
+    for key in KEYS:
+        err_fast = (fast[key].float() - ref32[key]).abs().max().item()
+        err_low = (low_ref[key].float() - ref32[key]).abs().max().item()
+        scale = ref32[key].abs().max().item()
+        assert err_fast <= 2 * err_low + 1e-3 * (1 + scale), f"{key}: {err_fast} vs {err_low}"
+
+
+def test_double_backward_and_saved_tensors():
+    x, y = region_inputs((1, 3, 4), seed=9)
+    params = random_params(2, 3, seed=9)
+    inputs = [t.clone().requires_grad_() for t in (x + 1e-3, y + 2.3e-3, *params)]
+    assert torch.autograd.gradgradcheck(lambda *a: pwlu.pwlu2d(*a), inputs)
+    z = pwlu.pwlu2d(*inputs)
+    assert type(z.grad_fn).__name__ == "PWLU2DFunctionBackward"
+    saved = z.grad_fn.saved_tensors
+    assert len(saved) == 11 and all(s.shape == t.shape for s, t in zip(saved, inputs))
+
+
+def test_compile_sees_one_custom_op():
+    x, y = region_inputs((2, 3, 6), seed=10, dtype=torch.float32)
+    params = [p.float().requires_grad_() for p in random_params(4, 3, seed=10)]
+    compiled = torch.compile(lambda *a: pwlu.pwlu2d(*a).square().sum(), fullgraph=True, backend="aot_eager")
+    loss = compiled(x, y, *params)
+    grads = torch.autograd.grad(loss, params)
+    expected = torch.autograd.grad(pwlu.pwlu2d_reference(x, y, *params).square().sum(), params)
+    for a, b in zip(grads, expected):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
