@@ -25,6 +25,7 @@ from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
 from .distributed import assign_, full, op_params
 from .functional import pwlu2d
+from .modules import _recomputing, check_module_args
 from .ops.folding import MIN_WIDTH, effective_bounds
 from .ops.pwlu2d_reference import PWLU2D_PARAMETER_NAMES, pwlu2d_reference
 from .running_stats import update_running_stats
@@ -37,11 +38,6 @@ INITS_2D: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "max": torch.maximum,
     "mean": lambda x, y: 0.5 * (x + y),
 }
-
-
-def _recomputing() -> bool:
-    """Whether this forward runs inside a backward pass (``torch.utils.checkpoint`` recomputation)."""
-    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 
 def _resolve_init(init: str | Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
@@ -191,16 +187,7 @@ class PWLU2D(nn.Module):
         init: str | Callable[[Tensor, Tensor], Tensor] = "add",
     ) -> None:
         super().__init__()
-        if isinstance(num_intervals, bool) or not isinstance(num_intervals, int) or num_intervals < 1:
-            raise ValueError(f"PWLU2D: num_intervals must be an int >= 1, but got {num_intervals!r}")
-        if num_channels is not None and (
-            isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels < 1
-        ):
-            raise ValueError(f"PWLU2D: num_channels must be None or an int >= 1, but got {num_channels!r}")
-        if isinstance(channel_dim, bool) or not isinstance(channel_dim, int):
-            raise TypeError(f"PWLU2D: channel_dim must be an int, but got {channel_dim!r}")
-        if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not (math.isfinite(bound) and bound > 0):
-            raise ValueError(f"PWLU2D: bound must be a finite number > 0, but got {bound!r}")
+        check_module_args("PWLU2D", num_channels, num_intervals, channel_dim, bound)
         self.init_fn = _resolve_init(init)
         self.init_name = init if isinstance(init, str) else getattr(init, "__name__", type(init).__name__)
         self.num_channels = num_channels

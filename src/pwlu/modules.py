@@ -83,6 +83,21 @@ def _recomputing() -> bool:
     return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 
+def check_module_args(owner: str, num_channels: Any, num_intervals: Any, channel_dim: Any, bound: Any) -> None:
+    """The constructor arguments shared by :class:`PWLU` and :class:`pwlu.PWLU2D`, checked with
+    errors that name ``owner`` and the offending value."""
+    if isinstance(num_intervals, bool) or not isinstance(num_intervals, int) or num_intervals < 1:
+        raise ValueError(f"{owner}: num_intervals must be an int >= 1, but got {num_intervals!r}")
+    if num_channels is not None and (
+        isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels < 1
+    ):
+        raise ValueError(f"{owner}: num_channels must be None or an int >= 1, but got {num_channels!r}")
+    if isinstance(channel_dim, bool) or not isinstance(channel_dim, int):
+        raise TypeError(f"{owner}: channel_dim must be an int, but got {channel_dim!r}")
+    if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not (math.isfinite(bound) and bound > 0):
+        raise ValueError(f"{owner}: bound must be a finite number > 0, but got {bound!r}")
+
+
 class PWLU(nn.Module):
     """Piecewise Linear Unit: a learnable activation (https://arxiv.org/abs/2104.03693).
 
@@ -125,16 +140,7 @@ class PWLU(nn.Module):
         init: str | Callable[[Tensor], Tensor] = "relu",
     ) -> None:
         super().__init__()
-        if isinstance(num_intervals, bool) or not isinstance(num_intervals, int) or num_intervals < 1:
-            raise ValueError(f"PWLU: num_intervals must be an int >= 1, but got {num_intervals!r}")
-        if num_channels is not None and (
-            isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels < 1
-        ):
-            raise ValueError(f"PWLU: num_channels must be None or an int >= 1, but got {num_channels!r}")
-        if isinstance(channel_dim, bool) or not isinstance(channel_dim, int):
-            raise TypeError(f"PWLU: channel_dim must be an int, but got {channel_dim!r}")
-        if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not (math.isfinite(bound) and bound > 0):
-            raise ValueError(f"PWLU: bound must be a finite number > 0, but got {bound!r}")
+        check_module_args("PWLU", num_channels, num_intervals, channel_dim, bound)
         self.init_fn = _resolve_init(init)
         self.init_name = init if isinstance(init, str) else getattr(init, "__name__", type(init).__name__)
         self.num_channels = num_channels

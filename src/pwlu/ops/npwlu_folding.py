@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .folded import channel_view
-from .folding import MIN_WIDTH, compute_dtype
+from .folding import MIN_WIDTH
 from .npwlu_reference import MIN_INTERVAL_WIDTH, npwlu_breakpoints
 
 
@@ -120,25 +120,6 @@ def npwlu_from_tables(
     y = torch.addcmul(b, a, xc - channel_view(shift, x.dim(), channel_dim))
     y = torch.where(torch.isinf(xc) & (a == 0), b, y)  # a flat piece maps ±inf to its constant
     return y.to(x.dtype)
-
-
-def npwlu_folded(
-    x: Tensor,
-    points: Tensor,
-    width_logits: Tensor,
-    left_bound: Tensor,
-    right_bound: Tensor,
-    left_slope: Tensor,
-    right_slope: Tensor,
-    channel_dim: int | None,
-) -> Tensor:
-    """N-PWLU from its parameters through :func:`npwlu_fold_tables` and :func:`npwlu_from_tables`
-    (``channel_dim`` non-negative or ``None``): the exportable forward (ONNX, TorchScript)."""
-    params = npwlu_channel_form(
-        points, width_logits, left_bound, right_bound, left_slope, right_slope, compute_dtype(x.dtype)
-    )
-    slopes, intercepts, b, _, shift = npwlu_fold_tables(*params)
-    return npwlu_from_tables(x, slopes, intercepts, b, shift, channel_dim)
 
 
 def npwlu_param_grads_from_histogram(
