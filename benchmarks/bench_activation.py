@@ -95,6 +95,33 @@ def device_name(device: str) -> str:
     return platform.processor() or platform.machine()
 
 
+#: ``--cpu-isa``: the compiler flags of each target (``native`` is the package's own choice).
+CPU_ISA_FLAGS = {
+    "native": None,
+    "avx2": ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"),
+    "portable": ("-O3", "-fopenmp", "-shared", "-fPIC"),
+}
+
+
+def select_cpu_isa(isa: str) -> str:
+    """Build (in a temporary cache) and load the CPU kernels for ``isa``; the vector path it runs."""
+    from pwlu.ops.cpu import build as cpu_build
+
+    if CPU_ISA_FLAGS[isa] is not None:
+        import tempfile
+
+        os.environ["PWLU_CPU_BUILD_DIR"] = tempfile.mkdtemp(prefix=f"pwlu-bench-{isa}-")
+        cpu_build._FLAG_SETS = (CPU_ISA_FLAGS[isa],)
+        cpu_build._reset_for_tests()
+    lib = cpu_build.library()
+    if lib is None:
+        raise SystemExit(f"--cpu-isa {isa}: the CPU kernels could not be built")
+    found = "avx512" if lib.pwlu_cpu_has_avx512() else "avx2" if lib.pwlu_cpu_has_avx2() else "scalar"
+    if isa != "native" and found != {"avx2": "avx2", "portable": "scalar"}[isa]:
+        raise SystemExit(f"--cpu-isa {isa}: the build runs the {found} path")
+    return found
+
+
 def append_csv(path: Path, fields: list[str], rows: list[dict]) -> None:
     """Append ``rows`` to the CSV file ``path`` (its header first when the file is new)."""
     new = not path.exists()
@@ -287,7 +314,13 @@ def main() -> None:
     parser.add_argument("--no-save", action="store_true", help="print only; write no result files")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU; default: torch's)")
     parser.add_argument("--case", default=None, help="run only the cases whose name contains this text, e.g. NCHW")
+    parser.add_argument(
+        "--cpu-isa", default="native", choices=sorted(CPU_ISA_FLAGS),
+        help="build the CPU kernels for this target (avx2: what CPUs without AVX-512 run; portable: the scalar "
+        "loop), in a temporary cache; the tables go to activation_latest_<isa>.md",
+    )  # fmt: skip
     args = parser.parse_args()
+    kernels = select_cpu_isa(args.cpu_isa) if args.device == "cpu" else "-"
     device, dtype = args.device, getattr(torch, args.dtype)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here")
@@ -318,7 +351,7 @@ def main() -> None:
     threads = torch.get_num_threads()
     meta = {
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
-        "device": device_name(device),
+        "device": device_name(device) + (f" · {kernels} kernels" if device == "cpu" else ""),
         "threads": threads if device == "cpu" else "-",
         "torch": torch.__version__,
         "triton": triton_version(),
@@ -374,8 +407,9 @@ def main() -> None:
     fields += ["value", "unit"]
     csv_path = RESULTS / "activation.csv"
     append_csv(csv_path, fields, [{k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows])
-    write_markdown(rows, meta, RESULTS / "activation_latest.md", args.quick)
-    print(f"\nappended {len(rows)} rows to {csv_path}; table in {RESULTS / 'activation_latest.md'}")
+    latest = RESULTS / ("activation_latest.md" if args.cpu_isa == "native" else f"activation_latest_{args.cpu_isa}.md")
+    write_markdown(rows, meta, latest, args.quick)
+    print(f"\nappended {len(rows)} rows to {csv_path}; table in {latest}")
 
 
 def write_markdown(rows: list[dict], meta: dict, path: Path, quick: bool) -> None:

@@ -302,10 +302,10 @@ def test_build_is_cached_in_build_dir(fresh_build):
 
 
 def test_portable_path_without_avx512(fresh_build, monkeypatch):
-    """The scalar C path (what a machine without AVX-512 runs), built without -march=native."""
+    """The scalar C path (what a machine without AVX-512 or AVX2 runs), built without -march=native."""
     monkeypatch.setattr(cpu_build, "_FLAG_SETS", (("-O2", "-fopenmp", "-shared", "-fPIC"),))
     lib = cpu_backend.library()
-    assert lib is not None and not lib.pwlu_cpu_has_avx512()
+    assert lib is not None and not lib.pwlu_cpu_has_avx512() and not lib.pwlu_cpu_has_avx2()
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for shape, cd in (((2, 5, 61), 1), ((7, 5), 1), ((3, 4, 5), -1)):
             x = spread_input(shape, dtype)
@@ -314,6 +314,66 @@ def test_portable_path_without_avx512(fresh_build, monkeypatch):
             got = run_backend("cpu", x, params, cd, g)
             tb = run_backend("torch", x, params, cd, g)
             assert_all_close(got, tb, rtol=1e-5, atol=1e-5)
+
+
+AVX2_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
+
+
+@pytest.fixture
+def avx2_build(fresh_build, monkeypatch):
+    """The AVX2 path (what x86 CPUs without AVX-512 run), built with AVX2, FMA and F16C and
+    without -march=native, so that a machine with AVX-512 runs it too."""
+    cpu_flags = cpu_build._cpu_flags().split()
+    missing = [f for f in ("avx2", "fma", "f16c") if f not in cpu_flags]
+    if missing:
+        pytest.skip(f"this CPU cannot run the AVX2 path (no {', '.join(missing)})")
+    monkeypatch.setattr(cpu_build, "_FLAG_SETS", (AVX2_FLAGS,))
+    lib = cpu_backend.library()
+    assert lib is not None and lib.pwlu_cpu_has_avx2() and not lib.pwlu_cpu_has_avx512()
+    return lib
+
+
+# N: tables in 1, 2, 3 and 4 registers (N + 2 <= 32), and N = 31 (the scalar fallback)
+@pytest.mark.parametrize("n", [1, 6, 7, 14, 16, 22, 30, 31])
+def test_avx2_path_matches_reference(avx2_build, n):
+    """Every way through the AVX2 kernels: row segments with tails (NCHW), rows of C channels
+    in 8 x 8 tiles with partial tiles on both edges (2-D, (B, T, C), channels-last), channel-
+    and layer-wise, against the float64 reference and the torch backend."""
+    cases = [((2, 6, 50), 1, True), ((3, 5, 7, 3), 1, True), ((11, 13), 1, True), ((3, 19, 21), -1, True),
+             ((17, 16), 1, False), ((4, 9, 8), -1, False)]
+    for shape, cd, channel_wise in cases:
+        x = spread_input(shape, torch.float32, seed=n)
+        params = random_params(shape[cd] if channel_wise else None, n, seed=n)
+        g = grad_like(x)
+        got = run_backend("cpu", x, params, cd, g)
+        assert_all_close(got, run_reference64(x, params, cd, g), rtol=1e-4, atol=1e-5)
+        assert_all_close(got, run_backend("torch", x, params, cd, g), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_avx2_path_breakpoints_specials_and_low_precision(avx2_build, dtype):
+    """x on every breakpoint and bound, NaN and +-inf with flat outer pieces, in every storage
+    dtype and both layouts: the regions of the torch backend (dx equal), NaN in gives NaN out."""
+    grid = torch.arange(-12, 13, dtype=torch.float64) * 0.25  # -3 .. 3, every breakpoint and midpoint
+    special = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=torch.float64)
+    row = torch.cat([grid, special])  # 28 values
+    params = exact_params(4, torch.float32)
+    params[3] = torch.tensor([0.0, 0.5, -1.0, 2.0])  # K_L: flat in channel 0
+    params[4] = torch.tensor([1.0, 0.0, 2.0, -0.5])  # K_R: flat in channel 1
+    for cd, x in ((1, row.repeat(3, 4, 1)), (-1, row.repeat(3, 4, 1).transpose(1, 2).contiguous())):
+        x = x.to(dtype)
+        g = grad_like(x)
+        got = run_backend("cpu", x, params, cd, g)
+        tb = run_backend("torch", x, params, cd, g)
+        assert got["y"].dtype == dtype
+        assert torch.isnan(got["y"][x.isnan()]).all(), "NaN input must give NaN output"
+        finite = x.isfinite()
+        assert torch.equal(got["dx"][finite], tb["dx"][finite]), "dx: region differs from the torch backend"
+        assert_all_close(got, tb, keys=("y", "dx"), rtol=1e-5, atol=1e-6)
+        if dtype == torch.float32:  # parameter gradients (the NaN rows make them NaN in the reference too)
+            xf, gf = x[..., :25] if cd == 1 else x[:, :25], g[..., :25] if cd == 1 else g[:, :25]
+            assert_all_close(run_backend("cpu", xf, params, cd, gf), run_reference64(xf, params, cd, gf),
+                             rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -21,8 +21,15 @@
 #else
 #define PWLU_AVX512 0
 #endif
-/* fp16 storage: F16C conversions on the AVX-512 path, _Float16 on the scalar one */
-#if PWLU_AVX512 || defined(__FLT16_MAX__)
+/* AVX2 (with FMA and F16C) where AVX-512 is not targeted: pwlu_avx2.h */
+#if !PWLU_AVX512 && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define PWLU_AVX2 1
+#include <immintrin.h>
+#else
+#define PWLU_AVX2 0
+#endif
+/* fp16 storage: F16C conversions on the vector paths, _Float16 on the scalar one */
+#if PWLU_AVX512 || PWLU_AVX2 || defined(__FLT16_MAX__)
 #define PWLU_F16_KERNEL 1
 #else
 #define PWLU_F16_KERNEL 0

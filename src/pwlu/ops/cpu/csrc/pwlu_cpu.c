@@ -1,5 +1,5 @@
 /* PWLU forward/backward on folded tables: plain C + OpenMP, AVX-512 where the compiler
- * targets it. No torch headers: compiled on first use by pwlu/ops/cpu/build.py and called
+ * targets it, else AVX2 + FMA + F16C (pwlu_avx2.h) where it targets those. No torch headers: compiled on first use by pwlu/ops/cpu/build.py and called
  * through ctypes with raw pointers. This is the one exported entry file; the kernels are in
  * the headers (pwlu_common.h: constants, dtype access, thread split; pwlu_scalar.h: the
  * portable path; pwlu_avx512_fwd.h / pwlu_avx512_bwd.h; pwlu_fold.h: folding and the gradient
@@ -28,10 +28,12 @@
 #include "pwlu_scalar.h"
 #include "pwlu_avx512_fwd.h"
 #include "pwlu_avx512_bwd.h"
+#include "pwlu_avx2.h"
 #include "pwlu_fold.h"
 
 int pwlu_cpu_abi_version(void) { return PWLU_ABI_VERSION; }
 int pwlu_cpu_has_avx512(void) { return PWLU_AVX512; }
+int pwlu_cpu_has_avx2(void) { return PWLU_AVX2; }
 #ifdef __FLT16_MAX__
 int pwlu_cpu_has_f16(void) { return 1; }
 #else
@@ -87,6 +89,12 @@ static inline __attribute__((always_inline)) void fwd_work_f(const call_f *a, in
 #if PWLU_AVX512
         avx512_fwd_rows(a->x, a->out, b, e, a->C, dt, a->sl, a->ic, a->lo, a->hi, a->inv, a->sh, a->n);
 #else
+#if PWLU_AVX2
+        if (a->n + 2 <= AVX2_TABLE) {
+            avx2_fwd_rows(a->x, a->out, b, e, a->C, dt, a->sl, a->ic, a->lo, a->hi, a->inv, a->sh, a->n);
+            return;
+        }
+#endif
         scalar_fwd_rows_f(a->x, a->out, b, e, a->C, dt, a->sl, a->ic, a->lo, a->hi, a->inv, a->sh, a->n);
 #endif
         return;
@@ -103,6 +111,12 @@ static inline __attribute__((always_inline)) void fwd_work_f(const call_f *a, in
 #if PWLU_AVX512
     avx512_fwd_range(a->x, a->out, b, e, a->inner, a->C, dt, a->sl, a->ic, a->lo, a->hi, a->inv, a->sh, a->n);
 #else
+#if PWLU_AVX2
+    if (a->n + 2 <= AVX2_TABLE) {
+        avx2_fwd_range(a->x, a->out, b, e, a->inner, a->C, dt, a->sl, a->ic, a->lo, a->hi, a->inv, a->sh, a->n);
+        return;
+    }
+#endif
     scalar_fwd_range_f(a->x, a->out, b, e, a->inner, a->C, dt, a->sl, a->ic, a->lo, a->hi, a->inv, a->sh, a->n);
 #endif
 }
@@ -138,6 +152,12 @@ static inline __attribute__((always_inline)) int bwd_work_f(const call_f *a, int
         (void)hsize;
         return avx512_bwd_rows(a->g, a->x, a->out, b, e, a->C, dt, a->sl, a->lo, a->hi, a->inv, a->n, h);
 #else
+#if PWLU_AVX2
+        if (a->n + 2 <= AVX2_TABLE) {
+            avx2_bwd_rows(a->g, a->x, a->out, b, e, a->C, dt, a->sl, a->lo, a->hi, a->inv, a->n, h, hsize);
+            return PWLU_OK;
+        }
+#endif
         scalar_bwd_rows_f(a->g, a->x, a->out, b, e, a->C, dt, a->sl, a->lo, a->hi, a->inv, a->n, h, hsize);
         return PWLU_OK;
 #endif
@@ -154,6 +174,12 @@ static inline __attribute__((always_inline)) int bwd_work_f(const call_f *a, int
 #if PWLU_AVX512
     return avx512_bwd_range(a->g, a->x, a->out, b, e, a->inner, a->C, dt, a->sl, a->lo, a->hi, a->inv, a->n, h);
 #else
+#if PWLU_AVX2
+    if (a->n + 2 <= AVX2_TABLE) {
+        avx2_bwd_range(a->g, a->x, a->out, b, e, a->inner, a->C, dt, a->sl, a->lo, a->hi, a->inv, a->n, h, hsize);
+        return PWLU_OK;
+    }
+#endif
     scalar_bwd_range_f(a->g, a->x, a->out, b, e, a->inner, a->C, dt, a->sl, a->lo, a->hi, a->inv, a->n, h, hsize);
     return PWLU_OK;
 #endif
