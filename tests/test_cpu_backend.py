@@ -350,10 +350,22 @@ def test_avx2_path_matches_reference(avx2_build, n):
         assert_all_close(got, run_backend("torch", x, params, cd, g), rtol=1e-5, atol=1e-6)
 
 
+@pytest.fixture(params=["avx2", "portable"])
+def avx2_or_portable_build(request, fresh_build, monkeypatch):
+    """The AVX2 build, then the portable one (the scalar loop: CPUs without AVX2, ARM)."""
+    if request.param == "avx2":
+        return request.getfixturevalue("avx2_build")
+    monkeypatch.setattr(cpu_build, "_FLAG_SETS", (("-O2", "-fopenmp", "-shared", "-fPIC"),))
+    lib = cpu_backend.library()
+    assert lib is not None and not lib.pwlu_cpu_has_avx2() and not lib.pwlu_cpu_has_avx512()
+    return lib
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_avx2_path_breakpoints_specials_and_low_precision(avx2_build, dtype):
+def test_avx2_and_scalar_paths_breakpoints_specials_and_low_precision(avx2_or_portable_build, dtype):
     """x on every breakpoint and bound, NaN and +-inf with flat outer pieces, in every storage
-    dtype and both layouts: the regions of the torch backend (dx equal), NaN in gives NaN out."""
+    dtype and both layouts: the regions of the torch backend (dx equal), NaN in gives NaN out
+    (the scalar loop selects a flat piece's value without a branch: the same results)."""
     grid = torch.arange(-12, 13, dtype=torch.float64) * 0.25  # -3 .. 3, every breakpoint and midpoint
     special = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=torch.float64)
     row = torch.cat([grid, special])  # 28 values
@@ -437,3 +449,60 @@ def test_fused_entry_points_match_the_table_path(channel_wise, dtype):
         tol = 1e-4 if dtype == torch.bfloat16 else 1e-5
         torch.testing.assert_close(got.double(), w.reshape(p.shape), rtol=tol, atol=tol * (w.abs().max().item() + 1), msg=name)
     assert grads[2].reshape(-1)[0] == 0 and grads[1].reshape(-1)[0] != 0  # collapsed: dB_R moved to B_L
+
+
+def _fp16_all_ops_vs_reference():
+    """pwlu (N = 6: vector tables; N = 31: the scalar loop), npwlu and pwlu2d on fp16 data with
+    the cpu backend against their float64 references: outputs within fp16 rounding."""
+    torch.manual_seed(3)
+    x = (torch.randn(2, 3, 37) * 2).half()
+    y = (torch.randn(2, 3, 37) * 2).half()
+    for n in (6, 31):
+        params = random_params(3, n, seed=5)
+        with pwlu.use_backend("cpu"):
+            got = pwlu.pwlu(x, *params, channel_dim=1)
+        want = pwlu.pwlu_reference(x.double(), *(p.double() for p in params), channel_dim=1)
+        assert (got.double() - want).abs().max() < 2e-2 * (want.abs().max() + 1), f"pwlu N={n}"
+    m = pwlu.NPWLU(num_channels=3, num_intervals=8)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    names = ("points", "width_logits", "left_bound", "right_bound", "left_slope", "right_slope")
+    nparams = [getattr(m, name).detach() for name in names]
+    with pwlu.use_backend("cpu"):
+        got = pwlu.npwlu(x, *nparams, channel_dim=1)
+    want = pwlu.npwlu_reference(x.double(), *(p.double() for p in nparams), channel_dim=1)
+    assert (got.double() - want).abs().max() < 2e-2 * (want.abs().max() + 1), "npwlu"
+    merge = pwlu.PWLU2D(num_channels=3, num_intervals=4)
+    with torch.no_grad():
+        merge.values.add_(torch.randn_like(merge.values) * 0.3)
+    names = ("values", "x_left_bound", "x_right_bound", "y_left_bound", "y_right_bound")
+    names += ("x_left_slope", "x_right_slope", "y_left_slope", "y_right_slope")
+    mparams = [getattr(merge, name).detach() for name in names]
+    with pwlu.use_backend("cpu"):
+        got = pwlu.pwlu2d(x, y, *mparams, channel_dim=1)
+    want = pwlu.pwlu2d_reference(x.double(), y.double(), *(p.double() for p in mparams), channel_dim=1)
+    assert (got.double() - want).abs().max() < 2e-2 * (want.abs().max() + 1), "pwlu2d"
+
+
+@pytest.mark.parametrize(
+    "flags, f16_kernels",
+    [
+        (AVX2_FLAGS, True),  # no _Float16: the scalar loads and stores convert with F16C
+        (("-O2", "-fopenmp", "-shared", "-fPIC"), False),  # neither: fp16 is computed in fp32
+    ],
+)
+def test_fp16_without_float16_type(fresh_build, monkeypatch, flags, f16_kernels):
+    """A compiler without ``_Float16`` (gcc <= 11, clang < 15; simulated with -U__FLT16_MAX__):
+    regression test, the AVX2 build read and wrote fp16 as bf16 in its scalar loops (pwlu with
+    N + 2 > 32, npwlu, pwlu2d: errors of 2-3 where fp16 rounding is 1e-3)."""
+    from pwlu.ops import npwlu_cpu_backend, pwlu2d_cpu_backend
+
+    if "-mf16c" in flags and "f16c" not in cpu_build._cpu_flags().split():
+        pytest.skip("this CPU has no F16C")
+    monkeypatch.setattr(cpu_build, "_FLAG_SETS", ((*flags, "-U__FLT16_MAX__"),))
+    libs = (cpu_backend.library(), npwlu_cpu_backend.NPWLU_CPU.get(), pwlu2d_cpu_backend.PWLU2D_CPU.get())
+    assert all(lib is not None for lib in libs)
+    has = (libs[0].pwlu_cpu_has_f16(), libs[1].npwlu_cpu_has_f16(), libs[2].pwlu2d_cpu_has_f16())
+    assert has == (int(f16_kernels),) * 3
+    _fp16_all_ops_vs_reference()

@@ -28,6 +28,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     for name in ("pwlu2d_forward_f32c", "pwlu2d_forward_f64", "pwlu2d_backward_f32c", "pwlu2d_backward_f64"):
         getattr(lib, name).restype = i32
     lib.pwlu2d_cpu_abi_version.restype = i32
+    lib.pwlu2d_cpu_has_f16.restype = i32
 
 
 #: The 2-D PWLU kernels (``csrc/pwlu2d_cpu.c``).
@@ -41,8 +42,15 @@ def _inputs(x: Tensor, others: tuple[Tensor, ...], channel_dim: int | None):
     return x, [_in_order(t.expand_as(x), order) for t in others], order, geometry
 
 
+def _no_f16(lib, x: Tensor) -> bool:
+    """fp16 data on a build without fp16 kernels (no ``_Float16``, no F16C): computed in fp32."""
+    return x.dtype == torch.float16 and not lib.pwlu2d_cpu_has_f16()
+
+
 def forward(x, y, values, geometry, channel_dim):
     lib = PWLU2D_CPU.get()
+    if _no_f16(lib, x):
+        return forward(x.float(), y.float(), values, geometry, channel_dim).half()
     x, (y,), order, (outer, c, inner) = _inputs(x, (y,), channel_dim)
     z = _like(x, order)
     n = values.shape[-1] - 1
@@ -72,6 +80,9 @@ def forward(x, y, values, geometry, channel_dim):
 
 def backward(grad, x, y, values, geometry, channel_dim):
     lib = PWLU2D_CPU.get()
+    if _no_f16(lib, x):
+        dx, dy, hist, sums = backward(grad.float(), x.float(), y.float(), values, geometry, channel_dim)
+        return dx.half(), dy.half(), hist, sums
     x, (y, g), order, (outer, c, inner) = _inputs(x, (y, grad.to(x.dtype)), channel_dim)
     dx, dy = _like(x, order), _like(x, order)
     n = values.shape[-1] - 1

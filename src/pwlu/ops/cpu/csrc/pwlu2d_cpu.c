@@ -20,6 +20,7 @@
 #endif
 
 int pwlu2d_cpu_abi_version(void) { return PWLU_ABI_VERSION; }
+int pwlu2d_cpu_has_f16(void) { return PWLU_F16_KERNEL; }
 
 /* One element's position on one axis, branch-free (the loops vectorise): u in [0, N] (0 left
  * of the range, N right of it), the cell index (0 for NaN: NaN > 0 is false) and u - index. */

@@ -21,16 +21,23 @@
 #else
 #define PWLU_AVX512 0
 #endif
-/* AVX2 (with FMA and F16C) where AVX-512 is not targeted: pwlu_avx2.h */
-#if !PWLU_AVX512 && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+/* AVX2 (with FMA and F16C) where AVX-512 is not targeted: pwlu_avx2.h (-DPWLU_NO_AVX2: the scalar
+ * loop instead, for comparisons) */
+#if !PWLU_AVX512 && !defined(PWLU_NO_AVX2) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define PWLU_AVX2 1
 #include <immintrin.h>
 #else
 #define PWLU_AVX2 0
 #endif
-/* fp16 storage: F16C conversions on the vector paths, _Float16 on the scalar one */
-#if PWLU_AVX512 || PWLU_AVX2 || defined(__FLT16_MAX__)
+/* fp16 storage: the vector paths convert with F16C (AVX-512: its own conversions); the scalar
+ * loads and stores (load_s, store_s), which every build runs somewhere (N + 2 > the register
+ * tables on AVX2, the N-PWLU and 2-D PWLU kernels), need _Float16 or F16C. A build with neither
+ * (old compilers, no -mf16c) has no fp16 kernels: the Python side computes in fp32 there. */
+#if defined(__FLT16_MAX__) || defined(__F16C__)
 #define PWLU_F16_KERNEL 1
+#if !defined(__FLT16_MAX__)
+#include <immintrin.h>
+#endif
 #else
 #define PWLU_F16_KERNEL 0
 #endif
@@ -83,8 +90,10 @@ static inline uint16_t f32_to_bf16(float f) {
 static inline float load_s(const void *p, int64_t i, int dt) {
     switch (dt) {
     case PWLU_F32: return ((const float *)p)[i];
-#ifdef __FLT16_MAX__
+#if defined(__FLT16_MAX__)
     case PWLU_F16: return (float)((const _Float16 *)p)[i];
+#elif defined(__F16C__)
+    case PWLU_F16: return _cvtsh_ss(((const uint16_t *)p)[i]);
 #endif
     default: return bf16_to_f32(((const uint16_t *)p)[i]);
     }
@@ -92,8 +101,10 @@ static inline float load_s(const void *p, int64_t i, int dt) {
 static inline void store_s(void *p, int64_t i, float v, int dt) {
     switch (dt) {
     case PWLU_F32: ((float *)p)[i] = v; break;
-#ifdef __FLT16_MAX__
+#if defined(__FLT16_MAX__)
     case PWLU_F16: ((_Float16 *)p)[i] = (_Float16)v; break;
+#elif defined(__F16C__)
+    case PWLU_F16: ((uint16_t *)p)[i] = _cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT); break;
 #endif
     default: ((uint16_t *)p)[i] = f32_to_bf16(v); break;
     }

@@ -34,11 +34,7 @@
 int pwlu_cpu_abi_version(void) { return PWLU_ABI_VERSION; }
 int pwlu_cpu_has_avx512(void) { return PWLU_AVX512; }
 int pwlu_cpu_has_avx2(void) { return PWLU_AVX2; }
-#ifdef __FLT16_MAX__
-int pwlu_cpu_has_f16(void) { return 1; }
-#else
-int pwlu_cpu_has_f16(void) { return 0; }
-#endif
+int pwlu_cpu_has_f16(void) { return PWLU_F16_KERNEL; }
 
 /* ---- one call's arguments, per compute type ---- */
 typedef struct {

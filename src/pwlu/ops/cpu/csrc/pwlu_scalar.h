@@ -3,15 +3,26 @@
  * double bins; NCOPY copies of the histogram, `copy_stride` doubles apart, break the
  * store-to-load dependency chains of neighbouring elements in the same bin.
  *
- * SCALAR_KERNELS(T, SUF, FLOOR, LOAD, STORE) writes the float (SUF f) and double (SUF d) twins:
- * T the compute type, LOAD/STORE(p, i, [v,] dt) the element access in the storage dtype.
+ * SCALAR_KERNELS(T, U, SUF, FLOOR, LOAD, STORE) writes the float (SUF f) and double (SUF d) twins:
+ * T the compute type, U the unsigned integer of its width, LOAD/STORE(p, i, [v,] dt) the element
+ * access in the storage dtype.
  */
 #ifndef PWLU_SCALAR_H
 #define PWLU_SCALAR_H
 
 #include "pwlu_common.h"
 
-#define SCALAR_KERNELS(T, SUF, FLOOR, LOAD, STORE)                                                              \
+#define SCALAR_KERNELS(T, U, SUF, FLOOR, LOAD, STORE)                                                              \
+    /* c ? a : b without a branch (c is 0 or 1); U: the unsigned integer of T's width */                      \
+    static inline T select_##SUF(int c, T a, T b) {                                                             \
+        U ua, ub;                                                                                               \
+        const U m = (U)0 - (U)c;                                                                                \
+        memcpy(&ua, &a, sizeof(T));                                                                             \
+        memcpy(&ub, &b, sizeof(T));                                                                             \
+        ua = (ua & m) | (ub & ~m);                                                                              \
+        memcpy(&a, &ua, sizeof(T));                                                                             \
+        return a;                                                                                               \
+    }                                                                                                           \
     /* region k of x (0: left piece, N + 1: right piece, else interval + 1), u and i */                         \
     static inline int64_t region_##SUF(T xv, T lo, T hi, T inv, int64_t n, T *u_out, T *i_out) {                \
         T u = (xv - lo) * inv;                                                                                  \
@@ -26,7 +37,9 @@
         T u, fi;                                                                                                \
         int64_t k = region_##SUF(xv, lo, hi, inv, n, &u, &fi);                                                  \
         T a = sl[k], b = ic[k];                                                                                 \
-        return (a == (T)0 && !isnan(xv)) ? b : a * (xv - sh) + b; /* as finish16 */                           \
+        /* as finish16, by bits: gcc compiles `flat ? b : y` to a branch, which mispredicts where flat  */        \
+        /* and sloped pieces alternate at random (a ReLU-like PWLU on centred data: 8x slower)          */        \
+        return select_##SUF((a == (T)0) & (xv == xv), b, a * (xv - sh) + b);                                    \
     }                                                                                                           \
     static inline T bwd_elem_##SUF(T xv, T g, const T *sl, T lo, T hi, T inv, int64_t n, double *h) {           \
         T u, fi;                                                                                                \
@@ -93,7 +106,7 @@
                       dt);                                                                                      \
     }
 
-SCALAR_KERNELS(float, f, floorf, load_s, store_s)
-SCALAR_KERNELS(double, d, floor, load_d, store_d)
+SCALAR_KERNELS(float, uint32_t, f, floorf, load_s, store_s)
+SCALAR_KERNELS(double, uint64_t, d, floor, load_d, store_d)
 
 #endif /* PWLU_SCALAR_H */
