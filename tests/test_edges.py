@@ -132,6 +132,60 @@ def test_range_that_overflows_the_compute_dtype_is_rejected(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_finite_points_whose_fold_overflows_are_rejected(backend):
+    """Regression: finite points whose interval slopes (P[i+1] - P[i]) * N / width overflow the
+    compute dtype gave NaN from finite input in the fast paths (inf * 0) while the reference was
+    finite; now every backend and the reference raise, naming the points and the channel."""
+    _backend_or_skip(backend)
+    points = torch.zeros(65)
+    points[::2] = 1e34
+    params = _params(points=points, left_bound=torch.tensor(0.0), right_bound=torch.tensor(1e-3))
+    x = torch.linspace(-1e-3, 2e-3, 11)
+    with pwlu.use_backend(backend), pytest.raises(ValueError, match=r"points.*overflow float32"):
+        pwlu.pwlu(x, *params)
+    with pytest.raises(ValueError, match=r"points.*overflow float32"):
+        pwlu.pwlu_reference(x, *params)
+    # channel-wise: the error names the channel; float64 holds the same fold
+    cw = [points.expand(3, 65).clone(), torch.zeros(3), torch.full((3,), 1e-3), torch.zeros(3), torch.zeros(3)]
+    cw[0][0] = 0.0
+    cw[0][1] = 0.0
+    with pwlu.use_backend(backend), pytest.raises(ValueError, match=r"points of channel 2 .*overflow float32"):
+        pwlu.pwlu(x.expand(2, 3, 11), *cw, channel_dim=1)
+    with pwlu.use_backend(backend):
+        y = pwlu.pwlu(x.double(), *(p.double() for p in params))
+    assert torch.isfinite(y).all()
+    # an outer slope whose intercept overflows: B_L far from 0 times a huge K_L
+    big = _params(left_bound=torch.tensor(1e30), right_bound=torch.tensor(3e30), left_slope=torch.tensor(1e10))
+    with pwlu.use_backend(backend), pytest.raises(ValueError, match="overflow float32"):
+        pwlu.pwlu(x, *big)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_range_written_through_data_gives_nan(backend):
+    """Regression: a NaN bound written through ``.data`` (which the finiteness check cannot see)
+    was floored to a valid minimum-width range: finite, wrong outputs with no error. NaN
+    range now gives NaN out, for PWLU, N-PWLU and PWLU2D."""
+    _backend_or_skip(backend)
+    x = torch.tensor([-2.0, -0.5, 0.5, 2.0, 5.0])
+    act = pwlu.PWLU(None, 4)
+    with pwlu.use_backend(backend):
+        act(x)  # checked and remembered
+        act.right_bound.data.fill_(float("nan"))
+        assert torch.isnan(act(x)).all()
+        act.eval()
+        with torch.no_grad():
+            assert torch.isnan(act(x)).all()
+        nact = pwlu.NPWLU(None, 4)
+        nact(x)
+        nact.right_bound.data.fill_(float("nan"))
+        assert torch.isnan(nact(x)).all()
+        merge = pwlu.PWLU2D(None, 4)
+        merge(x, x)
+        merge.x_right_bound.data.fill_(float("nan"))
+        assert torch.isnan(merge(x, x)).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_special_inputs_still_work_with_finite_parameters(backend):
     """NaN in x gives NaN out and ±inf in x the function's limits, in every backend."""
     _backend_or_skip(backend)

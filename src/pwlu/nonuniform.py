@@ -44,7 +44,8 @@ def _breakpoints(
     inner = left.unsqueeze(-1) + range_width.unsqueeze(-1) * fractions
     b = torch.cat([left.unsqueeze(-1), inner, right_eff.unsqueeze(-1)], -1)
     raw = b[:, 1:] - b[:, :-1]
-    return b, torch.where(raw >= min_interval_width, raw, torch.full_like(raw, min_interval_width))
+    # not `raw >= ...`: NaN widths (NaN width_logits) stay NaN, they are not floored to valid ones
+    return b, torch.where(raw < min_interval_width, torch.full_like(raw, min_interval_width), raw)
 
 
 def _tables(

@@ -45,7 +45,8 @@ def effective_bounds(
     """
     raw = right_bound - left_bound
     # min_width is an argument (not the global) so that TorchScript can compile this
-    ok = raw >= min_width
+    # not `raw >= min_width`: a NaN range stays NaN (NaN out), it is not floored to a valid one
+    ok = ~(raw < min_width)
     width = torch.where(ok, raw, torch.full_like(raw, min_width))
     right_eff = torch.where(ok, right_bound, left_bound + min_width)
     inv_d = num_intervals / width

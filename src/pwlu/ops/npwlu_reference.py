@@ -122,7 +122,8 @@ def npwlu_breakpoints(width_logits: Tensor, left_bound: Tensor, right_bound: Ten
     inner = left_bound.unsqueeze(-1) + range_width.unsqueeze(-1) * fractions
     breakpoints = torch.cat([left_bound.unsqueeze(-1), inner, right_eff.unsqueeze(-1)], -1)
     raw = breakpoints[..., 1:] - breakpoints[..., :-1]
-    widths = torch.where(raw >= MIN_INTERVAL_WIDTH, raw, torch.full_like(raw, MIN_INTERVAL_WIDTH))
+    # not `raw >= ...`: NaN widths stay NaN (NaN out), they are not floored to valid ones
+    widths = torch.where(raw < MIN_INTERVAL_WIDTH, torch.full_like(raw, MIN_INTERVAL_WIDTH), raw)
     return breakpoints, widths, fractions
 
 

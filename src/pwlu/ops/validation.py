@@ -11,6 +11,8 @@ import torch
 from torch import Tensor, nn
 from torch._C import _functorch
 
+from .folding import MIN_WIDTH
+
 _PARAM_NAMES = ("left_bound", "right_bound", "left_slope", "right_slope")
 PARAMETER_NAMES = ("points",) + _PARAM_NAMES  #: the five parameters, in argument order
 
@@ -153,7 +155,16 @@ def _check_values(dtype: torch.dtype, params: tuple[Tensor, ...]) -> None:
         values = [p.detach().to(dtype) for p in params]
         left, right = values[1], values[2]
         width = right - left
-        flat = torch.cat([v.reshape(-1) for v in values] + [width.reshape(-1)])
+        # the fold's steepest interval slope, |P[i+1] - P[i]| * N / width (the width floored as
+        # the fold does), and a bound on its intercepts: finite parameters whose fold overflows
+        # would give inf * 0 = NaN from finite input
+        points = values[0].reshape(-1, values[0].shape[-1])
+        n = points.shape[-1] - 1
+        floored = torch.where(width < MIN_WIDTH, torch.full_like(width, MIN_WIDTH), width).reshape(-1)
+        rise = (points[:, 1:] - points[:, :-1]).abs().amax(-1) if n > 0 else points.new_zeros(points.shape[0])
+        steepest = rise * (n / floored)
+        reach = points.abs().amax(-1) + rise * n + floored * torch.maximum(values[3].abs(), values[4].abs()).reshape(-1)
+        flat = torch.cat([v.reshape(-1) for v in values] + [width.reshape(-1), steepest, reach])
         if bool(torch.isfinite(flat).all()):
             return
         for name, original, v in zip(PARAMETER_NAMES, params, values):
@@ -172,12 +183,22 @@ def _check_values(dtype: torch.dtype, params: tuple[Tensor, ...]) -> None:
                     "PWLU parameters must be finite (an infinite or NaN boundary, slope or breakpoint value "
                     "defines no function)"
                 )
-        index = tuple(torch.nonzero(~torch.isfinite(width))[0].tolist())
-        where = f" at index {index}" if index else ""
+        dtype_name = str(dtype).replace("torch.", "")
+        if not bool(torch.isfinite(width).all()):
+            index = tuple(torch.nonzero(~torch.isfinite(width))[0].tolist())
+            where = f" at index {index}" if index else ""
+            raise ValueError(
+                f"pwlu: the range right_bound - left_bound = {right[index].item()!r} - {left[index].item()!r}{where} "
+                f"overflows {dtype_name} (the compute dtype of this input); keep the boundaries within half the "
+                "dtype's largest value"
+            )
+        channel = int(torch.nonzero(~(torch.isfinite(steepest) & torch.isfinite(reach)))[0])
+        where = f" of channel {channel}" if points.shape[0] > 1 else ""
         raise ValueError(
-            f"pwlu: the range right_bound - left_bound = {right[index].item()!r} - {left[index].item()!r}{where} "
-            f"overflows {str(dtype).replace('torch.', '')} (the compute dtype of this input); keep the "
-            "boundaries within half the dtype's largest value"
+            f"pwlu: the points{where} (largest {points[channel].abs().max().item():.6g}, steepest rise "
+            f"{rise[channel].item():.6g} over an interval of {floored[channel].item() / max(n, 1):.6g}) give "
+            f"slopes or intercepts that overflow {dtype_name} (the compute dtype of this input); scale the "
+            "points down or widen the range"
         )
 
 

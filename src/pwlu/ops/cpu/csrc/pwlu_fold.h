@@ -31,7 +31,7 @@
         for (int64_t c = 0; c < C; c++) {                                                               \
             const T *Y = pts + c * (n + 1);                                                             \
             const T L = bl[c], R = br[c], raw = R - L;                                                  \
-            const int ok = raw >= minw;                                                                 \
+            const int ok = !(raw < minw); /* a NaN range stays NaN, as folding.effective_bounds */    \
             const T width = ok ? raw : minw;                                                            \
             const T Re = ok ? R : L + minw;                                                             \
             const T inv = ((T)1 / width) * (T)n;                                                        \
