@@ -164,7 +164,7 @@ def test_finite_points_whose_fold_overflows_are_rejected(backend):
 def test_nan_range_written_through_data_gives_nan(backend):
     """Regression: a NaN bound written through ``.data`` (which the finiteness check cannot see)
     was floored to a valid minimum-width range: finite, wrong outputs with no error. NaN
-    range now gives NaN out, for PWLU, N-PWLU and PWLU2D."""
+    range now gives NaN out, for PWLU, N-PWLU (also NaN width logits) and PWLU2D."""
     _backend_or_skip(backend)
     x = torch.tensor([-2.0, -0.5, 0.5, 2.0, 5.0])
     act = pwlu.PWLU(None, 4)
@@ -179,6 +179,12 @@ def test_nan_range_written_through_data_gives_nan(backend):
         nact(x)
         nact.right_bound.data.fill_(float("nan"))
         assert torch.isnan(nact(x)).all()
+        # NaN width logits: the breakpoints inside are NaN, the outer pieces stay defined
+        nact = pwlu.NPWLU(None, 4)
+        nact(x)
+        nact.width_logits.data.fill_(float("nan"))
+        inside = nact(x)[:4]
+        assert torch.isnan(inside).all() and nact(torch.tensor([5.0])).item() == 5.0
         merge = pwlu.PWLU2D(None, 4)
         merge(x, x)
         merge.x_right_bound.data.fill_(float("nan"))
