@@ -295,6 +295,26 @@ def test_relu_init_is_exact_relu(num_channels, channel_dim, shape, n):
         assert torch.equal(m(x), torch.relu(x))
 
 
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_relu_init_near_zero_is_exact_but_for_one_rounding(backend):
+    """The README's guarantee (Conventions): the ReLU-initialised PWLU equals relu(x) bit for bit
+    except for float32 inputs less than half an ulp of B_L below 0, which round into the
+    interval right of 0 and come out as x (an error below that half ulp)."""
+    if backend == "cpu" and not pwlu.ops.dispatch.is_available("cpu", torch.device("cpu")):
+        pytest.skip("no C compiler")
+    act = pwlu.PWLU(None, 16)  # B_L = -3
+    half_ulp = torch.finfo(torch.float32).eps * 2.0  # ulp(3) / 2 = 2^-23
+    tiny = torch.tensor([1e-30, -1e-30, 1e-45, -1e-45, 0.0, -0.0, 5e-8, -5e-8])
+    x = torch.cat([torch.linspace(-1e-6, 1e-6, 20001), tiny, torch.randn(1000)])
+    with pwlu.use_backend(backend), torch.no_grad():
+        y = act(x)
+    off = y != torch.relu(x)
+    window = (x < 0) & (x > -half_ulp)
+    assert not (off & ~window).any(), x[off & ~window]
+    assert (y - torch.relu(x)).abs().max() <= half_ulp
+    assert off.any()  # the rounding is real (this test must fail if the region rule changes)
+
+
 @pytest.mark.parametrize("name,fn", [("silu", F.silu), ("tanh", torch.tanh), ("gelu", F.gelu), ("identity", lambda x: x)])
 def test_named_init_matches_function_at_breakpoints(name, fn):
     m = pwlu.PWLU(None, num_intervals=12, bound=2.0, init=name)
