@@ -452,3 +452,56 @@ def test_property_steep_and_collapsed_widths():
                 assert e_fast <= 4 * e_ref + 1e-5 * scale, (backend, key, e_fast, e_ref)
 
     check()
+
+
+@pytest.mark.parametrize("n", [1, 4, 16, 40])
+@pytest.mark.parametrize("layout", ["btc", "channels_last"])
+def test_cpu_channels_fastest_rows_path(n, layout):
+    """Channels the fastest axis (the cpu backend's 16-channel row blocks): C = 37 (two whole
+    blocks and a partial one), 600 rows (past the float accumulators' flush at 256 rows), x on
+    breakpoints, NaN and +-inf, against the float64 reference (y, dx and every parameter
+    gradient) and, for bf16/fp16, by the low-precision rule against the torch backend."""
+    if not NPWLU_BACKENDS.is_available("cpu", torch.device("cpu")):
+        pytest.skip("no C compiler")
+    c = 37
+    params = random_nparams(c, n=n, seed=n + 1, logit_scale=1.5)
+    params[4][0] = 0.0  # channel 0: a flat left piece (+-inf maps to its value, not NaN)
+    gen = torch.Generator().manual_seed(9)
+    if layout == "btc":
+        x, cd = torch.randn(4, 150, c, generator=gen) * 3, -1
+    else:
+        x, cd = torch.randn(6, c, 10, 10, generator=gen) * 3, 1
+    x = with_breakpoints(x, params, cd)
+    flat = x.movedim(cd, -1).reshape(-1, c)  # a copy: the specials go into rows 5..7 of every channel
+    flat[5], flat[6], flat[7] = float("nan"), float("inf"), -float("inf")
+    x = flat.reshape(x.movedim(cd, -1).shape).movedim(-1, cd).contiguous()
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    special = ~torch.isfinite(x)
+    # the specials (forward): NaN out for NaN in, the outer pieces' limits at +-inf
+    y = run(pwlu.npwlu, x, params, cd, grad=grad, backend="cpu")["y"]
+    y_ref = run(pwlu.npwlu_reference, x.double(), [p.double() for p in params], cd)["y"]
+    assert torch.equal(torch.isnan(y), torch.isnan(y_ref)) and torch.equal(torch.isnan(y), x.isnan())
+    torch.testing.assert_close(y[special].double(), y_ref[special], equal_nan=True, rtol=1e-5, atol=1e-5)
+    # everything else, with every gradient (a NaN or infinite input makes them NaN, rightly)
+    xf = torch.where(special, torch.full_like(x, 0.5), x)
+    if layout == "channels_last":
+        xf = xf.contiguous(memory_format=torch.channels_last)
+    got = run(pwlu.npwlu, xf, params, cd, grad=grad, backend="cpu")
+    want = run(pwlu.npwlu_reference, xf.double(), [p.double() for p in params], cd, grad=grad.double())
+    ref32 = run(pwlu.npwlu_reference, xf, params, cd, grad=grad)
+    for key in KEYS:
+        scale = want[key].abs().max().item() + 1.0
+        e_fast, e_ref = max_err(got[key], want[key]), max_err(ref32[key], want[key])
+        assert e_fast <= 4 * e_ref + 2e-5 * scale, f"{key}: fast err {e_fast} vs float32 reference err {e_ref}"
+    finite = ~special
+    for dtype in (torch.bfloat16, torch.float16):
+        xl = x.to(dtype)
+        lp = run(pwlu.npwlu, xl, params, cd, grad=grad * finite, backend="cpu")
+        tb = run(pwlu.npwlu, xl, params, cd, grad=grad * finite, backend="torch")
+        for key in ("y", "dx"):
+            assert lp[key].dtype == dtype
+            keep = ~torch.isnan(tb[key])
+            assert torch.equal(torch.isnan(lp[key]), ~keep), key
+            torch.testing.assert_close(lp[key][keep].float(), tb[key][keep].float(), rtol=2e-2, atol=2e-2)

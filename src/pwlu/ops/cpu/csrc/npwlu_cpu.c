@@ -14,6 +14,9 @@
  * histogram over a static partition; they are summed in thread order (bit-identical run to
  * run for a fixed thread count). The AVX-512 path (float compute) keeps lane-private float
  * accumulators per region for at most LANE_TERMS terms per lane, then adds them into double.
+ * Where the channels are the fastest axis (channels-last, (B, T, C)) it takes 16 channels per
+ * vector, with tables transposed once per call (avx_fwd_rows, avx_bwd_rows); elsewhere, and
+ * without AVX-512, the scalar loop walks each channel (stride C there).
  * Every exported function returns PWLU_OK or a PWLU_ERR_* code.
  */
 #include "pwlu_common.h"
@@ -28,6 +31,7 @@ typedef struct {
     int dt;
     int64_t outer, C, inner, n;
     const float *sl, *ic, *bp, *iw, *sh;
+    const void *rows; /* channels fastest with AVX-512: the transposed tables (np_rows_t), else NULL */
 } ncall_f;
 typedef struct {
     const void *x, *g;
@@ -206,6 +210,125 @@ static inline __attribute__((always_inline)) void avx_bwd_seg(const ncall_f *a, 
     }
     flush_acc(acc, regions, h);
 }
+
+/* ---- channels fastest (inner == 1), AVX-512: lanes are 16 consecutive channels ----
+ * The tables transposed once per call (entry j of channels c0 .. c0 + 15 is one vector, see
+ * np_rows_tables); each thread walks its rows channel block by channel block. The region needs no
+ * lookup: a lane's slope and intercept are selected while its interior breakpoints are compared
+ * (they are sorted, so the last one passed wins), and the backward's lane-private accumulators
+ * are per channel already (added into double after each chunk of NP_ROW_CHUNK rows, which every
+ * channel block walks before the next chunk: the chunk stays in the cache). */
+typedef struct {
+    float *bp, *sl, *ic, *iw; /* [N+1][C], [N+2][C], [N+2][C], [N][C]; NULL where not needed */
+} np_rows_t;
+#define NP_ROW_CHUNK 128 /* rows per pass over the channel blocks (<= LANE_TERMS: one flush each) */
+
+static void np_transpose(const float *src, float *dst, int64_t C, int64_t len) {
+    for (int64_t c = 0; c < C; c++)
+        for (int64_t j = 0; j < len; j++) dst[j * C + c] = src[c * len + j];
+}
+/* The transposed tables in one allocation (NULL: out of memory); free(t->bp) releases them. */
+static int np_rows_tables(const ncall_f *a, np_rows_t *t) {
+    const int64_t n = a->n, C = a->C;
+    const int64_t len = (n + 1) + (a->ic ? n + 2 : 0) + (n + 2) + (a->iw ? n : 0);
+    float *buf = (float *)malloc((size_t)(len * C) * sizeof(float));
+    if (buf == NULL) return PWLU_ERR_NOMEM;
+    t->bp = buf;
+    t->sl = buf + (n + 1) * C;
+    t->ic = a->ic ? t->sl + (n + 2) * C : NULL;
+    t->iw = a->iw ? t->sl + (n + 2) * C * (a->ic ? 2 : 1) : NULL;
+    np_transpose(a->bp, t->bp, C, n + 1);
+    np_transpose(a->sl, t->sl, C, n + 2);
+    if (t->ic) np_transpose(a->ic, t->ic, C, n + 2);
+    if (t->iw) np_transpose(a->iw, t->iw, C, n);
+    return PWLU_OK;
+}
+
+static inline __attribute__((always_inline)) void avx_fwd_rows(const ncall_f *a, const np_rows_t *t, int64_t rb,
+                                                               int64_t re, const int dt) {
+    const int64_t n = a->n, C = a->C;
+    const __m512 inf = _mm512_set1_ps(INFINITY);
+    for (int64_t r0 = rb; r0 < re; r0 += NP_ROW_CHUNK) /* a chunk of rows stays in the cache for all blocks */
+    for (int64_t c0 = 0; c0 < C; c0 += 16) {
+        const int64_t r1 = re - r0 < NP_ROW_CHUNK ? re : r0 + NP_ROW_CHUNK;
+        const __mmask16 m = tail_mask(C - c0);
+        const __m512 lo = _mm512_maskz_loadu_ps(m, t->bp + c0), hi = _mm512_maskz_loadu_ps(m, t->bp + n * C + c0);
+        const __m512 sh = _mm512_maskz_loadu_ps(m, a->sh + c0);
+        for (int64_t r = r0; r < r1; r++) {
+            const __m512 x = ld16(a->x, r * C + c0, m, dt);
+            /* region 1 (also NaN), then each interior breakpoint passed moves one region up */
+            __m512 s = _mm512_maskz_loadu_ps(m, t->sl + C + c0), b = _mm512_maskz_loadu_ps(m, t->ic + C + c0);
+            for (int64_t j = 1; j < n; j++) {
+                const __mmask16 ge = _mm512_cmp_ps_mask(x, _mm512_maskz_loadu_ps(m, t->bp + j * C + c0), _CMP_GE_OQ);
+                s = _mm512_mask_loadu_ps(s, ge & m, t->sl + (j + 1) * C + c0);
+                b = _mm512_mask_loadu_ps(b, ge & m, t->ic + (j + 1) * C + c0);
+            }
+            const __mmask16 left = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ) & m;
+            const __mmask16 right = _mm512_cmp_ps_mask(x, hi, _CMP_GE_OQ) & m;
+            s = _mm512_mask_loadu_ps(_mm512_mask_loadu_ps(s, left, t->sl + c0), right, t->sl + (n + 1) * C + c0);
+            b = _mm512_mask_loadu_ps(_mm512_mask_loadu_ps(b, left, t->ic + c0), right, t->ic + (n + 1) * C + c0);
+            __m512 y = _mm512_fmadd_ps(s, _mm512_sub_ps(x, sh), b); /* y = a[k] (x - shift) + b[k] */
+            const __mmask16 flat = _mm512_cmp_ps_mask(_mm512_abs_ps(x), inf, _CMP_EQ_OQ) &
+                                   _mm512_cmp_ps_mask(s, _mm512_setzero_ps(), _CMP_EQ_OQ);
+            st16(a->out, r * C + c0, _mm512_mask_mov_ps(y, flat, b), m, dt);
+        }
+    }
+}
+
+/* acc[2q + s] of lanes 0 .. lanes - 1 into channels c0 + l's double bins, then zero */
+static inline void flush_rows(__m512 *acc, int64_t regions, double *hist, int64_t c0, int lanes) {
+    float buf[16];
+    for (int64_t k = 0; k < 2 * regions; k++) {
+        _mm512_storeu_ps(buf, acc[k]);
+        for (int l = 0; l < lanes; l++) hist[(c0 + l) * regions * 2 + k] += (double)buf[l];
+        acc[k] = _mm512_setzero_ps();
+    }
+}
+
+static inline __attribute__((always_inline)) void avx_bwd_rows(const ncall_f *a, const np_rows_t *t, int64_t rb,
+                                                               int64_t re, double *hist, const int dt) {
+    const int64_t n = a->n, C = a->C, regions = n + 2;
+    const __m512i one = _mm512_set1_epi32(1);
+    __m512 acc[NP_MAX_ACC]; /* acc[2k]: sum g, acc[2k+1]: sum g r of region k, lane = channel */
+    for (int64_t r0 = rb; r0 < re; r0 += NP_ROW_CHUNK) /* a chunk of rows stays in the cache for all blocks */
+    for (int64_t c0 = 0; c0 < C; c0 += 16) {
+        const int64_t r1 = re - r0 < NP_ROW_CHUNK ? re : r0 + NP_ROW_CHUNK;
+        const __mmask16 m = tail_mask(C - c0);
+        const int lanes = C - c0 < 16 ? (int)(C - c0) : 16;
+        const __m512 lo = _mm512_maskz_loadu_ps(m, t->bp + c0), hi = _mm512_maskz_loadu_ps(m, t->bp + n * C + c0);
+        for (int64_t k = 0; k < 2 * regions; k++) acc[k] = _mm512_setzero_ps();
+        for (int64_t r = r0; r < r1; r++) {
+            const __m512 x = ld16(a->x, r * C + c0, m, dt), g = ld16(a->g, r * C + c0, m, dt); /* lanes past C: 0 */
+            /* as the forward: region 1 (also NaN), each interior breakpoint passed one up; with it
+             * the slope and the start and inverse width of the interval */
+            __m512i k = one;
+            __m512 s = _mm512_maskz_loadu_ps(m, t->sl + C + c0), b0 = lo, iw = _mm512_maskz_loadu_ps(m, t->iw + c0);
+            for (int64_t j = 1; j < n; j++) {
+                const __mmask16 ge =
+                    _mm512_cmp_ps_mask(x, _mm512_maskz_loadu_ps(m, t->bp + j * C + c0), _CMP_GE_OQ) & m;
+                k = _mm512_mask_add_epi32(k, ge, k, one);
+                s = _mm512_mask_loadu_ps(s, ge, t->sl + (j + 1) * C + c0);
+                b0 = _mm512_mask_loadu_ps(b0, ge, t->bp + j * C + c0);
+                iw = _mm512_mask_loadu_ps(iw, ge, t->iw + j * C + c0);
+            }
+            __m512 rr = _mm512_mul_ps(_mm512_sub_ps(x, b0), iw); /* (x - b_j) / w_j in interval j = k - 1 */
+            const __mmask16 left = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ) & m;
+            const __mmask16 right = _mm512_cmp_ps_mask(x, hi, _CMP_GE_OQ) & m;
+            k = _mm512_mask_mov_epi32(_mm512_mask_mov_epi32(k, left, _mm512_setzero_si512()), right,
+                                      _mm512_set1_epi32((int)n + 1));
+            s = _mm512_mask_loadu_ps(_mm512_mask_loadu_ps(s, left, t->sl + c0), right, t->sl + (n + 1) * C + c0);
+            rr = _mm512_mask_mov_ps(_mm512_mask_mov_ps(rr, left, _mm512_sub_ps(x, lo)), right, _mm512_sub_ps(x, hi));
+            st16(a->out, r * C + c0, _mm512_mul_ps(g, s), m, dt); /* dy/dx = slope of region k */
+            const __m512 gr = _mm512_maskz_mul_ps(m, g, rr);
+            for (int64_t q = 0; q < regions; q++) {
+                const __mmask16 hit = _mm512_cmpeq_epi32_mask(k, _mm512_set1_epi32((int)q));
+                acc[2 * q] = _mm512_mask_add_ps(acc[2 * q], hit, acc[2 * q], g);
+                acc[2 * q + 1] = _mm512_mask_add_ps(acc[2 * q + 1], hit, acc[2 * q + 1], gr);
+            }
+        }
+        flush_rows(acc, regions, hist, c0, lanes); /* at most NP_ROW_CHUNK <= LANE_TERMS float terms */
+    }
+}
 #endif /* PWLU_AVX512 */
 
 /* ---- per-thread work over part t of nth ---- */
@@ -213,8 +336,14 @@ static inline int rows_layout(int64_t C, int64_t inner) { return inner == 1 && C
 
 static inline __attribute__((always_inline)) void fwd_work_f(const ncall_f *a, int t, int nth, const int dt) {
     int64_t b, e;
-    if (rows_layout(a->C, a->inner)) { /* channels fastest: rows of C, channel by channel */
+    if (rows_layout(a->C, a->inner)) { /* channels fastest: rows of C */
         split(a->outer, t, nth, 1, &b, &e);
+#if PWLU_AVX512
+        if (a->rows) {
+            avx_fwd_rows(a, (const np_rows_t *)a->rows, b, e, dt);
+            return;
+        }
+#endif
         for (int64_t c = 0; c < a->C; c++) scalar_fwd_f(a, c, b * a->C + c, e * a->C, a->C);
         return;
     }
@@ -233,6 +362,12 @@ static inline __attribute__((always_inline)) void bwd_work_f(const ncall_f *a, i
     int64_t b, e;
     if (rows_layout(a->C, a->inner)) {
         split(a->outer, t, nth, 1, &b, &e);
+#if PWLU_AVX512
+        if (a->rows) {
+            avx_bwd_rows(a, (const np_rows_t *)a->rows, b, e, hist, dt);
+            return;
+        }
+#endif
         for (int64_t c = 0; c < a->C; c++) scalar_bwd_f(a, c, b * a->C + c, e * a->C, a->C, hist);
         return;
     }
@@ -328,7 +463,17 @@ int npwlu_forward_f32c(const void *x, void *y, int dt, int64_t outer, int64_t C,
                        const float *slopes, const float *intercepts, const float *bp, const float *shift,
                        int nthreads) {
     if (!nf32c_dtype_ok(dt)) return PWLU_ERR_DTYPE;
-    const ncall_f a = {x, NULL, y, dt, outer, C, inner, n, slopes, intercepts, bp, NULL, shift};
+    ncall_f a = {x, NULL, y, dt, outer, C, inner, n, slopes, intercepts, bp, NULL, shift, NULL};
+#if PWLU_AVX512
+    if (rows_layout(C, inner) && outer > 0) {
+        np_rows_t t;
+        if (np_rows_tables(&a, &t) != PWLU_OK) return PWLU_ERR_NOMEM;
+        a.rows = &t;
+        const int rc = run_fwd(&a, 0, nthreads);
+        free(t.bp);
+        return rc;
+    }
+#endif
     return run_fwd(&a, 0, nthreads);
 }
 int npwlu_forward_f64(const void *x, void *y, int dt, int64_t outer, int64_t C, int64_t inner, int64_t n,
@@ -342,7 +487,17 @@ int npwlu_backward_f32c(const void *g, const void *x, void *dx, int dt, int64_t 
                         int64_t n, const float *slopes, const float *bp, const float *inv_w, int nthreads,
                         double *hist) {
     if (!nf32c_dtype_ok(dt)) return PWLU_ERR_DTYPE;
-    const ncall_f a = {x, g, dx, dt, outer, C, inner, n, slopes, NULL, bp, inv_w, NULL};
+    ncall_f a = {x, g, dx, dt, outer, C, inner, n, slopes, NULL, bp, inv_w, NULL, NULL};
+#if PWLU_AVX512
+    if (rows_layout(C, inner) && outer > 0 && 2 * (n + 2) <= NP_MAX_ACC) {
+        np_rows_t t;
+        if (np_rows_tables(&a, &t) != PWLU_OK) return PWLU_ERR_NOMEM;
+        a.rows = &t;
+        const int rc = run_bwd(&a, 0, C * (n + 2) * 2, nthreads, hist);
+        free(t.bp);
+        return rc;
+    }
+#endif
     return run_bwd(&a, 0, C * (n + 2) * 2, nthreads, hist);
 }
 int npwlu_backward_f64(const void *g, const void *x, void *dx, int dt, int64_t outer, int64_t C, int64_t inner,
