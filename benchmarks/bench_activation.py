@@ -95,23 +95,19 @@ def device_name(device: str) -> str:
     return platform.processor() or platform.machine()
 
 
-#: ``--cpu-isa``: the compiler flags of each target (``native`` is the package's own choice).
-CPU_ISA_FLAGS = {
-    "native": None,
-    "avx2": ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"),
-    "portable": ("-O3", "-fopenmp", "-shared", "-fPIC"),
-}
+#: ``--cpu-isa``: the kernels' build targets (``native``: the package's own flags)
+CPU_ISAS = ("native", "avx2", "portable")
 
 
 def select_cpu_isa(isa: str) -> str:
     """Build (in a temporary cache) and load the CPU kernels for ``isa``; the vector path it runs."""
     from pwlu.ops.cpu import build as cpu_build
 
-    if CPU_ISA_FLAGS[isa] is not None:
+    if isa != "native":
         import tempfile
 
         os.environ["PWLU_CPU_BUILD_DIR"] = tempfile.mkdtemp(prefix=f"pwlu-bench-{isa}-")
-        cpu_build._FLAG_SETS = (CPU_ISA_FLAGS[isa],)
+        cpu_build._FLAG_SETS = (cpu_build.TARGET_FLAGS[isa],)
         cpu_build._reset_for_tests()
     lib = cpu_build.library()
     if lib is None:
@@ -315,7 +311,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU; default: torch's)")
     parser.add_argument("--case", default=None, help="run only the cases whose name contains this text, e.g. NCHW")
     parser.add_argument(
-        "--cpu-isa", default="native", choices=sorted(CPU_ISA_FLAGS),
+        "--cpu-isa", default="native", choices=CPU_ISAS,
         help="build the CPU kernels for this target (avx2: what CPUs without AVX-512 run; portable: the scalar "
         "loop), in a temporary cache; the tables go to activation_latest_<isa>.md",
     )  # fmt: skip

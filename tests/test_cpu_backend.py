@@ -303,7 +303,7 @@ def test_build_is_cached_in_build_dir(fresh_build):
 
 def test_portable_path_without_avx512(fresh_build, monkeypatch):
     """The scalar C path (what a machine without AVX-512 or AVX2 runs), built without -march=native."""
-    monkeypatch.setattr(cpu_build, "_FLAG_SETS", (("-O2", "-fopenmp", "-shared", "-fPIC"),))
+    monkeypatch.setattr(cpu_build, "_FLAG_SETS", (cpu_build.TARGET_FLAGS["portable"],))
     lib = cpu_backend.library()
     assert lib is not None and not lib.pwlu_cpu_has_avx512() and not lib.pwlu_cpu_has_avx2()
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
@@ -316,7 +316,7 @@ def test_portable_path_without_avx512(fresh_build, monkeypatch):
             assert_all_close(got, tb, rtol=1e-5, atol=1e-5)
 
 
-AVX2_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
+AVX2_FLAGS = cpu_build.TARGET_FLAGS["avx2"]
 
 
 @pytest.fixture
@@ -355,7 +355,7 @@ def avx2_or_portable_build(request, fresh_build, monkeypatch):
     """The AVX2 build, then the portable one (the scalar loop: CPUs without AVX2, ARM)."""
     if request.param == "avx2":
         return request.getfixturevalue("avx2_build")
-    monkeypatch.setattr(cpu_build, "_FLAG_SETS", (("-O2", "-fopenmp", "-shared", "-fPIC"),))
+    monkeypatch.setattr(cpu_build, "_FLAG_SETS", (cpu_build.TARGET_FLAGS["portable"],))
     lib = cpu_backend.library()
     assert lib is not None and not lib.pwlu_cpu_has_avx2() and not lib.pwlu_cpu_has_avx512()
     return lib
@@ -489,7 +489,7 @@ def _fp16_all_ops_vs_reference():
     "flags, f16_kernels",
     [
         (AVX2_FLAGS, True),  # no _Float16: the scalar loads and stores convert with F16C
-        (("-O2", "-fopenmp", "-shared", "-fPIC"), False),  # neither: fp16 is computed in fp32
+        (cpu_build.TARGET_FLAGS["portable"], False),  # neither: fp16 is computed in fp32
     ],
 )
 def test_fp16_without_float16_type(fresh_build, monkeypatch, flags, f16_kernels):

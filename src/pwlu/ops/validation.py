@@ -155,17 +155,24 @@ def _check_values(dtype: torch.dtype, params: tuple[Tensor, ...]) -> None:
         values = [p.detach().to(dtype) for p in params]
         left, right = values[1], values[2]
         width = right - left
-        # the fold's steepest interval slope, |P[i+1] - P[i]| * N / width (the width floored as
-        # the fold does), and a bound on its intercepts: finite parameters whose fold overflows
-        # would give inf * 0 = NaN from finite input
+        flat = torch.cat([v.reshape(-1) for v in values] + [width.reshape(-1)])
         points = values[0].reshape(-1, values[0].shape[-1])
         n = points.shape[-1] - 1
+        # Finite parameters whose fold overflows would give inf * 0 = NaN from finite input. One
+        # read gives: all finite, the largest magnitude M, the smallest width w as the fold floors
+        # it. The fold's slopes are at most 2 M N / w and its intercepts at most M (1 + 2 N + M)
+        # (a width is at most M): below the dtype's largest value nothing can overflow, the case
+        # of every sane PWLU; else the per-channel bounds below decide.
+        summary = torch.stack([torch.isfinite(flat).all().to(dtype), flat.abs().amax(), width.clamp(min=MIN_WIDTH).amin()])
+        finite, big, w = summary.tolist()
+        if finite and max(2 * big * n / w, big * (1 + 2 * n + big)) < torch.finfo(dtype).max:
+            return
+        # the fold's steepest interval slope |P[i+1] - P[i]| N / width and a bound on its intercepts
         floored = torch.where(width < MIN_WIDTH, torch.full_like(width, MIN_WIDTH), width).reshape(-1)
         rise = (points[:, 1:] - points[:, :-1]).abs().amax(-1) if n > 0 else points.new_zeros(points.shape[0])
         steepest = rise * (n / floored)
         reach = points.abs().amax(-1) + rise * n + floored * torch.maximum(values[3].abs(), values[4].abs()).reshape(-1)
-        flat = torch.cat([v.reshape(-1) for v in values] + [width.reshape(-1), steepest, reach])
-        if bool(torch.isfinite(flat).all()):
+        if bool(torch.isfinite(torch.cat([flat, steepest, reach])).all()):
             return
         for name, original, v in zip(PARAMETER_NAMES, params, values):
             bad = ~torch.isfinite(v)

@@ -46,7 +46,8 @@ backward adds each element's region, g and g*r into that channel's double bins, 
 thread per channel (no partial histograms). Without AVX-512 but with AVX2, FMA and F16C (AMD
 Zen 2/3, most Intel client cores) 8-lane kernels do the same (``csrc/pwlu_avx2.h``: tables in
 up to four registers, ``vpermps``; 8x8 tiles where the channels are fastest; the histogram
-scattered into double bins); elsewhere, and for fp64, a portable scalar loop is used. (The constants named here are in ``csrc/pwlu_common.h``.)
+scattered into double bins); elsewhere, and for fp64, a portable scalar loop is used. (The
+constants named here are in ``csrc/pwlu_common.h``.)
 
 Gradient-free calls with ``nn.Parameter`` tensors go through an inference plan
 (:class:`pwlu.ops.cpu.plan.InferencePlan`, kept by :mod:`pwlu.ops.plans`): folded tables and

@@ -52,6 +52,13 @@ _FLAG_SETS = (
     ("-O3", "-fopenmp", "-shared", "-fPIC"),
     ("-O3", "-shared", "-fPIC"),
 )
+#: Other targets than the machine's own (``-march=native``), for tests and benchmarks that run
+#: the other kernel paths on this CPU: ``avx2``, what x86 CPUs without AVX-512 run (needs AVX2,
+#: FMA and F16C here), and ``portable``, the scalar loop of a build for baseline x86-64 or ARM.
+TARGET_FLAGS = {
+    "avx2": ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"),
+    "portable": ("-O3", "-fopenmp", "-shared", "-fPIC"),
+}
 #: Below this many elements one thread runs the kernel (as ATen's grain size): waking a
 #: second thread costs more than it saves, and on a busy machine it can cost a time slice.
 GRAIN_SIZE = 65536

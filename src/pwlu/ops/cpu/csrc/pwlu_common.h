@@ -21,9 +21,8 @@
 #else
 #define PWLU_AVX512 0
 #endif
-/* AVX2 (with FMA and F16C) where AVX-512 is not targeted: pwlu_avx2.h (-DPWLU_NO_AVX2: the scalar
- * loop instead, for comparisons) */
-#if !PWLU_AVX512 && !defined(PWLU_NO_AVX2) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+/* AVX2 (with FMA and F16C) where AVX-512 is not targeted: pwlu_avx2.h */
+#if !PWLU_AVX512 && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define PWLU_AVX2 1
 #include <immintrin.h>
 #else

@@ -1,8 +1,9 @@
 /* PWLU forward/backward on folded tables: plain C + OpenMP, AVX-512 where the compiler
- * targets it, else AVX2 + FMA + F16C (pwlu_avx2.h) where it targets those. No torch headers: compiled on first use by pwlu/ops/cpu/build.py and called
- * through ctypes with raw pointers. This is the one exported entry file; the kernels are in
- * the headers (pwlu_common.h: constants, dtype access, thread split; pwlu_scalar.h: the
- * portable path; pwlu_avx512_fwd.h / pwlu_avx512_bwd.h; pwlu_fold.h: folding and the gradient
+ * targets it, else AVX2 + FMA + F16C (pwlu_avx2.h) where it targets those. No torch headers:
+ * compiled on first use by pwlu/ops/cpu/build.py and called through ctypes with raw pointers.
+ * This is the one exported entry file; the kernels are in the headers (pwlu_common.h:
+ * constants, dtype access, thread split; pwlu_scalar.h: the portable path;
+ * pwlu_avx512_fwd.h / pwlu_avx512_bwd.h; pwlu_avx2.h; pwlu_fold.h: folding and the gradient
  * epilogue). Every exported function returns PWLU_OK or a PWLU_ERR_* code (pwlu_common.h).
  *
  * x is viewed as (outer, C, inner), dense. Per element of channel c (tables have N+2
