@@ -290,6 +290,42 @@ def test_fast_path_nan_inf(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n", [4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fast_path_specials_long_rows(backend, n, dtype):
+    """Rows long enough for the CPU kernel's vector path (and a tail): NaN and ±inf in each
+    input, at a vector's first lane and in the tail, with a flat outer piece on a different
+    side in each channel (±inf maps to that piece's limit); then every gradient with finite
+    inputs far outside the grid. Low precision is compared with the reference on the same
+    rounded inputs, computed in float32 and rounded once."""
+    select_backend(backend)
+    x, y = region_inputs((4, 4, 83), n=n, seed=13, dtype=torch.float64)
+    params = [p.float() for p in random_params(n, 4, seed=13)]
+    for c in range(4):
+        params[5 + c][c] = 0.0  # channel c: outer slope c (K_XL, K_XR, K_YL, K_YR) flat
+    specials = [(float("nan"), 0.5), (0.5, float("nan")), (float("inf"), 0.5), (-float("inf"), 0.5),
+                (0.5, float("inf")), (0.5, -float("inf")), (float("inf"), -float("inf"))]  # fmt: skip
+    for c in range(4):
+        for k, (a, b) in enumerate(specials):
+            pos = (16 + 3 * k) if k % 2 == 0 else (80 - k // 2)  # a vector's first lane, and the tail
+            x[c % 4, c, pos], y[c % 4, c, pos] = a, b
+    x, y = x.to(dtype), y.to(dtype)
+    with pwlu.use_backend(backend):
+        z = pwlu.pwlu2d(x, y, *params)
+    ref = pwlu.pwlu2d_reference(x.float(), y.float(), *params).to(dtype)
+    tol = 2e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(z, ref, rtol=tol, atol=tol, equal_nan=True)
+    finite = [t.float().nan_to_num(nan=0.25, posinf=1e4, neginf=-1e4).to(dtype) for t in (x, y)]
+    fast = run(pwlu.pwlu2d, *finite, params, 1, backend)
+    ref = run(pwlu.pwlu2d_reference, *(t.float() for t in finite), params, 1)
+    for key in KEYS:
+        scale = 1.0 + ref[key].abs().max().item()
+        torch.testing.assert_close(
+            fast[key].float(), ref[key], rtol=tol, atol=tol * scale, msg=lambda m, key=key: f"{key}: {m}"
+        )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("channels", [None, 3])
 def test_fast_path_gradcheck(backend, channels):
     select_backend(backend)

@@ -116,84 +116,88 @@ __attribute__((noinline)) static void forward_seg_f64(const double *restrict x, 
 }
 
 #if PWLU_AVX512
-/* ---- AVX-512 forward for N <= 8: the vertex values of the N^2 <= 64 cells in registers ----
- * Four tables of 64 floats (V[i,j], V[i+1,j], V[i,j+1], V[i+1,j+1] by cell i N + j), four zmm
- * each; a lookup is two vpermt2ps (cells 0-31, 32-63) and a blend: no gathers. */
+/* ---- AVX-512 forward and backward for N <= 8: the N^2 <= 64 cells' tables in registers ----
+ * Four tables of 64 floats by cell i N + j, four zmm each; a lookup is two vpermt2ps (cells
+ * 0-31, 32-63) and a blend: no gathers. */
 #define LUT_MAX_N 8
 
 typedef struct {
     __m512 t[4][4];
 } cell_tables;
 
-static inline void cell_tables_build(const float *v, int n, cell_tables *ct) {
+/* The tables, by cell i N + j: V[i,j] and the differences D10 = V[i+1,j] - V[i,j],
+ * D01 = V[i,j+1] - V[i,j], D11 = V[i+1,j+1] - V[i,j], so that on either triangle
+ * F = V00 + D10 max(s - t, 0) + D01 max(t - s, 0) + D11 min(s, t) (the forward selects no triangle). */
+static inline void kuhn_tables_build(const float *v, int n, cell_tables *ct) {
     float buf[4][64];
     memset(buf, 0, sizeof(buf));
     for (int i = 0; i < n; i++)
         for (int j = 0; j < n; j++) {
             const int cell = i * n + j, base = i * (n + 1) + j;
-            buf[0][cell] = v[base];
-            buf[1][cell] = v[base + n + 1];
-            buf[2][cell] = v[base + 1];
-            buf[3][cell] = v[base + n + 2];
+            const float v00 = v[base];
+            buf[0][cell] = v00;
+            buf[1][cell] = v[base + n + 1] - v00;
+            buf[2][cell] = v[base + 1] - v00;
+            buf[3][cell] = v[base + n + 2] - v00;
         }
     for (int k = 0; k < 4; k++)
         for (int q = 0; q < 4; q++) ct->t[k][q] = _mm512_loadu_ps(buf[k] + 16 * q);
 }
 
-static inline __m512 cell_lookup(const __m512 *t, __m512i cell) {
-    const __m512 lo = _mm512_permutex2var_ps(t[0], cell, t[1]);
-    const __m512 hi = _mm512_permutex2var_ps(t[2], cell, t[3]);
-    const __mmask16 upper_half = _mm512_test_epi32_mask(cell, _mm512_set1_epi32(32));
-    return _mm512_mask_blend_ps(upper_half, lo, hi);
-}
-
-/* u, cell index (as float) and fraction of 16 elements on one axis, as locate_f. */
-static inline __m512 locate16(__m512 a, __m512 lo, __m512 hi, __m512 inv, __m512 nf, __m512 nm1, __mmask16 *left,
-                              __mmask16 *right, __m512 *fi) {
-    *left = _mm512_cmp_ps_mask(a, lo, _CMP_LT_OQ);
-    *right = _mm512_cmp_ps_mask(a, hi, _CMP_GE_OQ);
-    __m512 u = _mm512_mul_ps(_mm512_sub_ps(a, lo), inv);
-    u = _mm512_mask_mov_ps(u, *left, _mm512_setzero_ps());
-    u = _mm512_mask_mov_ps(u, *right, nf);
-    __m512 f = _mm512_roundscale_ps(u, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    f = _mm512_min_ps(_mm512_max_ps(f, _mm512_setzero_ps()), nm1); /* max(NaN, 0) = 0 */
-    *fi = f;
+/* u = (clamp(a) - lo) / width * N on one axis (N exactly right of the range, NaN stays NaN), its
+ * cell index as float (clamped to N - 1; NaN gives N - 1) and a - lo. */
+PWLU_INLINE __m512 grid16(__m512 a, __m512 lo, __m512 hi, __m512 inv, __m512 nf, __m512 nm1, __m512 *fi, __m512 *dl) {
+    *dl = _mm512_sub_ps(a, lo);
+    __m512 u = _mm512_max_ps(_mm512_setzero_ps(), _mm512_mul_ps(*dl, inv)); /* NaN: the second operand */
+    u = _mm512_mask_mov_ps(u, _mm512_cmp_ps_mask(a, hi, _CMP_GE_OQ), nf);
+    *fi = _mm512_min_ps(_mm512_roundscale_ps(u, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC), nm1);
     return u;
 }
 
-/* One row segment of channel c (any float storage dtype), N <= LUT_MAX_N. */
-static void forward_seg_lut(const void *x, const void *y, void *z, int dt, int64_t b, int64_t e,
-                            const cell_tables *ct, const float *geo, int n) {
+/* One row segment of channel c, N <= LUT_MAX_N; dt a constant in each instantiation. The outer
+ * terms K min(a - lo, 0) and K max(a - hi, 0) are skipped (not multiplied) where K = 0, so a flat
+ * piece maps ±inf to 0; NaN reaches them (min/max return their second operand for NaN). */
+PWLU_INLINE void forward_seg_lut_dt(const void *x, const void *y, void *z, const int dt, int64_t b, int64_t e,
+                                    const cell_tables *ct, const float *geo, int n) {
     const __m512 xlo = _mm512_set1_ps(geo[0]), xhi = _mm512_set1_ps(geo[1]), ix = _mm512_set1_ps(geo[2]);
     const __m512 ylo = _mm512_set1_ps(geo[3]), yhi = _mm512_set1_ps(geo[4]), iy = _mm512_set1_ps(geo[5]);
     const __m512 kxl = _mm512_set1_ps(geo[6]), kxr = _mm512_set1_ps(geo[7]);
     const __m512 kyl = _mm512_set1_ps(geo[8]), kyr = _mm512_set1_ps(geo[9]);
+    const __mmask16 mxl = geo[6] != 0.0f ? 0xFFFF : 0, mxr = geo[7] != 0.0f ? 0xFFFF : 0;
+    const __mmask16 myl = geo[8] != 0.0f ? 0xFFFF : 0, myr = geo[9] != 0.0f ? 0xFFFF : 0;
     const __m512 nf = _mm512_set1_ps((float)n), nm1 = _mm512_set1_ps((float)(n - 1)), zero = _mm512_setzero_ps();
-    const __m512i nn = _mm512_set1_epi32(n);
+    const __m512i half = _mm512_set1_epi32(32);
     for (int64_t k = b; k < e; k += 16) {
         const __mmask16 m = tail_mask(e - k);
         const __m512 xv = ld16(x, k, m, dt), yv = ld16(y, k, m, dt);
-        __mmask16 xl, xr, yl, yr;
-        __m512 fi, fj;
-        const __m512 u = locate16(xv, xlo, xhi, ix, nf, nm1, &xl, &xr, &fi);
-        const __m512 w = locate16(yv, ylo, yhi, iy, nf, nm1, &yl, &yr, &fj);
+        __m512 fi, fj, dxl, dyl;
+        const __m512 u = grid16(xv, xlo, xhi, ix, nf, nm1, &fi, &dxl);
+        const __m512 w = grid16(yv, ylo, yhi, iy, nf, nm1, &fj, &dyl);
         const __m512 s = _mm512_sub_ps(u, fi), t = _mm512_sub_ps(w, fj);
-        const __m512i cell = _mm512_add_epi32(_mm512_mullo_epi32(_mm512_cvttps_epi32(fi), nn), _mm512_cvttps_epi32(fj));
-        const __mmask16 lower = _mm512_cmp_ps_mask(s, t, _CMP_GE_OQ);
-        const __m512 v00 = cell_lookup(ct->t[0], cell), v11 = cell_lookup(ct->t[3], cell);
-        /* V[i+1,j] on the lower triangle, V[i,j+1] on the upper one */
-        const __m512 vm = _mm512_mask_blend_ps(lower, cell_lookup(ct->t[2], cell), cell_lookup(ct->t[1], cell));
-        const __m512 a = _mm512_mask_blend_ps(lower, _mm512_sub_ps(v11, vm), _mm512_sub_ps(vm, v00));
-        const __m512 bb = _mm512_mask_blend_ps(lower, _mm512_sub_ps(vm, v00), _mm512_sub_ps(v11, vm));
-        __m512 zv = _mm512_fmadd_ps(t, bb, _mm512_fmadd_ps(s, a, v00));
-        /* K (x - B) on the selected outer side; a flat piece maps ±inf to 0 */
-        const __m512 kx = _mm512_mask_blend_ps(xl, kxr, kxl), bx = _mm512_mask_blend_ps(xl, xhi, xlo);
-        const __m512 ky = _mm512_mask_blend_ps(yl, kyr, kyl), by = _mm512_mask_blend_ps(yl, yhi, ylo);
-        const __mmask16 ox = (xl | xr) & _mm512_cmp_ps_mask(kx, zero, _CMP_NEQ_UQ);
-        const __mmask16 oy = (yl | yr) & _mm512_cmp_ps_mask(ky, zero, _CMP_NEQ_UQ);
-        zv = _mm512_add_ps(zv, _mm512_maskz_mul_ps(ox, kx, _mm512_sub_ps(xv, bx)));
-        zv = _mm512_add_ps(zv, _mm512_maskz_mul_ps(oy, ky, _mm512_sub_ps(yv, by)));
+        const __m512i cell = _mm512_cvttps_epi32(_mm512_fmadd_ps(fi, nf, fj)); /* exact: small integers */
+        const __mmask16 upper_half = _mm512_test_epi32_mask(cell, half);
+        __m512 lk[4];
+        for (int q = 0; q < 4; q++)
+            lk[q] = _mm512_mask_blend_ps(upper_half, _mm512_permutex2var_ps(ct->t[q][0], cell, ct->t[q][1]),
+                                         _mm512_permutex2var_ps(ct->t[q][2], cell, ct->t[q][3]));
+        const __m512 d = _mm512_sub_ps(s, t), p = _mm512_max_ps(zero, d);
+        __m512 zv = _mm512_fmadd_ps(lk[1], p, lk[0]);
+        zv = _mm512_fmadd_ps(lk[2], _mm512_sub_ps(p, d), zv);          /* max(t - s, 0) */
+        zv = _mm512_fmadd_ps(lk[3], _mm512_min_ps(s, t), zv);
+        zv = _mm512_mask3_fmadd_ps(kxl, _mm512_min_ps(zero, dxl), zv, mxl);
+        zv = _mm512_mask3_fmadd_ps(kxr, _mm512_max_ps(zero, _mm512_sub_ps(xv, xhi)), zv, mxr);
+        zv = _mm512_mask3_fmadd_ps(kyl, _mm512_min_ps(zero, dyl), zv, myl);
+        zv = _mm512_mask3_fmadd_ps(kyr, _mm512_max_ps(zero, _mm512_sub_ps(yv, yhi)), zv, myr);
         st16(z, k, zv, m, dt);
+    }
+}
+
+static void forward_seg_lut(const void *x, const void *y, void *z, int dt, int64_t b, int64_t e,
+                            const cell_tables *ct, const float *geo, int n) {
+    switch (dt) {
+    case PWLU_F32: forward_seg_lut_dt(x, y, z, PWLU_F32, b, e, ct, geo, n); break;
+    case PWLU_F16: forward_seg_lut_dt(x, y, z, PWLU_F16, b, e, ct, geo, n); break;
+    default: forward_seg_lut_dt(x, y, z, PWLU_BF16, b, e, ct, geo, n);
     }
 }
 #endif /* PWLU_AVX512 */
@@ -215,7 +219,7 @@ int pwlu2d_forward_f32c(const void *x, const void *y, void *z, int dt, int64_t o
 #if PWLU_AVX512
                 if (n <= LUT_MAX_N && sg.e - sg.b >= 64) {
                     cell_tables ct;
-                    cell_tables_build(v, n, &ct);
+                    kuhn_tables_build(v, n, &ct);
                     forward_seg_lut(x, y, z, dt, sg.b, sg.e, &ct, geo, n);
                     continue;
                 }
@@ -256,7 +260,9 @@ int pwlu2d_forward_f64(const double *x, const double *y, double *z, int64_t oute
 /* ----------------------------------------------------------------------------- backward */
 
 /* One element of the backward: writes dx, dy; adds into the channel's histogram h
- * ([N][N][2][3]) and sums s12 (12 accumulators, see pwlu2d_grads.py). */
+ * ([N][N][2][HQ], HQ = 4: (g, g s, g t) and a pad, so that the AVX-512 path adds a bin as one
+ * 4-double vector) and sums s12 (12 accumulators, see pwlu2d_grads.py). */
+#define HQ 4
 static inline void backward_f(float g, float x, float y, const float *v, const float *geo, int n, float *dx, float *dy,
                               double *h, double *s12) {
     int i, j, xl, xr, yl, yr;
@@ -269,7 +275,7 @@ static inline void backward_f(float g, float x, float y, const float *v, const f
     /* dz/dx: K_XL or K_XR outside the range, the triangle's slope a / dx inside */
     *dx = g * (xl ? geo[6] : (xr ? geo[7] : a * geo[2]));
     *dy = g * (yl ? geo[8] : (yr ? geo[9] : b * geo[5]));
-    double *cell = h + ((int64_t)(i * n + j) * 2 + !lower) * 3;
+    double *cell = h + ((int64_t)(i * n + j) * 2 + !lower) * HQ;
     cell[0] += g;
     cell[1] += g * s;
     cell[2] += g * t;
@@ -305,7 +311,7 @@ static inline void backward_d(double g, double x, double y, const double *v, con
     const double a = lower ? vm - v00 : v11 - vm, b = lower ? v11 - vm : vm - v00;
     *dx = g * (xl ? geo[6] : (xr ? geo[7] : a * geo[2]));
     *dy = g * (yl ? geo[8] : (yr ? geo[9] : b * geo[5]));
-    double *cell = h + ((int64_t)(i * n + j) * 2 + !lower) * 3;
+    double *cell = h + ((int64_t)(i * n + j) * 2 + !lower) * HQ;
     cell[0] += g;
     cell[1] += g * s;
     cell[2] += g * t;
@@ -390,7 +396,7 @@ static void backward_seg_f32(const float *g, const float *x, const float *y, flo
         memset(acc, 0, sizeof(acc));
         backward_block_f32(g + b0, x + b0, y + b0, dx + b0, dy + b0, vec, v, geo, n, bin, gs, gt, acc);
         for (int64_t k = 0; k < vec; k++) {
-            double *cell = h + (int64_t)bin[k] * 3;
+            double *cell = h + (int64_t)bin[k] * HQ;
             cell[0] += g[b0 + k];
             cell[1] += gs[k];
             cell[2] += gt[k];
@@ -405,87 +411,114 @@ static void backward_seg_f32(const float *g, const float *x, const float *y, flo
 }
 
 #if PWLU_AVX512
-/* The backward for N <= LUT_MAX_N (any float storage dtype): blocks of BWD_BLOCK elements, a
- * vector pass with the in-register cell tables (dx, dy, bins, g, g s, g t and the 12 sums in
- * zmm accumulators), then the scalar histogram pass. */
-static void backward_seg_lut(const void *gp, const void *xp, const void *yp, void *dxp, void *dyp, int dt, int64_t b,
-                             int64_t e, const cell_tables *ct, const float *geo, int n, double *h, double *s12) {
+/* The backward for N <= LUT_MAX_N (dt a constant in each instantiation): blocks of BWD_BLOCK
+ * elements, a vector pass with the in-register tables of kuhn_tables_build (dx, dy, bins, the
+ * quads (g, g s, g t, 0) and the 12 sums in zmm accumulators), then the histogram pass, one
+ * 4-double add per element. The triangle's slopes: dz/ds = D10 (lower) or D11 - D01 (upper),
+ * dz/dt = D11 - D10 (lower) or D01 (upper). */
+PWLU_INLINE void backward_seg_lut_dt(const void *gp, const void *xp, const void *yp, void *dxp, void *dyp, const int dt,
+                                     int64_t b, int64_t e, const cell_tables *ct, const float *geo, int n, double *h,
+                                     double *s12) {
     const __m512 xlo = _mm512_set1_ps(geo[0]), xhi = _mm512_set1_ps(geo[1]), ix = _mm512_set1_ps(geo[2]);
     const __m512 ylo = _mm512_set1_ps(geo[3]), yhi = _mm512_set1_ps(geo[4]), iy = _mm512_set1_ps(geo[5]);
     const __m512 kxl = _mm512_set1_ps(geo[6]), kxr = _mm512_set1_ps(geo[7]);
     const __m512 kyl = _mm512_set1_ps(geo[8]), kyr = _mm512_set1_ps(geo[9]);
-    const __m512 nf = _mm512_set1_ps((float)n), nm1 = _mm512_set1_ps((float)(n - 1));
-    const __m512i nn = _mm512_set1_epi32(n), one = _mm512_set1_epi32(1);
+    const __m512 nf = _mm512_set1_ps((float)n), nm1 = _mm512_set1_ps((float)(n - 1)), zero = _mm512_setzero_ps();
+    const __m512i half = _mm512_set1_epi32(32), one = _mm512_set1_epi32(1);
+    /* the quad of element 4 L + r of a vector sits at position 4 r + L (see below) */
+    const __m512i quad_order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
     int32_t bin[BWD_BLOCK];
-    float gg[BWD_BLOCK], gs[BWD_BLOCK], gt[BWD_BLOCK];
+    float quad[BWD_BLOCK * HQ] __attribute__((aligned(64)));
     for (int64_t b0 = b; b0 < e; b0 += BWD_BLOCK) {
         const int64_t rest = e - b0 < BWD_BLOCK ? e - b0 : BWD_BLOCK;
         __m512 acc[12];
-        for (int m = 0; m < 12; m++) acc[m] = _mm512_setzero_ps();
+        for (int q = 0; q < 12; q++) acc[q] = zero;
         for (int64_t k = 0; k < rest; k += 16) {
             const __mmask16 m = tail_mask(rest - k);
             const __m512 g = ld16(gp, b0 + k, m, dt), xv = ld16(xp, b0 + k, m, dt), yv = ld16(yp, b0 + k, m, dt);
-            __mmask16 xl, xr, yl, yr;
-            __m512 fi, fj;
-            const __m512 u = locate16(xv, xlo, xhi, ix, nf, nm1, &xl, &xr, &fi);
-            const __m512 w = locate16(yv, ylo, yhi, iy, nf, nm1, &yl, &yr, &fj);
+            const __mmask16 xl = _mm512_cmp_ps_mask(xv, xlo, _CMP_LT_OQ), xr = _mm512_cmp_ps_mask(xv, xhi, _CMP_GE_OQ);
+            const __mmask16 yl = _mm512_cmp_ps_mask(yv, ylo, _CMP_LT_OQ), yr = _mm512_cmp_ps_mask(yv, yhi, _CMP_GE_OQ);
+            const __m512 dxl = _mm512_sub_ps(xv, xlo), dyl = _mm512_sub_ps(yv, ylo);
+            const __m512 u = _mm512_mask_mov_ps(_mm512_max_ps(zero, _mm512_mul_ps(dxl, ix)), xr, nf);
+            const __m512 w = _mm512_mask_mov_ps(_mm512_max_ps(zero, _mm512_mul_ps(dyl, iy)), yr, nf);
+            /* cell 0 for NaN (max(NaN, 0) = 0), as the reference */
+            const __m512 fi = _mm512_min_ps(_mm512_max_ps(_mm512_roundscale_ps(u, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC), zero), nm1);
+            const __m512 fj = _mm512_min_ps(_mm512_max_ps(_mm512_roundscale_ps(w, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC), zero), nm1);
             const __m512 s = _mm512_sub_ps(u, fi), t = _mm512_sub_ps(w, fj);
-            const __m512i cell =
-                _mm512_add_epi32(_mm512_mullo_epi32(_mm512_cvttps_epi32(fi), nn), _mm512_cvttps_epi32(fj));
-            const __mmask16 lower = _mm512_cmp_ps_mask(s, t, _CMP_GE_OQ);
-            const __m512 v00 = cell_lookup(ct->t[0], cell), v11 = cell_lookup(ct->t[3], cell);
-            const __m512 vm = _mm512_mask_blend_ps(lower, cell_lookup(ct->t[2], cell), cell_lookup(ct->t[1], cell));
-            const __m512 a = _mm512_mask_blend_ps(lower, _mm512_sub_ps(v11, vm), _mm512_sub_ps(vm, v00));
-            const __m512 bb = _mm512_mask_blend_ps(lower, _mm512_sub_ps(vm, v00), _mm512_sub_ps(v11, vm));
+            const __m512i cell = _mm512_cvttps_epi32(_mm512_fmadd_ps(fi, nf, fj));
+            const __mmask16 upper_half = _mm512_test_epi32_mask(cell, half), lower = _mm512_cmp_ps_mask(s, t, _CMP_GE_OQ);
+            __m512 lk[4];
+            for (int q = 1; q < 4; q++)
+                lk[q] = _mm512_mask_blend_ps(upper_half, _mm512_permutex2var_ps(ct->t[q][0], cell, ct->t[q][1]),
+                                             _mm512_permutex2var_ps(ct->t[q][2], cell, ct->t[q][3]));
+            const __m512 a = _mm512_mask_blend_ps(lower, _mm512_sub_ps(lk[3], lk[2]), lk[1]);
+            const __m512 bb = _mm512_mask_blend_ps(lower, lk[2], _mm512_sub_ps(lk[3], lk[1]));
             /* dz/dx: K_XL or K_XR outside the range, the triangle's slope a / dx inside (likewise y) */
-            __m512 sx = _mm512_mask_blend_ps(xl, _mm512_mask_blend_ps(xr, _mm512_mul_ps(a, ix), kxr), kxl);
-            __m512 sy = _mm512_mask_blend_ps(yl, _mm512_mask_blend_ps(yr, _mm512_mul_ps(bb, iy), kyr), kyl);
+            const __m512 sx = _mm512_mask_blend_ps(xl, _mm512_mask_blend_ps(xr, _mm512_mul_ps(a, ix), kxr), kxl);
+            const __m512 sy = _mm512_mask_blend_ps(yl, _mm512_mask_blend_ps(yr, _mm512_mul_ps(bb, iy), kyr), kyl);
             st16(dxp, b0 + k, _mm512_mul_ps(g, sx), m, dt);
             st16(dyp, b0 + k, _mm512_mul_ps(g, sy), m, dt);
-            /* bin (i N + j) * 2 + upper, and g, g s, g t for the histogram pass */
+            /* bin (i N + j) * 2 + upper, and the quads (g, g s, g t, 0) for the histogram pass:
+             * unpacks within 128-bit lanes put element 4 L + r's quad in lane L of vector r;
+             * the bins are stored in that order (lanes past a tail: g = 0, bin 0) */
             const __m512i upper = _mm512_mask_mov_epi32(one, lower, _mm512_setzero_si512());
-            _mm512_mask_storeu_epi32(bin + k, m, _mm512_add_epi32(_mm512_slli_epi32(cell, 1), upper));
-            _mm512_mask_storeu_ps(gg + k, m, g);
-            _mm512_mask_storeu_ps(gs + k, m, _mm512_mul_ps(g, s));
-            _mm512_mask_storeu_ps(gt + k, m, _mm512_mul_ps(g, t));
+            const __m512i bn = _mm512_maskz_add_epi32(m, _mm512_slli_epi32(cell, 1), upper);
+            _mm512_storeu_si512(bin + k, _mm512_permutexvar_epi32(quad_order, bn));
+            const __m512 gz = _mm512_maskz_mov_ps(m, g), gs = _mm512_mul_ps(gz, s), gt = _mm512_mul_ps(gz, t);
+            const __m512 p0 = _mm512_unpacklo_ps(gz, gt), p1 = _mm512_unpackhi_ps(gz, gt);
+            const __m512 q0 = _mm512_unpacklo_ps(gs, zero), q1 = _mm512_unpackhi_ps(gs, zero);
+            float *qd = quad + k * HQ;
+            _mm512_store_ps(qd, _mm512_unpacklo_ps(p0, q0));
+            _mm512_store_ps(qd + 16, _mm512_unpackhi_ps(p0, q0));
+            _mm512_store_ps(qd + 32, _mm512_unpacklo_ps(p1, q1));
+            _mm512_store_ps(qd + 48, _mm512_unpackhi_ps(p1, q1));
             const __mmask16 xin = (__mmask16)~(xl | xr) & m, yin = (__mmask16)~(yl | yr) & m;
             const __m512 ga = _mm512_mul_ps(g, a), gb = _mm512_mul_ps(g, bb);
             acc[0] = _mm512_mask_add_ps(acc[0], xl, acc[0], g);
-            acc[1] = _mm512_mask_add_ps(acc[1], xl, acc[1], _mm512_mul_ps(g, _mm512_sub_ps(xv, xlo)));
+            acc[1] = _mm512_mask3_fmadd_ps(g, dxl, acc[1], xl);
             acc[2] = _mm512_mask_add_ps(acc[2], xr, acc[2], g);
-            acc[3] = _mm512_mask_add_ps(acc[3], xr, acc[3], _mm512_mul_ps(g, _mm512_sub_ps(xv, xhi)));
+            acc[3] = _mm512_mask3_fmadd_ps(g, _mm512_sub_ps(xv, xhi), acc[3], xr);
             acc[4] = _mm512_mask_add_ps(acc[4], yl, acc[4], g);
-            acc[5] = _mm512_mask_add_ps(acc[5], yl, acc[5], _mm512_mul_ps(g, _mm512_sub_ps(yv, ylo)));
+            acc[5] = _mm512_mask3_fmadd_ps(g, dyl, acc[5], yl);
             acc[6] = _mm512_mask_add_ps(acc[6], yr, acc[6], g);
-            acc[7] = _mm512_mask_add_ps(acc[7], yr, acc[7], _mm512_mul_ps(g, _mm512_sub_ps(yv, yhi)));
+            acc[7] = _mm512_mask3_fmadd_ps(g, _mm512_sub_ps(yv, yhi), acc[7], yr);
             acc[8] = _mm512_mask_add_ps(acc[8], xin, acc[8], ga);
-            acc[9] = _mm512_mask_add_ps(acc[9], xin, acc[9], _mm512_mul_ps(ga, u));
+            acc[9] = _mm512_mask3_fmadd_ps(ga, u, acc[9], xin);
             acc[10] = _mm512_mask_add_ps(acc[10], yin, acc[10], gb);
-            acc[11] = _mm512_mask_add_ps(acc[11], yin, acc[11], _mm512_mul_ps(gb, w));
+            acc[11] = _mm512_mask3_fmadd_ps(gb, w, acc[11], yin);
         }
-        for (int64_t k = 0; k < rest; k++) {
-            double *c3 = h + (int64_t)bin[k] * 3;
-            c3[0] += gg[k];
-            c3[1] += gs[k];
-            c3[2] += gt[k];
+        const int64_t full = (rest + 15) / 16 * 16;
+        for (int64_t k = 0; k < full; k++) {
+            double *cell = h + (int64_t)bin[k] * HQ;
+            _mm256_storeu_pd(cell, _mm256_add_pd(_mm256_loadu_pd(cell), _mm256_cvtps_pd(_mm_load_ps(quad + k * HQ))));
         }
-        for (int m = 0; m < 12; m++) s12[m] += (double)_mm512_reduce_add_ps(acc[m]);
+        for (int q = 0; q < 12; q++) s12[q] += (double)_mm512_reduce_add_ps(acc[q]);
+    }
+}
+
+static void backward_seg_lut(const void *gp, const void *xp, const void *yp, void *dxp, void *dyp, int dt, int64_t b,
+                             int64_t e, const cell_tables *ct, const float *geo, int n, double *h, double *s12) {
+    switch (dt) {
+    case PWLU_F32: backward_seg_lut_dt(gp, xp, yp, dxp, dyp, PWLU_F32, b, e, ct, geo, n, h, s12); break;
+    case PWLU_F16: backward_seg_lut_dt(gp, xp, yp, dxp, dyp, PWLU_F16, b, e, ct, geo, n, h, s12); break;
+    default: backward_seg_lut_dt(gp, xp, yp, dxp, dyp, PWLU_BF16, b, e, ct, geo, n, h, s12);
     }
 }
 #endif /* PWLU_AVX512 */
 
-/* Thread copies of the histogram and sums: per thread C * (6 N^2 + 12) doubles. */
+/* Thread copies of the histogram and sums: per thread C * (HQ N^2 * 2 + 12) doubles. */
 static double *alloc_partials(int nth, int64_t per_thread) { return (double *)calloc((size_t)nth * per_thread, sizeof(double)); }
 
-/* Sum the threads' copies into hist ([C][N][N][2][3]) and sums ([C][12]). */
-static void reduce_partials(const double *part, int nth, int64_t C, int64_t hsize, double *hist, double *sums) {
-    const int64_t per = C * (hsize + 12);
+/* Sum the threads' copies (bins of HQ doubles) into hist ([C][N][N][2][3]) and sums ([C][12]). */
+static void reduce_partials(const double *part, int nth, int64_t C, int64_t bins, double *hist, double *sums) {
+    const int64_t hsize = bins * HQ, per = C * (hsize + 12);
     for (int64_t c = 0; c < C; c++) {
-        for (int64_t k = 0; k < hsize; k++) {
-            double acc = 0.0;
-            for (int th = 0; th < nth; th++) acc += part[th * per + c * hsize + k];
-            hist[c * hsize + k] = acc;
-        }
+        for (int64_t k = 0; k < bins; k++)
+            for (int q = 0; q < 3; q++) {
+                double acc = 0.0;
+                for (int th = 0; th < nth; th++) acc += part[th * per + c * hsize + k * HQ + q];
+                hist[(c * bins + k) * 3 + q] = acc;
+            }
         for (int k = 0; k < 12; k++) {
             double acc = 0.0;
             for (int th = 0; th < nth; th++) acc += part[th * per + C * hsize + c * 12 + k];
@@ -498,7 +531,7 @@ int pwlu2d_backward_f32c(const void *g, const void *x, const void *y, void *dx, 
                          int64_t C, int64_t inner, const float *values, const float *geometry, int n, int nthreads,
                          double *hist, double *sums) {
     if (dt != PWLU_F32 && dt != PWLU_BF16 && !(dt == PWLU_F16 && PWLU_F16_KERNEL)) return PWLU_ERR_DTYPE;
-    const int64_t total = outer * C * inner, vsize = (int64_t)(n + 1) * (n + 1), hsize = (int64_t)n * n * 6;
+    const int64_t total = outer * C * inner, vsize = (int64_t)(n + 1) * (n + 1), bins = (int64_t)n * n * 2, hsize = bins * HQ;
     const int nth_max = clamp_threads(nthreads);
     const int64_t per = C * (hsize + 12);
     double *part = alloc_partials(nth_max, per);
@@ -517,7 +550,7 @@ int pwlu2d_backward_f32c(const void *g, const void *x, const void *y, void *dx, 
 #if PWLU_AVX512
                 if (n <= LUT_MAX_N && sg.e - sg.b >= 64) {
                     cell_tables ct;
-                    cell_tables_build(v, n, &ct);
+                    kuhn_tables_build(v, n, &ct);
                     backward_seg_lut(g, x, y, dx, dy, dt, sg.b, sg.e, &ct, geo, n, h, s12);
                 } else
 #endif
@@ -536,7 +569,7 @@ int pwlu2d_backward_f32c(const void *g, const void *x, const void *y, void *dx, 
             }
         }
     }
-    reduce_partials(part, nth_max, C, hsize, hist, sums);
+    reduce_partials(part, nth_max, C, bins, hist, sums);
     free(part);
     return PWLU_OK;
 }
@@ -544,7 +577,7 @@ int pwlu2d_backward_f32c(const void *g, const void *x, const void *y, void *dx, 
 int pwlu2d_backward_f64(const double *g, const double *x, const double *y, double *dx, double *dy, int64_t outer,
                         int64_t C, int64_t inner, const double *values, const double *geometry, int n, int nthreads,
                         double *hist, double *sums) {
-    const int64_t total = outer * C * inner, vsize = (int64_t)(n + 1) * (n + 1), hsize = (int64_t)n * n * 6;
+    const int64_t total = outer * C * inner, vsize = (int64_t)(n + 1) * (n + 1), bins = (int64_t)n * n * 2, hsize = bins * HQ;
     const int nth_max = clamp_threads(nthreads);
     const int64_t per = C * (hsize + 12);
     double *part = alloc_partials(nth_max, per);
@@ -565,7 +598,7 @@ int pwlu2d_backward_f64(const double *g, const double *x, const double *y, doubl
             }
         }
     }
-    reduce_partials(part, nth_max, C, hsize, hist, sums);
+    reduce_partials(part, nth_max, C, bins, hist, sums);
     free(part);
     return PWLU_OK;
 }

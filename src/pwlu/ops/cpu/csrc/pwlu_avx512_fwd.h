@@ -17,7 +17,7 @@
 #if PWLU_AVX512
 /* y = a (x - sh) + b; a flat piece gives its value b, also at x = +-inf (not 0 * inf = NaN);
  * NaN x stays NaN. */
-static inline __m512 finish16(__m512 x, __m512 sh, __m512 a, __m512 b) {
+PWLU_INLINE __m512 finish16(__m512 x, __m512 sh, __m512 a, __m512 b) {
     const __mmask16 use_fma = _mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_NEQ_UQ) |
                               _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
     return _mm512_mask3_fmadd_ps(a, _mm512_sub_ps(x, sh), b, use_fma);
@@ -165,7 +165,7 @@ static inline void fwd_row_f(const void *x, void *y, int64_t off, int64_t C, int
 
 /* In-register transpose of a 16x16 float tile (its own inverse): after it, r[j] holds
  * element j of each of the 16 input vectors. */
-static inline void transpose16(__m512 *r) {
+PWLU_INLINE void transpose16(__m512 *r) {
     __m512 t[16];
     for (int i = 0; i < 8; i++) {
         t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);

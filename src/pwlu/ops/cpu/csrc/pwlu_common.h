@@ -72,21 +72,25 @@
 #define SHORT_ROW 256    /* forward: rows shorter than this go channel by channel */
 #define SHORT_SEG 512    /* backward: rows shorter than this go channel by channel */
 
+/* Loads, stores and tile helpers are forced inline: a call from a vector loop clobbers every
+ * zmm register (all are caller-saved), so the loop would spill and reload its tables. */
+#define PWLU_INLINE static inline __attribute__((always_inline))
+
 /* ---- scalar loads/stores (any storage dtype, compute float; double is stored as double) ---- */
-static inline float bf16_to_f32(uint16_t h) {
+PWLU_INLINE float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
     float f;
     memcpy(&f, &u, 4);
     return f;
 }
-static inline uint16_t f32_to_bf16(float f) {
+PWLU_INLINE uint16_t f32_to_bf16(float f) {
     uint32_t u;
     memcpy(&u, &f, 4);
     if (f != f) return 0x7FC0; /* NaN, as torch */
     u += 0x7FFFu + ((u >> 16) & 1u); /* round to nearest even */
     return (uint16_t)(u >> 16);
 }
-static inline float load_s(const void *p, int64_t i, int dt) {
+PWLU_INLINE float load_s(const void *p, int64_t i, int dt) {
     switch (dt) {
     case PWLU_F32: return ((const float *)p)[i];
 #if defined(__FLT16_MAX__)
@@ -97,7 +101,7 @@ static inline float load_s(const void *p, int64_t i, int dt) {
     default: return bf16_to_f32(((const uint16_t *)p)[i]);
     }
 }
-static inline void store_s(void *p, int64_t i, float v, int dt) {
+PWLU_INLINE void store_s(void *p, int64_t i, float v, int dt) {
     switch (dt) {
     case PWLU_F32: ((float *)p)[i] = v; break;
 #if defined(__FLT16_MAX__)
@@ -108,18 +112,18 @@ static inline void store_s(void *p, int64_t i, float v, int dt) {
     default: ((uint16_t *)p)[i] = f32_to_bf16(v); break;
     }
 }
-static inline double load_d(const void *p, int64_t i, int dt) {
+PWLU_INLINE double load_d(const void *p, int64_t i, int dt) {
     (void)dt;
     return ((const double *)p)[i];
 }
-static inline void store_d(void *p, int64_t i, double v, int dt) {
+PWLU_INLINE void store_d(void *p, int64_t i, double v, int dt) {
     (void)dt;
     ((double *)p)[i] = v;
 }
 
 #if PWLU_AVX512
 /* ---- AVX-512 loads/stores of 16 elements and the region index (forward and backward) ---- */
-static inline __m512 ld16(const void *p, int64_t i, __mmask16 m, int dt) {
+PWLU_INLINE __m512 ld16(const void *p, int64_t i, __mmask16 m, int dt) {
     switch (dt) {
     case PWLU_F32: return _mm512_maskz_loadu_ps(m, (const float *)p + i);
     case PWLU_F16: return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, (const uint16_t *)p + i));
@@ -128,7 +132,7 @@ static inline __m512 ld16(const void *p, int64_t i, __mmask16 m, int dt) {
             _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, (const uint16_t *)p + i)), 16));
     }
 }
-static inline void st16(void *p, int64_t i, __m512 v, __mmask16 m, int dt) {
+PWLU_INLINE void st16(void *p, int64_t i, __m512 v, __mmask16 m, int dt) {
     switch (dt) {
     case PWLU_F32: _mm512_mask_storeu_ps((float *)p + i, m, v); break;
     case PWLU_F16:
@@ -144,13 +148,13 @@ static inline void st16(void *p, int64_t i, __m512 v, __mmask16 m, int dt) {
     }
 }
 /* The address of element i of a 4-byte (fp32) or 2-byte (fp16, bf16) array, for prefetches. */
-static inline const char *elem_ptr(const void *p, int64_t i, int dt) {
+PWLU_INLINE const char *elem_ptr(const void *p, int64_t i, int dt) {
     return (const char *)p + i * (dt == PWLU_F32 ? 4 : 2);
 }
-static inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u); }
+PWLU_INLINE __mmask16 tail_mask(int64_t left) { return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u); }
 
 /* Region index k (int32) and the offsets x - lo, u and i of 16 elements. */
-static inline __m512i region16(__m512 x, __m512 lo, __m512 hi, __m512 inv, __m512 nm1, __m512i np1, __m512 *xl,
+PWLU_INLINE __m512i region16(__m512 x, __m512 lo, __m512 hi, __m512 inv, __m512 nm1, __m512i np1, __m512 *xl,
                                __m512 *u, __m512 *fi) {
     *xl = _mm512_sub_ps(x, lo);
     *u = _mm512_mul_ps(*xl, inv);
