@@ -8,7 +8,7 @@ from torch import Tensor
 
 from .ops import dispatch, plans
 from .ops.autograd import pwlu_differentiable, pwlu_fwd
-from .ops.dispatch import PWLU_BACKENDS
+from .ops.dispatch import PWLU2D_BACKENDS, PWLU_BACKENDS
 from .ops.npwlu_reference import npwlu_reference
 from .ops.pwlu2d_autograd import pwlu2d_differentiable
 from .ops.pwlu2d_reference import check_pwlu2d_params, pwlu2d_composite, pwlu2d_reference
@@ -137,7 +137,9 @@ def pwlu2d(
     histograms (:mod:`pwlu.ops.pwlu2d_grads`). Eager calls use a ``torch.autograd.Function``;
     under ``torch.compile``/``torch.export`` the custom op ``torch.ops.pwlu.pwlu2d``. The
     backend (Triton on CUDA, the compiled C kernel on CPU, vectorised torch otherwise) is
-    chosen as for :func:`pwlu` (:func:`pwlu.use_backend`).
+    chosen as for :func:`pwlu` (:func:`pwlu.use_backend`). Repeated gradient-free calls with
+    the same ``nn.Parameter`` tensors and input geometry reuse an inference plan (the CPU
+    kernel's), checked against the parameters' current values on every call.
 
     Args:
         x, y (Tensor[...]): the two inputs, same shape and floating dtype.
@@ -160,7 +162,23 @@ def pwlu2d(
         y_left_slope,
         y_right_slope,
     )
+    setting = dispatch.get_backend_name()
+    gradient_free = (
+        not torch.compiler.is_compiling()
+        and not (torch.is_grad_enabled() and _needs_grad(x, (y, *params)))
+        and not in_transform()
+    )
+    if gradient_free:  # a plan made earlier from validated arguments with this key: no checks again
+        z = plans.run_pair(x, y, params, channel_dim, setting)
+        if z is not None:
+            return z
     cd = check_pwlu2d_params(x, y, *params, channel_dim=channel_dim)
-    if dispatch.get_backend_name() == "reference":
+    if setting == "reference":
         return pwlu2d_composite(x, y, *params, cd)
+    if gradient_free:
+        make = PWLU2D_BACKENDS.select(x.device).make_plan
+        if make is not None:
+            z = plans.make_and_run_pair(make, x, y, params, channel_dim, cd, setting)
+            if z is not None:
+                return z
     return pwlu2d_differentiable(x, y, *params, cd)

@@ -197,11 +197,15 @@ class PWLU2DBackend(Backend, Protocol):
 
     * ``forward(x, y, values, geometry, channel_dim) -> z``
     * ``backward(grad, x, y, values, geometry, channel_dim) -> (dx, dy, hist, sums)``, with
-      ``hist Tensor[C, N, N, 2, 3]`` and ``sums Tensor[C, 12]`` as in :mod:`pwlu.ops.pwlu2d_grads`.
+      ``hist Tensor[C, N, N, 2, 3]`` and ``sums Tensor[C, 12]`` as in :mod:`pwlu.ops.pwlu2d_grads`;
+    * ``make_plan(x, y, params, channel_dim) -> plan | None`` (``None`` where a backend has
+      none): a gradient-free forward prepared for repeated calls, as PWLU's, called as
+      ``plan(x, y)`` and kept by :mod:`pwlu.ops.plans`.
     """
 
     forward: Callable[..., Tensor]
     backward: Callable[..., tuple[Tensor, Tensor, Tensor, Tensor]]
+    make_plan: Callable[..., Callable[[Tensor, Tensor], Tensor | None] | None] | None
 
 
 PWLU2D_BACKENDS: BackendTable[PWLU2DBackend] = BackendTable(

@@ -99,6 +99,42 @@ def make_and_run(
     return plan(x)
 
 
+def pair_key(x: Tensor, y: Tensor, channel_dim: int, setting: str) -> tuple:
+    """:func:`call_key` of a two-input op (the 2-D PWLU): y's shape, strides, dtype and device too."""
+    return (x.shape, x.stride(), y.shape, y.stride(), x.dtype, y.dtype, x.device, y.device, channel_dim, setting,
+            torch.get_num_threads())  # fmt: skip
+
+
+def run_pair(x: Tensor, y: Tensor, params: tuple[Tensor, ...], channel_dim: int, setting: str) -> Tensor | None:
+    """:func:`run` for a two-input op: ``plan(x, y)`` from the plan made for exactly this call, else ``None``."""
+    entry = _CACHE.get(tuple(map(id, params)))
+    if entry is None or type(x) is not Tensor or type(y) is not Tensor or type(channel_dim) is not int:
+        return None
+    plan = entry.plans.get(pair_key(x, y, channel_dim, setting))
+    if plan is not None and entry.holds(params) and plan.ptrs == tuple(map(_data_ptr, params)):
+        return plan(x, y)  # type: ignore[call-arg]
+    return None
+
+
+def make_and_run_pair(
+    make: Callable[[Tensor, Tensor, tuple[Tensor, ...], int | None], Plan | None],
+    x: Tensor,
+    y: Tensor,
+    params: tuple[Tensor, ...],
+    channel_dim: int,
+    normalized_channel_dim: int | None,
+    setting: str,
+) -> Tensor | None:
+    """:func:`make_and_run` for a two-input op (``make(x, y, params, channel_dim)``)."""
+    if type(x) is not Tensor or type(y) is not Tensor or not all(type(p) is nn.Parameter for p in params):
+        return None
+    plan = make(x, y, params, normalized_channel_dim)
+    if plan is None:
+        return None
+    _remember(params, plan, pair_key(x, y, channel_dim, setting))
+    return plan(x, y)  # type: ignore[call-arg]
+
+
 def _remember(params: tuple[Tensor, ...], plan: Plan, key: tuple) -> None:
     ids = tuple(map(id, params))
     with _lock:

@@ -15,7 +15,10 @@ import torch
 from torch import Tensor
 
 from .cpu import build
-from .cpu.backend import _in_order, _kernel_dtype, _layout, _like, _num_threads
+from .cpu.backend import _dense_order, _in_order, _kernel_dtype, _layout, _like, _num_threads
+from .cpu.plan import InferencePlan
+from .folding import compute_dtype
+from .pwlu2d_grads import pwlu2d_geometry
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -27,6 +30,12 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.pwlu2d_backward_f64.argtypes = [p, p, p, p, p, i64, i64, i64, p, p, i32, i32, p, p]
     for name in ("pwlu2d_forward_f32c", "pwlu2d_forward_f64", "pwlu2d_backward_f32c", "pwlu2d_backward_f64"):
         getattr(lib, name).restype = i32
+    lib.pwlu2d_forward_plan.argtypes = [p, p, p, p]
+    lib.pwlu2d_forward_plan.restype = i32
+    lib.pwlu2d_tables_size.argtypes = [i64, i32, i64]
+    lib.pwlu2d_tables_size.restype = i64
+    lib.pwlu2d_tables.argtypes = [p, i64, i32, p]
+    lib.pwlu2d_tables.restype = i32
     lib.pwlu2d_cpu_abi_version.restype = i32
     lib.pwlu2d_cpu_has_f16.restype = i32
 
@@ -104,12 +113,73 @@ def backward(grad, x, y, values, geometry, channel_dim):
     return dx, dy, hist.to(values.dtype), sums.to(values.dtype)
 
 
+class _PlanArgs(ctypes.Structure):
+    """``pwlu2d_plan`` of ``csrc/pwlu2d_cpu.c``: the kernel arguments other than x, y and z."""
+
+    _fields_ = [
+        *((name, ctypes.c_int64) for name in ("dt", "outer", "C", "inner", "n", "nthreads")),
+        ("values", ctypes.c_void_p),
+        ("geometry", ctypes.c_void_p),
+        ("tables", ctypes.c_void_p),  # the vector path's tables (pwlu2d_tables), or NULL
+        ("live", ctypes.c_void_p * 9),  # the nine parameter tensors' data
+        ("snap", ctypes.c_void_p * 9),  # the copies the values and geometry were made from
+        ("bytes", ctypes.c_int64 * 9),
+    ]
+
+
+class InferencePlan2D(InferencePlan):
+    """One 2-D PWLU forward for one call geometry (:mod:`pwlu.ops.plans`): the packed values and
+    geometry made once, the parameters compared with their snapshot in C on every call."""
+
+    __slots__ = ()
+
+    def __call__(self, x: Tensor, y: Tensor) -> Tensor | None:  # type: ignore[override]
+        """``z``, or ``None`` when the parameters' bytes differ from the snapshot."""
+        z = torch.empty_like(x)
+        rc = self.run(self.struct, x.data_ptr(), y.data_ptr(), z.data_ptr())
+        if rc != build.OK:
+            if rc == build.PLAN_STALE:
+                return None
+            build.check(rc, "pwlu2d_forward_plan")
+        return z
+
+
+def make_plan(x: Tensor, y: Tensor, params: tuple[Tensor, ...], channel_dim: int | None) -> InferencePlan2D | None:
+    """A plan for this gradient-free call (arguments validated, ``channel_dim`` normalised), or
+    ``None`` where none applies: x not dense, y not laid out as x, an output that would not be,
+    fp16 without fp16 kernels, an empty input, non-contiguous parameters."""
+    lib = PWLU2D_CPU.get()
+    if lib is None or not x.is_cpu or x.numel() == 0 or _no_f16(lib, x):
+        return None
+    if not all(p.is_contiguous() for p in params):
+        return None  # compared byte for byte on every call: only dense parameters
+    if _dense_order(x) is None or y.stride() != x.stride() or torch.empty_like(x).stride() != x.stride():
+        return None
+    _, _, (outer, c, inner) = _layout(x, channel_dim)
+    values, geometry = pwlu2d_geometry(params, compute_dtype(x.dtype))
+    n = values.shape[-1] - 1
+    size = lib.pwlu2d_tables_size(c, n, inner) if x.dtype != torch.float64 else 0
+    tables = torch.empty(size, dtype=torch.float32)
+    if size:
+        build.check(lib.pwlu2d_tables(values.data_ptr(), c, n, tables.data_ptr()), "pwlu2d_tables")
+    snapshots = [p.detach().clone() for p in params]
+    struct = _PlanArgs(
+        build._DTYPE_CODES[x.dtype], outer, c, inner, n, _num_threads(x.numel()), values.data_ptr(),
+        geometry.data_ptr(), tables.data_ptr() if size else None,
+        (ctypes.c_void_p * 9)(*(p.data_ptr() for p in params)),
+        (ctypes.c_void_p * 9)(*(p.data_ptr() for p in snapshots)),
+        (ctypes.c_int64 * 9)(*(p.numel() * p.element_size() for p in params)),
+    )  # fmt: skip
+    return InferencePlan2D(params, lib.pwlu2d_forward_plan, struct, [values, geometry, tables, *snapshots])
+
+
 class CPUBackend:
     """The compiled-C 2-D PWLU backend (:class:`pwlu.ops.dispatch.PWLU2DBackend`)."""
 
     name = "cpu"
     forward = staticmethod(forward)
     backward = staticmethod(backward)
+    make_plan = staticmethod(make_plan)
 
     @staticmethod
     def is_available(device: torch.device) -> bool:

@@ -113,6 +113,7 @@ class TorchBackend:
     name = "torch"
     forward = staticmethod(forward)
     backward = staticmethod(backward)
+    make_plan = None
 
     @staticmethod
     def is_available(device: torch.device) -> bool:

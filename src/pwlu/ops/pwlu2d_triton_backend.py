@@ -229,6 +229,7 @@ class TritonBackend:
     name = "triton"
     forward = staticmethod(forward)
     backward = staticmethod(backward)
+    make_plan = None
     is_available = staticmethod(is_available)
 
 

@@ -120,6 +120,8 @@ __attribute__((noinline)) static void forward_seg_f64(const double *restrict x, 
  * Four tables of 64 floats by cell i N + j, four zmm each; a lookup is two vpermt2ps (cells
  * 0-31, 32-63) and a blend: no gathers. */
 #define LUT_MAX_N 8
+#define KUHN_FLOATS 256 /* floats of one channel's tables: 4 x 64 cells */
+#define LUT_MIN_SEG 16 /* shorter row segments (channels fastest: one element) go the scalar way */
 
 typedef struct {
     __m512 t[4][4];
@@ -128,20 +130,21 @@ typedef struct {
 /* The tables, by cell i N + j: V[i,j] and the differences D10 = V[i+1,j] - V[i,j],
  * D01 = V[i,j+1] - V[i,j], D11 = V[i+1,j+1] - V[i,j], so that on either triangle
  * F = V00 + D10 max(s - t, 0) + D01 max(t - s, 0) + D11 min(s, t) (the forward selects no triangle). */
-static inline void kuhn_tables_build(const float *v, int n, cell_tables *ct) {
-    float buf[4][64];
-    memset(buf, 0, sizeof(buf));
+static void kuhn_fill(const float *v, int n, float *out) {
+    memset(out, 0, KUHN_FLOATS * sizeof(float));
     for (int i = 0; i < n; i++)
         for (int j = 0; j < n; j++) {
             const int cell = i * n + j, base = i * (n + 1) + j;
             const float v00 = v[base];
-            buf[0][cell] = v00;
-            buf[1][cell] = v[base + n + 1] - v00;
-            buf[2][cell] = v[base + 1] - v00;
-            buf[3][cell] = v[base + n + 2] - v00;
+            out[cell] = v00;
+            out[64 + cell] = v[base + n + 1] - v00;
+            out[128 + cell] = v[base + 1] - v00;
+            out[192 + cell] = v[base + n + 2] - v00;
         }
+}
+static inline void kuhn_tables_load(const float *t, cell_tables *ct) {
     for (int k = 0; k < 4; k++)
-        for (int q = 0; q < 4; q++) ct->t[k][q] = _mm512_loadu_ps(buf[k] + 16 * q);
+        for (int q = 0; q < 4; q++) ct->t[k][q] = _mm512_loadu_ps(t + 64 * k + 16 * q);
 }
 
 /* u = (clamp(a) - lo) / width * N on one axis (N exactly right of the range, NaN stays NaN), its
@@ -202,9 +205,33 @@ static void forward_seg_lut(const void *x, const void *y, void *z, int dt, int64
 }
 #endif /* PWLU_AVX512 */
 
-/* Forward, float compute: dt is the storage dtype of x, y and z (F32, F16 or BF16). */
-int pwlu2d_forward_f32c(const void *x, const void *y, void *z, int dt, int64_t outer, int64_t C, int64_t inner,
-                        const float *values, const float *geometry, int n, int nthreads) {
+/* The vector path's tables of all C channels (KUHN_FLOATS each), built once per call (or once
+ * per inference plan): the number of floats they take on this build for N and row segments of
+ * `inner` elements (0: no vector path), and the tables themselves. */
+int64_t pwlu2d_tables_size(int64_t C, int n, int64_t inner) {
+#if PWLU_AVX512
+    return n <= LUT_MAX_N && inner >= LUT_MIN_SEG ? C * KUHN_FLOATS : 0;
+#else
+    (void)C, (void)n, (void)inner;
+    return 0;
+#endif
+}
+int pwlu2d_tables(const float *values, int64_t C, int n, float *out) {
+#if PWLU_AVX512
+    const int64_t vsize = (int64_t)(n + 1) * (n + 1);
+    if (n > LUT_MAX_N) return PWLU_ERR_SHAPE;
+    for (int64_t c = 0; c < C; c++) kuhn_fill(values + c * vsize, n, out + c * KUHN_FLOATS);
+    return PWLU_OK;
+#else
+    (void)values, (void)C, (void)n, (void)out;
+    return PWLU_ERR_SHAPE;
+#endif
+}
+
+/* Forward, float compute: dt is the storage dtype of x, y and z (F32, F16 or BF16); tabs the
+ * tables of pwlu2d_tables, or NULL (the scalar loop). */
+static int forward_f32c_tabs(const void *x, const void *y, void *z, int dt, int64_t outer, int64_t C, int64_t inner,
+                             const float *values, const float *geometry, int n, int nthreads, const float *tabs) {
     if (dt != PWLU_F32 && dt != PWLU_BF16 && !(dt == PWLU_F16 && PWLU_F16_KERNEL)) return PWLU_ERR_DTYPE;
     const int64_t total = outer * C * inner, vsize = (int64_t)(n + 1) * (n + 1);
 #pragma omp parallel num_threads(clamp_threads(nthreads))
@@ -217,9 +244,9 @@ int pwlu2d_forward_f32c(const void *x, const void *y, void *z, int dt, int64_t o
             for (seg_iter sg = seg_first(pb, pe, inner, C); sg.b < pe; seg_next(&sg, pe, inner, C)) {
                 const float *v = values + sg.c * vsize, *geo = geometry + sg.c * 10;
 #if PWLU_AVX512
-                if (n <= LUT_MAX_N && sg.e - sg.b >= 64) {
+                if (tabs && sg.e - sg.b >= LUT_MIN_SEG) {
                     cell_tables ct;
-                    kuhn_tables_build(v, n, &ct);
+                    kuhn_tables_load(tabs + sg.c * KUHN_FLOATS, &ct);
                     forward_seg_lut(x, y, z, dt, sg.b, sg.e, &ct, geo, n);
                     continue;
                 }
@@ -236,6 +263,27 @@ int pwlu2d_forward_f32c(const void *x, const void *y, void *z, int dt, int64_t o
         }
     }
     return PWLU_OK;
+}
+
+/* Tables of every channel for this call (NULL where the vector path does not apply); *rc is
+ * PWLU_ERR_NOMEM when they could not be allocated. */
+static float *call_tables(const float *values, int64_t C, int n, int64_t inner, int *rc) {
+    const int64_t size = pwlu2d_tables_size(C, n, inner);
+    *rc = PWLU_OK;
+    if (size == 0) return NULL;
+    float *tabs = (float *)aligned_alloc(64, (size_t)size * sizeof(float));
+    if (!tabs) *rc = PWLU_ERR_NOMEM;
+    else pwlu2d_tables(values, C, n, tabs);
+    return tabs;
+}
+
+int pwlu2d_forward_f32c(const void *x, const void *y, void *z, int dt, int64_t outer, int64_t C, int64_t inner,
+                        const float *values, const float *geometry, int n, int nthreads) {
+    int rc;
+    float *tabs = call_tables(values, C, n, inner, &rc);
+    if (rc == PWLU_OK) rc = forward_f32c_tabs(x, y, z, dt, outer, C, inner, values, geometry, n, nthreads, tabs);
+    free(tabs);
+    return rc;
 }
 
 int pwlu2d_forward_f64(const double *x, const double *y, double *z, int64_t outer, int64_t C, int64_t inner,
@@ -255,6 +303,26 @@ int pwlu2d_forward_f64(const double *x, const double *y, double *z, int64_t oute
         }
     }
     return PWLU_OK;
+}
+
+/* An inference plan (pwlu.ops.pwlu2d_cpu_backend.make_plan): the kernel arguments besides x, y
+ * and z, and the nine parameter tensors with the snapshots their values and geometry were made
+ * from, compared byte for byte before every call (an optimizer step or a write through .data
+ * makes the call return PWLU_PLAN_STALE, nothing computed). */
+typedef struct {
+    int64_t dt, outer, C, inner, n, nthreads;
+    const void *values, *geometry, *tables; /* tables: pwlu2d_tables, or NULL */
+    const void *live[9], *snap[9];
+    int64_t bytes[9];
+} pwlu2d_plan;
+int pwlu2d_forward_plan(const pwlu2d_plan *p, const void *x, const void *y, void *z) {
+    for (int i = 0; i < 9; i++)
+        if (memcmp(p->live[i], p->snap[i], (size_t)p->bytes[i]) != 0) return PWLU_PLAN_STALE;
+    if (p->dt == PWLU_F64)
+        return pwlu2d_forward_f64(x, y, z, p->outer, p->C, p->inner, p->values, p->geometry, (int)p->n,
+                                  (int)p->nthreads);
+    return forward_f32c_tabs(x, y, z, (int)p->dt, p->outer, p->C, p->inner, p->values, p->geometry, (int)p->n,
+                             (int)p->nthreads, p->tables);
 }
 
 /* ----------------------------------------------------------------------------- backward */
@@ -534,8 +602,13 @@ int pwlu2d_backward_f32c(const void *g, const void *x, const void *y, void *dx, 
     const int64_t total = outer * C * inner, vsize = (int64_t)(n + 1) * (n + 1), bins = (int64_t)n * n * 2, hsize = bins * HQ;
     const int nth_max = clamp_threads(nthreads);
     const int64_t per = C * (hsize + 12);
-    double *part = alloc_partials(nth_max, per);
-    if (!part) return PWLU_ERR_NOMEM;
+    int rc;
+    float *tabs = call_tables(values, C, n, inner, &rc);
+    double *part = rc == PWLU_OK ? alloc_partials(nth_max, per) : NULL;
+    if (!part) {
+        free(tabs);
+        return PWLU_ERR_NOMEM;
+    }
 #pragma omp parallel num_threads(nth_max)
     {
         int th, nth;
@@ -548,9 +621,9 @@ int pwlu2d_backward_f32c(const void *g, const void *x, const void *y, void *dx, 
                 const float *v = values + sg.c * vsize, *geo = geometry + sg.c * 10;
                 double *h = hist_t + sg.c * hsize, s12[12] = {0};
 #if PWLU_AVX512
-                if (n <= LUT_MAX_N && sg.e - sg.b >= 64) {
+                if (tabs && sg.e - sg.b >= LUT_MIN_SEG) {
                     cell_tables ct;
-                    kuhn_tables_build(v, n, &ct);
+                    kuhn_tables_load(tabs + sg.c * KUHN_FLOATS, &ct);
                     backward_seg_lut(g, x, y, dx, dy, dt, sg.b, sg.e, &ct, geo, n, h, s12);
                 } else
 #endif
@@ -570,6 +643,7 @@ int pwlu2d_backward_f32c(const void *g, const void *x, const void *y, void *dx, 
         }
     }
     reduce_partials(part, nth_max, C, bins, hist, sums);
+    free(tabs);
     free(part);
     return PWLU_OK;
 }

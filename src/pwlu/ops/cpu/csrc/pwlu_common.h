@@ -41,7 +41,7 @@
 #define PWLU_F16_KERNEL 0
 #endif
 
-#define PWLU_ABI_VERSION 7
+#define PWLU_ABI_VERSION 8
 
 /* ---- storage dtype codes (the `dt` argument) ---- */
 #define PWLU_F32 0
@@ -54,6 +54,7 @@
 #define PWLU_ERR_NOMEM 1   /* a scratch buffer could not be allocated */
 #define PWLU_PLAN_STALE 2  /* pwlu_forward_plan: the parameters differ from the snapshot, nothing computed */
 #define PWLU_ERR_DTYPE 3   /* a dtype code this function (or this build) does not handle */
+#define PWLU_ERR_SHAPE 4   /* pwlu2d_tables: N > 8, or a build without the vector path */
 
 /* ---- tuning constants ---- */
 #define NCOPY 4          /* histogram copies of the scalar paths (break store-to-load chains) */
