@@ -376,3 +376,37 @@ def test_compile_sees_one_custom_op():
     expected = torch.autograd.grad(pwlu.pwlu2d_reference(x, y, *params).square().sum(), params)
     for a, b in zip(grads, expected):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("channels", [None, 5])
+def test_native_geometry_and_param_grads_match_the_torch_formulas(channels, monkeypatch):
+    """The compiled one-call geometry and parameter gradients (float32 parameters on the CPU)
+    against the torch formulas of pwlu2d_grads: the geometry bit for bit (also a collapsed
+    width and a NaN bound), the gradients from random float64 histograms to rounding."""
+    from pwlu.ops import pwlu2d_grads
+    from pwlu.ops.pwlu2d_cpu_backend import PWLU2D_CPU
+
+    if PWLU2D_CPU.get() is None:
+        pytest.skip("no C compiler")
+    n = 6
+    params = [p.float() for p in random_params(n, channels, seed=21)]
+    if channels is not None:
+        params[2][1] = params[1][1] + 1e-7  # x range of channel 1 below MIN_WIDTH
+        params[3][2] = float("nan")  # a NaN y bound (written through .data): NaN geometry
+        params[4][4] = params[3][4] + 1e-7  # y range of channel 4 below MIN_WIDTH
+    params = tuple(params)
+    gen = torch.Generator().manual_seed(22)
+    c = 1 if channels is None else channels
+    hist = torch.randn(c, n, n, 2, 3, generator=gen, dtype=torch.float64)
+    sums = torch.randn(c, 12, generator=gen, dtype=torch.float64)
+    assert pwlu2d_grads._native(params, torch.float32) is not None
+    values, geometry = pwlu2d_grads.pwlu2d_geometry(params, torch.float32)
+    native = pwlu2d_grads.pwlu2d_param_grads(hist, sums, geometry, params)
+    monkeypatch.setattr(pwlu2d_grads, "_native", lambda params, dtype: None)
+    values_t, geometry_t = pwlu2d_grads.pwlu2d_geometry(params, torch.float32)
+    assert torch.equal(values, values_t)
+    torch.testing.assert_close(geometry, geometry_t, rtol=0, atol=0, equal_nan=True)
+    formulas = pwlu2d_grads.pwlu2d_param_grads(hist, sums, geometry, params)
+    for name, a, b in zip(NAMES, native, formulas):
+        assert a.shape == b.shape and a.dtype == b.dtype == torch.float32, name
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, equal_nan=True, msg=lambda m, name=name: f"{name}: {m}")

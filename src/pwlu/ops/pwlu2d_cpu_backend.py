@@ -36,6 +36,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.pwlu2d_tables_size.restype = i64
     lib.pwlu2d_tables.argtypes = [p, i64, i32, p]
     lib.pwlu2d_tables.restype = i32
+    lib.pwlu2d_geometry_f32.argtypes = [p, i64, i32, ctypes.c_float, p]
+    lib.pwlu2d_geometry_f32.restype = i32
+    lib.pwlu2d_param_grads_f64.argtypes = [p, p, p, p, i64, i32, ctypes.c_float, p, p]
+    lib.pwlu2d_param_grads_f64.restype = i32
     lib.pwlu2d_cpu_abi_version.restype = i32
     lib.pwlu2d_cpu_has_f16.restype = i32
 
@@ -110,7 +114,7 @@ def backward(grad, x, y, values, geometry, channel_dim):
             hist.data_ptr(), sums.data_ptr(),
         )  # fmt: skip
     build.check(rc, "pwlu2d_backward")
-    return dx, dy, hist.to(values.dtype), sums.to(values.dtype)
+    return dx, dy, hist, sums  # float64: pwlu2d_param_grads computes in it
 
 
 class _PlanArgs(ctypes.Structure):

@@ -23,12 +23,16 @@ A backward kernel returns ``dx``, ``dy`` and
   over those with ``y`` inside.
 
 :func:`pwlu2d_param_grads` turns them into the nine exact gradients (an ``O(C N^2)`` epilogue).
+For float32 parameters on the CPU both functions run as one compiled call each (``pwlu2d_cpu``,
+the gradients in float64 from the CPU backend's float64 histograms).
 """
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .folding import MIN_WIDTH, effective_bounds
 
@@ -38,11 +42,35 @@ NUM_SUMS = 12
 NUM_GEOMETRY = 10
 
 
+def _native(params: tuple[Tensor, ...], dtype: torch.dtype):
+    """The compiled ``pwlu2d_cpu`` library where its one-call geometry and parameter gradients
+    apply (float32 compute, the nine parameters plain dense float32 CPU tensors), else ``None``.
+    Each replaces some twenty small torch ops, which cost more than the kernel on small inputs."""
+    if dtype != torch.float32:
+        return None
+    for p in params:
+        if type(p) not in (Tensor, nn.Parameter) or p.dtype != torch.float32 or not p.is_cpu or not p.is_contiguous():
+            return None
+    from .pwlu2d_cpu_backend import PWLU2D_CPU  # here: that module imports this one
+
+    return PWLU2D_CPU.get()
+
+
+def _scalar_ptrs(params: tuple[Tensor, ...]):
+    return (ctypes.c_void_p * 8)(*(p.data_ptr() for p in params[1:]))
+
+
 def pwlu2d_geometry(params: tuple[Tensor, ...], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """``(values Tensor[C, N+1, N+1], geometry Tensor[C, 10])`` in ``dtype`` (not differentiated)."""
     values = params[0]
     n1 = values.shape[-1]
     n = n1 - 1
+    lib = _native(params, dtype)
+    if lib is not None:
+        values = values.detach().reshape(-1, n1, n1)
+        geometry = torch.empty(values.shape[0], NUM_GEOMETRY, dtype=dtype)
+        lib.pwlu2d_geometry_f32(_scalar_ptrs(params), values.shape[0], n, MIN_WIDTH, geometry.data_ptr())
+        return values, geometry
     with torch.no_grad():
         xl, xr, yl, yr, kxl, kxr, kyl, kyr = (p.detach().to(dtype).reshape(-1) for p in params[1:])
         xr_eff, _, inv_dx = effective_bounds(xl, xr, n)
@@ -55,6 +83,18 @@ def pwlu2d_param_grads(hist: Tensor, sums: Tensor, geometry: Tensor, params: tup
     """The nine parameter gradients (in the parameters' shapes and dtypes) from a backward
     kernel's ``hist`` and ``sums`` (module docstring); ``params`` are the original parameters."""
     n = hist.shape[1]
+    lib = _native(params, geometry.dtype) if hist.dtype == torch.float64 and hist.is_cpu else None
+    if lib is not None:
+        c = hist.shape[0]
+        hist, sums = hist.contiguous(), sums.contiguous()
+        d_values = torch.empty(c, n + 1, n + 1, dtype=torch.float64)
+        d_rest = torch.empty(c, 8, dtype=torch.float64)
+        lib.pwlu2d_param_grads_f64(
+            hist.data_ptr(), sums.data_ptr(), geometry.data_ptr(), _scalar_ptrs(params), c, n, MIN_WIDTH,
+            d_values.data_ptr(), d_rest.data_ptr(),
+        )  # fmt: skip
+        grads = (d_values, *d_rest.unbind(-1))
+        return tuple(gr.reshape(p.shape).to(p.dtype, copy=True) for gr, p in zip(grads, params))
     g, gs, gt = hist.unbind(-1)  # each [C, N, N, 2]
     d_values = torch.zeros(hist.shape[0], n + 1, n + 1, dtype=hist.dtype, device=hist.device)
     # lower triangle: weights 1-s, s-t, t on V[i,j], V[i+1,j], V[i+1,j+1]
@@ -77,7 +117,7 @@ def pwlu2d_param_grads(hist: Tensor, sums: Tensor, geometry: Tensor, params: tup
         d_left = -inv_d * (ga - gau / n) - k_left * g_left
         d_right_eff = -inv_d * gau / n - k_right * g_right
         # a range below MIN_WIDTH has X_R = X_L + MIN_WIDTH: its gradient goes to X_L
-        clamped = (right.detach() - left.detach()).to(hist.dtype).reshape(-1) < MIN_WIDTH
+        clamped = (right.detach() - left.detach()).to(geometry.dtype).reshape(-1) < MIN_WIDTH
         grads += [torch.where(clamped, d_left + d_right_eff, d_left), torch.where(clamped, 0.0, d_right_eff)]
     grads += [rxl, rxr, ryl, ryr]
     # copy=True: the small gradients are views of one tensor and must not alias each other

@@ -676,3 +676,65 @@ int pwlu2d_backward_f64(const double *g, const double *x, const double *y, doubl
     free(part);
     return PWLU_OK;
 }
+
+/* ------------------------------------------------------------------ geometry and parameter gradients */
+
+/* pwlu.ops.pwlu2d_grads.pwlu2d_geometry in one call, for parameters already in the compute dtype
+ * (float32): p[0..7] = X_L, X_R, Y_L, Y_R, K_XL, K_XR, K_YL, K_YR (C each, or 1 layer-wise);
+ * geometry [C][10] as documented there, the width floor as folding.effective_bounds (a NaN
+ * width stays NaN; 1 / dx = (1 / width) N, as torch's N / width). */
+int pwlu2d_geometry_f32(const float *const *p, int64_t C, int n, float min_width, float *geometry) {
+    for (int64_t c = 0; c < C; c++) {
+        float *geo = geometry + c * 10;
+        for (int axis = 0; axis < 2; axis++) {
+            const float lo = p[2 * axis][c], hi = p[2 * axis + 1][c], raw = hi - lo;
+            const int ok = !(raw < min_width);
+            const float width = ok ? raw : min_width;
+            geo[3 * axis] = lo;
+            geo[3 * axis + 1] = ok ? hi : lo + min_width;
+            geo[3 * axis + 2] = (1.0f / width) * (float)n;
+        }
+        for (int k = 0; k < 4; k++) geo[6 + k] = p[4 + k][c];
+    }
+    return PWLU_OK;
+}
+
+/* pwlu.ops.pwlu2d_grads.pwlu2d_param_grads in one call, in double: from hist ([C][N][N][2][3])
+ * and sums ([C][12]) of a backward, the geometry it used and the parameters p of
+ * pwlu2d_geometry_f32 (a width below min_width, in float32 as there, sends the right bound's
+ * gradient to the left one), writes d_values ([C][N+1][N+1]) and d_rest ([C][8]: X_L, X_R,
+ * Y_L, Y_R, K_XL, K_XR, K_YL, K_YR). */
+int pwlu2d_param_grads_f64(const double *hist, const double *sums, const float *geometry, const float *const *p,
+                           int64_t C, int n, float min_width, double *d_values, double *d_rest) {
+    const int64_t n1 = n + 1;
+    for (int64_t c = 0; c < C; c++) {
+        double *dv = d_values + c * n1 * n1;
+        memset(dv, 0, (size_t)(n1 * n1) * sizeof(double));
+        for (int i = 0; i < n; i++)
+            for (int j = 0; j < n; j++) {
+                const double *lo = hist + (((c * n + i) * n + j) * 2) * 3, *up = lo + 3;
+                /* lower: weights 1-s, s-t, t on V[i,j], V[i+1,j], V[i+1,j+1];
+                 * upper: 1-t, t-s, s on V[i,j], V[i,j+1], V[i+1,j+1] */
+                dv[i * n1 + j] += (lo[0] - lo[1]) + (up[0] - up[2]);
+                dv[(i + 1) * n1 + j] += lo[1] - lo[2];
+                dv[i * n1 + j + 1] += up[2] - up[1];
+                dv[(i + 1) * n1 + j + 1] += lo[2] + up[1];
+            }
+        const double *s = sums + c * 12;
+        const float *geo = geometry + c * 10;
+        double *d = d_rest + c * 8;
+        for (int axis = 0; axis < 2; axis++) {
+            const double inv = geo[3 * axis + 2], k_left = geo[6 + 2 * axis], k_right = geo[7 + 2 * axis];
+            const double g_left = s[4 * axis], g_right = s[4 * axis + 2], ga = s[8 + 2 * axis], gau = s[9 + 2 * axis];
+            const double d_left = -inv * (ga - gau / n) - k_left * g_left;
+            const double d_right = -inv * gau / n - k_right * g_right;
+            /* a range below MIN_WIDTH has X_R = X_L + MIN_WIDTH: its gradient goes to X_L */
+            const int cl = p[2 * axis + 1][c] - p[2 * axis][c] < min_width;
+            d[2 * axis] = cl ? d_left + d_right : d_left;
+            d[2 * axis + 1] = cl ? 0.0 : d_right;
+            d[4 + 2 * axis] = s[4 * axis + 1];
+            d[5 + 2 * axis] = s[4 * axis + 3];
+        }
+    }
+    return PWLU_OK;
+}
