@@ -408,3 +408,14 @@ def test_error_codes_of_the_plan_call_raise():
         assert plan(x) is None
     finally:
         plan.run = original
+
+
+def test_a_parameter_replaced_by_another_view_of_its_memory_is_seen():
+    """``points.data = points.data.t()`` for C = N + 1 (square points) keeps the data pointer
+    and the bytes: only its strides tell."""
+    m, x = make_module(17, n=16), spread((2, 17, 5, 5))
+    planned(m, x)
+    m.points.data = m.points.data.t()
+    with torch.no_grad():
+        y = m(x)
+    assert torch.equal(y, general_path(m, x))

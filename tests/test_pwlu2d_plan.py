@@ -155,3 +155,17 @@ def test_plain_tensors_get_no_plan():
     with torch.no_grad():
         pwlu.pwlu2d(x, y, *plain)
     assert plans_mod.plans_for(tuple(plain)) == {}
+
+
+def test_a_parameter_replaced_by_another_view_of_its_memory_is_seen():
+    """``values.data = values.data.transpose(-1, -2)`` keeps the data pointer and the bytes (a
+    square matrix): only its strides tell; a smaller view at the same address changes the shape."""
+    m, (x, y) = make_merge(4), inputs((2, 4, 6, 6))
+    planned(m, x, y)
+    m.values.data = m.values.data.transpose(-1, -2)
+    with torch.no_grad():
+        z = m(x, y)
+    assert torch.equal(z, general_path(m, x, y))
+    m.x_left_bound.data = m.x_left_bound.data[:1]  # now inconsistent with the others: an error, not a plan
+    with torch.no_grad(), pytest.raises(ValueError, match="x_left_bound must have shape"):
+        m(x, y)

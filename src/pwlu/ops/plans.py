@@ -10,9 +10,9 @@ only for ``nn.Parameter`` tensors (a module's parameters, reused call after call
 tensors as input, after the arguments were validated; a later call with the same key needs no
 validation again.
 
-A plan has ``ptrs`` (the parameters' data pointers when it was made; a storage swapped by
-``.data =`` changes them) and is called as ``plan(x) -> y | None``: ``None`` when the
-parameters' values changed since it was made (an optimizer step, ``load_state_dict``, an
+A plan has ``ptrs`` (the parameters' :func:`layout`, address, shape, strides and dtype, when
+it was made; a storage swapped or re-viewed by ``.data =`` changes them) and is called as
+``plan(x) -> y | None``: ``None`` when the parameters' values changed since it was made (an optimizer step, ``load_state_dict``, an
 in-place write through ``.data``, which bumps no version counter). The caller then takes the
 general path, which makes a new plan.
 """
@@ -29,7 +29,13 @@ import torch
 from torch import Tensor, nn
 
 _deref = weakref.ref.__call__
-_data_ptr = Tensor.data_ptr
+
+
+def layout(p: Tensor) -> tuple:
+    """What a plan checks of each parameter besides its bytes: its address, shape, strides and
+    dtype (``param.data = param.data.t()`` keeps the address and the bytes of a square tensor)."""
+    return (p.data_ptr(), p.shape, p.stride(), p.dtype)
+
 
 #: Plans kept per parameter set (one per call key); the oldest goes first.
 MAX_PLANS = 8
@@ -75,7 +81,7 @@ def run(x: Tensor, params: tuple[Tensor, ...], channel_dim: int, setting: str) -
     if entry is None or type(x) is not Tensor or type(channel_dim) is not int:
         return None  # tensor subclasses (DTensor, Parameter...) take the general path
     plan = entry.plans.get((x.shape, x.stride(), x.dtype, x.device, channel_dim, setting, torch.get_num_threads()))
-    if plan is not None and entry.holds(params) and plan.ptrs == tuple(map(_data_ptr, params)):
+    if plan is not None and entry.holds(params) and plan.ptrs == tuple(map(layout, params)):
         return plan(x)
     return None
 
@@ -111,7 +117,7 @@ def run_pair(x: Tensor, y: Tensor, params: tuple[Tensor, ...], channel_dim: int,
     if entry is None or type(x) is not Tensor or type(y) is not Tensor or type(channel_dim) is not int:
         return None
     plan = entry.plans.get(pair_key(x, y, channel_dim, setting))
-    if plan is not None and entry.holds(params) and plan.ptrs == tuple(map(_data_ptr, params)):
+    if plan is not None and entry.holds(params) and plan.ptrs == tuple(map(layout, params)):
         return plan(x, y)  # type: ignore[call-arg]
     return None
 

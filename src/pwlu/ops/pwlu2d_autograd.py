@@ -25,16 +25,18 @@ def pwlu2d_fwd(x: Tensor, y: Tensor, *args) -> Tensor:
     """``pwlu2d_fwd(x, y, *nine_params, channel_dim)``: the selected backend's forward (no
     autograd; arguments validated, ``channel_dim`` normalised or ``None``)."""
     *params, channel_dim = args
+    backend = PWLU2D_BACKENDS.select(x.device)  # first: selecting the C backend loads its library
     values, geometry = pwlu2d_geometry(tuple(params), compute_dtype(x.dtype))
-    return PWLU2D_BACKENDS.select(x.device).forward(x, y, values, geometry, channel_dim)
+    return backend.forward(x, y, values, geometry, channel_dim)
 
 
 def pwlu2d_bwd(grad: Tensor, x: Tensor, y: Tensor, *args) -> tuple[Tensor, ...]:
     """``(dx, dy, d_values, d_x_left_bound, ..., d_y_right_slope)``: the backend's ``dx``,
     ``dy`` and histograms, then the exact parameter gradients."""
     *params, channel_dim = args
+    backend = PWLU2D_BACKENDS.select(x.device)
     values, geometry = pwlu2d_geometry(tuple(params), compute_dtype(x.dtype))
-    dx, dy, hist, sums = PWLU2D_BACKENDS.select(x.device).backward(grad, x, y, values, geometry, channel_dim)
+    dx, dy, hist, sums = backend.backward(grad, x, y, values, geometry, channel_dim)
     return (dx, dy, *pwlu2d_param_grads(hist, sums, geometry, tuple(params)))
 
 

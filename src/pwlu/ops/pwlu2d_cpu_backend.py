@@ -32,7 +32,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, name).restype = i32
     lib.pwlu2d_forward_plan.argtypes = [p, p, p, p]
     lib.pwlu2d_forward_plan.restype = i32
-    lib.pwlu2d_tables_size.argtypes = [i64, i32, i64]
+    lib.pwlu2d_tables_size.argtypes = [i64, i64, i64, i32]
     lib.pwlu2d_tables_size.restype = i64
     lib.pwlu2d_tables.argtypes = [p, i64, i32, p]
     lib.pwlu2d_tables.restype = i32
@@ -162,7 +162,7 @@ def make_plan(x: Tensor, y: Tensor, params: tuple[Tensor, ...], channel_dim: int
     _, _, (outer, c, inner) = _layout(x, channel_dim)
     values, geometry = pwlu2d_geometry(params, compute_dtype(x.dtype))
     n = values.shape[-1] - 1
-    size = lib.pwlu2d_tables_size(c, n, inner) if x.dtype != torch.float64 else 0
+    size = lib.pwlu2d_tables_size(outer, c, inner, n) if x.dtype != torch.float64 else 0
     tables = torch.empty(size, dtype=torch.float32)
     if size:
         build.check(lib.pwlu2d_tables(values.data_ptr(), c, n, tables.data_ptr()), "pwlu2d_tables")

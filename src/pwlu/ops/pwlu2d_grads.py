@@ -43,8 +43,8 @@ NUM_GEOMETRY = 10
 
 
 def _native(params: tuple[Tensor, ...], dtype: torch.dtype):
-    """The compiled ``pwlu2d_cpu`` library where its one-call geometry and parameter gradients
-    apply (float32 compute, the nine parameters plain dense float32 CPU tensors), else ``None``.
+    """The compiled ``pwlu2d_cpu`` library, if loaded, where its one-call geometry and parameter
+    gradients apply (float32 compute, the nine parameters plain dense float32 CPU tensors), else ``None``.
     Each replaces some twenty small torch ops, which cost more than the kernel on small inputs."""
     if dtype != torch.float32:
         return None
@@ -53,7 +53,7 @@ def _native(params: tuple[Tensor, ...], dtype: torch.dtype):
             return None
     from .pwlu2d_cpu_backend import PWLU2D_CPU  # here: that module imports this one
 
-    return PWLU2D_CPU.get()
+    return PWLU2D_CPU.loaded()  # never a build here: the backend's selection builds it
 
 
 def _scalar_ptrs(params: tuple[Tensor, ...]):

@@ -278,6 +278,10 @@ class NativeLibrary:
             return self.load(path)  # a fresh build that does not load is an error, not a reason for slower flags
         raise RuntimeError("\n".join(errors))
 
+    def loaded(self) -> ctypes.CDLL | None:
+        """The library if an earlier :meth:`get` built or loaded it, else ``None`` (never builds)."""
+        return self._state.get("lib")  # type: ignore[return-value]
+
     def get(self) -> ctypes.CDLL | None:
         """The compiled library, building it on first use; ``None`` (after one warning) if it cannot be built."""
         lib = self._state.get("lib")

@@ -17,7 +17,7 @@ import ctypes
 import torch
 from torch import Tensor
 
-from .. import folding
+from .. import folding, plans
 from .backend import _dense_order, _fused_ok, _layout, _num_threads, _tables, fold_tables
 from .build import _DTYPE_CODES, OK, PLAN_STALE, check, library
 
@@ -40,7 +40,7 @@ class InferencePlan:
     __slots__ = ("ptrs", "run", "struct", "keep")
 
     def __init__(self, params: tuple[Tensor, ...], run, struct: _PlanArgs, keep: list[Tensor]) -> None:
-        self.ptrs = tuple(p.data_ptr() for p in params)
+        self.ptrs = tuple(map(plans.layout, params))
         self.run, self.struct = run, ctypes.addressof(struct)
         self.keep = (keep, struct)  # the tables, snapshots and struct the pointers point to
 

@@ -122,6 +122,7 @@ __attribute__((noinline)) static void forward_seg_f64(const double *restrict x, 
 #define LUT_MAX_N 8
 #define KUHN_FLOATS 256 /* floats of one channel's tables: 4 x 64 cells */
 #define LUT_MIN_SEG 16 /* shorter row segments (channels fastest: one element) go the scalar way */
+#define LUT_MIN_CHAN 64 /* elements per channel below which no tables are built */
 
 typedef struct {
     __m512 t[4][4];
@@ -206,13 +207,15 @@ static void forward_seg_lut(const void *x, const void *y, void *z, int dt, int64
 #endif /* PWLU_AVX512 */
 
 /* The vector path's tables of all C channels (KUHN_FLOATS each), built once per call (or once
- * per inference plan): the number of floats they take on this build for N and row segments of
- * `inner` elements (0: no vector path), and the tables themselves. */
-int64_t pwlu2d_tables_size(int64_t C, int n, int64_t inner) {
+ * per inference plan): the number of floats they take on this build for N and an (outer, C,
+ * inner) tensor (0: no vector path: rows shorter than LUT_MIN_SEG, or fewer than LUT_MIN_CHAN
+ * elements per channel, for which building a channel's tables costs more than it saves), and
+ * the tables themselves. */
+int64_t pwlu2d_tables_size(int64_t outer, int64_t C, int64_t inner, int n) {
 #if PWLU_AVX512
-    return n <= LUT_MAX_N && inner >= LUT_MIN_SEG ? C * KUHN_FLOATS : 0;
+    return n <= LUT_MAX_N && inner >= LUT_MIN_SEG && outer * inner >= LUT_MIN_CHAN ? C * KUHN_FLOATS : 0;
 #else
-    (void)C, (void)n, (void)inner;
+    (void)outer, (void)C, (void)inner, (void)n;
     return 0;
 #endif
 }
@@ -267,8 +270,8 @@ static int forward_f32c_tabs(const void *x, const void *y, void *z, int dt, int6
 
 /* Tables of every channel for this call (NULL where the vector path does not apply); *rc is
  * PWLU_ERR_NOMEM when they could not be allocated. */
-static float *call_tables(const float *values, int64_t C, int n, int64_t inner, int *rc) {
-    const int64_t size = pwlu2d_tables_size(C, n, inner);
+static float *call_tables(const float *values, int64_t outer, int64_t C, int64_t inner, int n, int *rc) {
+    const int64_t size = pwlu2d_tables_size(outer, C, inner, n);
     *rc = PWLU_OK;
     if (size == 0) return NULL;
     float *tabs = (float *)aligned_alloc(64, (size_t)size * sizeof(float));
@@ -280,7 +283,7 @@ static float *call_tables(const float *values, int64_t C, int n, int64_t inner, 
 int pwlu2d_forward_f32c(const void *x, const void *y, void *z, int dt, int64_t outer, int64_t C, int64_t inner,
                         const float *values, const float *geometry, int n, int nthreads) {
     int rc;
-    float *tabs = call_tables(values, C, n, inner, &rc);
+    float *tabs = call_tables(values, outer, C, inner, n, &rc);
     if (rc == PWLU_OK) rc = forward_f32c_tabs(x, y, z, dt, outer, C, inner, values, geometry, n, nthreads, tabs);
     free(tabs);
     return rc;
@@ -603,7 +606,7 @@ int pwlu2d_backward_f32c(const void *g, const void *x, const void *y, void *dx, 
     const int nth_max = clamp_threads(nthreads);
     const int64_t per = C * (hsize + 12);
     int rc;
-    float *tabs = call_tables(values, C, n, inner, &rc);
+    float *tabs = call_tables(values, outer, C, inner, n, &rc);
     double *part = rc == PWLU_OK ? alloc_partials(nth_max, per) : NULL;
     if (!part) {
         free(tabs);
