@@ -52,7 +52,7 @@ def pwlu(
     setting = dispatch.get_backend_name()
     compiling = torch.compiler.is_compiling()
     gradient_free = (
-        not compiling and not (torch.is_grad_enabled() and _needs_grad(x, params)) and not in_transform()
+        not compiling and not (torch.is_grad_enabled() and plans.needs_grad(x, params)) and not in_transform()
     )
     if gradient_free:  # a plan made earlier from validated arguments with this key: no checks again
         y = plans.run(x, params, channel_dim, setting)
@@ -69,13 +69,6 @@ def pwlu(
                 return y
         return pwlu_fwd(x, *params, cd)
     return pwlu_differentiable(x, *params, cd)
-
-
-def _needs_grad(x, params) -> bool:
-    try:
-        return x.requires_grad or any(p.requires_grad for p in params)
-    except AttributeError:  # not tensors: validation names the culprit
-        return True
 
 
 def npwlu(
@@ -165,7 +158,7 @@ def pwlu2d(
     setting = dispatch.get_backend_name()
     gradient_free = (
         not torch.compiler.is_compiling()
-        and not (torch.is_grad_enabled() and _needs_grad(x, (y, *params)))
+        and not (torch.is_grad_enabled() and plans.needs_grad(x, (y, *params)))
         and not in_transform()
     )
     if gradient_free:  # a plan made earlier from validated arguments with this key: no checks again

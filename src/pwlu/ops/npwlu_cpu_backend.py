@@ -22,8 +22,11 @@ import ctypes
 import torch
 
 from .cpu import build
-from .cpu.backend import _in_order, _kernel_dtype, _layout, _like, _num_threads, _tables
+from .cpu.backend import _dense_order, _in_order, _kernel_dtype, _layout, _like, _num_threads, _tables
 from .cpu.build import NativeLibrary, check
+from .cpu.plan import InferencePlan
+from .folding import compute_dtype
+from .npwlu_folding import npwlu_channel_form, npwlu_fold_tables
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -37,6 +40,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         fn = getattr(lib, name)
         fn.argtypes = [p, p, p, i32, i64, i64, i64, i64, p, p, p, i32, p]
         fn.restype = i32
+    lib.npwlu_forward_plan.argtypes = [p, p, p]
+    lib.npwlu_forward_plan.restype = i32
     lib.npwlu_cpu_has_avx512.restype = i32
     lib.npwlu_cpu_has_f16.restype = i32
 
@@ -94,6 +99,46 @@ def backward(grad, x, slopes, breakpoints, inv_widths, channel_dim):
     return dx, hist.to(slopes.dtype)
 
 
+class _PlanArgs(ctypes.Structure):
+    """``npwlu_plan`` of ``csrc/npwlu_cpu.c``: the kernel arguments other than x and y."""
+
+    _fields_ = [
+        *((name, ctypes.c_int64) for name in ("dt", "outer", "C", "inner", "n", "nthreads")),
+        *((name, ctypes.c_void_p) for name in ("slopes", "intercepts", "bp", "shift")),
+        ("live", ctypes.c_void_p * 6),  # the six parameter tensors' data
+        ("snap", ctypes.c_void_p * 6),  # the copies the tables were folded from
+        ("bytes", ctypes.c_int64 * 6),
+    ]
+
+
+def make_plan(x, params, channel_dim):
+    """An inference plan for this gradient-free call (:mod:`pwlu.ops.plans`; arguments
+    validated, ``channel_dim`` normalised), or ``None`` where none applies: a layout that needs a
+    copy, fp16 without fp16 kernels, an empty input, non-contiguous parameters."""
+    lib = NPWLU_CPU.get()
+    if lib is None or not x.is_cpu or x.numel() == 0 or (x.dtype == torch.float16 and not lib.npwlu_cpu_has_f16()):
+        return None
+    if not all(p.is_contiguous() for p in params):
+        return None  # compared byte for byte on every call: only dense parameters
+    if _dense_order(x) is None or torch.empty_like(x).stride() != x.stride():
+        return None
+    _, _, (outer, channels, inner) = _layout(x, channel_dim)
+    with torch.no_grad():
+        slopes, intercepts, breakpoints, _, shift = npwlu_fold_tables(
+            *npwlu_channel_form(*params, compute_dtype(x.dtype))
+        )
+    tables = _tables(slopes, intercepts, breakpoints, shift)
+    snapshots = [p.detach().clone() for p in params]
+    struct = _PlanArgs(
+        _kernel_dtype(x), outer, channels, inner, slopes.shape[-1] - 2, _num_threads(x.numel()),
+        *(t.data_ptr() for t in tables),
+        (ctypes.c_void_p * 6)(*(p.data_ptr() for p in params)),
+        (ctypes.c_void_p * 6)(*(p.data_ptr() for p in snapshots)),
+        (ctypes.c_int64 * 6)(*(p.numel() * p.element_size() for p in params)),
+    )  # fmt: skip
+    return InferencePlan(params, lib.npwlu_forward_plan, struct, [*tables, *snapshots])
+
+
 def is_available(device: torch.device) -> bool:
     """CPU tensors, where the kernel library builds."""
     return torch.device(device).type == "cpu" and NPWLU_CPU.get() is not None
@@ -106,6 +151,7 @@ class NPWLUCPUBackend:
     forward = staticmethod(forward)
     backward = staticmethod(backward)
     is_available = staticmethod(is_available)
+    make_plan = staticmethod(make_plan)
 
 
 BACKEND = NPWLUCPUBackend()

@@ -68,6 +68,14 @@ _CACHE: dict[tuple[int, ...], _ParamPlans] = {}
 _lock = threading.RLock()
 
 
+def needs_grad(x, params) -> bool:
+    """Whether a call records a graph (then no plan): x or a parameter requires grad."""
+    try:
+        return x.requires_grad or any(p.requires_grad for p in params)
+    except AttributeError:  # not tensors: validation names the culprit
+        return True
+
+
 def call_key(x: Tensor, channel_dim: int, setting: str) -> tuple:
     """Everything besides the parameters that a plan depends on."""
     return (x.shape, x.stride(), x.dtype, x.device, channel_dim, setting, torch.get_num_threads())

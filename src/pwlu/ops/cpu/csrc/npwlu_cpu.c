@@ -507,3 +507,22 @@ int npwlu_backward_f64(const void *g, const void *x, void *dx, int dt, int64_t o
     const ncall_d a = {x, g, dx, dt, outer, C, inner, n, slopes, NULL, bp, inv_w, NULL};
     return run_bwd(&a, 1, C * (n + 2) * 2, nthreads, hist);
 }
+
+/* An inference plan (pwlu.ops.npwlu_cpu_backend.make_plan): the folded tables and the kernel
+ * arguments, and the six parameter tensors with the snapshots the tables were folded from,
+ * compared byte for byte before every call (PWLU_PLAN_STALE: nothing computed). */
+typedef struct {
+    int64_t dt, outer, C, inner, n, nthreads;
+    const void *slopes, *intercepts, *bp, *shift;
+    const void *live[6], *snap[6];
+    int64_t bytes[6];
+} npwlu_plan;
+int npwlu_forward_plan(const npwlu_plan *p, const void *x, void *y) {
+    for (int i = 0; i < 6; i++)
+        if (memcmp(p->live[i], p->snap[i], (size_t)p->bytes[i]) != 0) return PWLU_PLAN_STALE;
+    if (p->dt == PWLU_F64)
+        return npwlu_forward_f64(x, y, (int)p->dt, p->outer, p->C, p->inner, p->n, p->slopes, p->intercepts, p->bp,
+                                 p->shift, (int)p->nthreads);
+    return npwlu_forward_f32c(x, y, (int)p->dt, p->outer, p->C, p->inner, p->n, p->slopes, p->intercepts, p->bp,
+                              p->shift, (int)p->nthreads);
+}
