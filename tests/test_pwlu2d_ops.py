@@ -410,3 +410,46 @@ def test_native_geometry_and_param_grads_match_the_torch_formulas(channels, monk
     for name, a, b in zip(NAMES, native, formulas):
         assert a.shape == b.shape and a.dtype == b.dtype == torch.float32, name
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, equal_nan=True, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["btc", "channels-last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fast_path_channels_fastest_specials(backend, layout, dtype):
+    """Channels the fastest axis, with enough rows for the CPU kernel's per-lane-channel path:
+    37 or 40 channels (a partial block of 16), NaN and ±inf in each input at several channels,
+    a flat outer piece on each side in some channels, inputs on the grid lines; forward and
+    every gradient against the reference."""
+    select_backend(backend)
+    if layout == "btc":
+        shape, channel_dim, channels = (2, 35, 37), -1, 37
+    else:
+        shape, channel_dim, channels = (2, 40, 6, 6), 1, 40
+    x, y = region_inputs(shape, n=4, seed=17, dtype=torch.float64)
+    params = [p.float() for p in random_params(4, channels, seed=17)]
+    for c in range(4):
+        params[5 + c][3 * c + 1] = 0.0  # a flat piece on side c in channel 3c + 1
+    specials = [(float("nan"), 0.5), (0.5, float("nan")), (float("inf"), 0.5), (-float("inf"), 0.5),
+                (0.5, float("inf")), (0.5, -float("inf"))]  # fmt: skip
+    xm, ym = x.movedim(channel_dim, -1), y.movedim(channel_dim, -1)  # views: channels last
+    flat_for = {2: 4, 3: 1, 4: 10, 5: 7}  # +inf x: K_XR flat in channel 4, -inf x: K_XL in 1, ...
+    for k, (a, b) in enumerate(specials):
+        for c in (k, flat_for.get(k, 3 * k + 1), channels - 1 - k):
+            xm[1, k % xm.shape[1], ..., c], ym[1, k % xm.shape[1], ..., c] = a, b
+    if layout == "channels-last":
+        x, y = x.to(memory_format=torch.channels_last), y.to(memory_format=torch.channels_last)
+    x, y = x.to(dtype), y.to(dtype)
+    with pwlu.use_backend(backend):
+        z = pwlu.pwlu2d(x, y, *params, channel_dim=channel_dim)
+    ref = pwlu.pwlu2d_reference(x.float(), y.float(), *params, channel_dim=channel_dim).to(dtype)
+    tol = 2e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(z, ref, rtol=tol, atol=tol, equal_nan=True)
+    assert torch.isnan(z.float()).sum() == torch.isnan(ref.float()).sum() > 0
+    finite = [t.float().nan_to_num(nan=0.25, posinf=1e4, neginf=-1e4).to(dtype) for t in (x, y)]
+    fast = run(pwlu.pwlu2d, *finite, params, channel_dim, backend)
+    ref = run(pwlu.pwlu2d_reference, *(t.float() for t in finite), params, channel_dim)
+    for key in KEYS:
+        scale = 1.0 + ref[key].abs().max().item()
+        torch.testing.assert_close(
+            fast[key].float(), ref[key], rtol=tol, atol=tol * scale, msg=lambda m, key=key: f"{key}: {m}"
+        )

@@ -68,6 +68,7 @@ LAYOUTS = [
     ("nchw-threads", (4, 16, 40, 40), 1, True),  # above the one-thread grain: split across threads
     ("channels-last", (2, 8, 5, 7), 1, True),
     ("btc", (2, 9, 24), -1, True),
+    ("btc-long", (2, 40, 24), -1, True),  # enough rows for the per-lane-channel vector path
     ("layer-wise", (3, 5, 41), 1, False),
 ]
 

@@ -123,6 +123,7 @@ __attribute__((noinline)) static void forward_seg_f64(const double *restrict x, 
 #define KUHN_FLOATS 256 /* floats of one channel's tables: 4 x 64 cells */
 #define LUT_MIN_SEG 16 /* shorter row segments (channels fastest: one element) go the scalar way */
 #define LUT_MIN_CHAN 64 /* elements per channel below which no tables are built */
+#define ROWS_CHUNK 32   /* channels fastest: rows per pass over the channel blocks (pages and lines reused) */
 
 typedef struct {
     __m512 t[4][4];
@@ -204,6 +205,57 @@ static void forward_seg_lut(const void *x, const void *y, void *z, int dt, int64
     default: forward_seg_lut_dt(x, y, z, PWLU_BF16, b, e, ct, geo, n);
     }
 }
+
+/* Channels fastest (inner == 1): rows [rb, re) of C channels; lane l of channel block cb is
+ * channel 16 cb + l, so each lane has its own geometry (loaded from geo_t, [10][C]) and its own
+ * tables (gathered from tabs at (16 cb + l) KUHN_FLOATS + table 64 + cell); otherwise the
+ * arithmetic of forward_seg_lut_dt. */
+PWLU_INLINE void forward_rows_dt(const void *x, const void *y, void *z, const int dt, int64_t rb, int64_t re, int64_t C,
+                                 const float *tabs, const float *geo_t, int n) {
+    const __m512 nf = _mm512_set1_ps((float)n), nm1 = _mm512_set1_ps((float)(n - 1)), zero = _mm512_setzero_ps();
+    const __m512i lane_base = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                                 _mm512_set1_epi32(KUHN_FLOATS));
+    for (int64_t r0 = rb; r0 < re; r0 += ROWS_CHUNK) /* all channel blocks of a few rows at a time */
+    for (int64_t c0 = 0; c0 < C; c0 += 16) {
+        const int64_t r1 = r0 + ROWS_CHUNK < re ? r0 + ROWS_CHUNK : re;
+        const __mmask16 m = tail_mask(C - c0);
+        __m512 g[10];
+        for (int k = 0; k < 10; k++) g[k] = _mm512_maskz_loadu_ps(m, geo_t + k * C + c0);
+        const __mmask16 mxl = _mm512_cmp_ps_mask(g[6], zero, _CMP_NEQ_UQ), mxr = _mm512_cmp_ps_mask(g[7], zero, _CMP_NEQ_UQ);
+        const __mmask16 myl = _mm512_cmp_ps_mask(g[8], zero, _CMP_NEQ_UQ), myr = _mm512_cmp_ps_mask(g[9], zero, _CMP_NEQ_UQ);
+        const __m512i base = _mm512_add_epi32(lane_base, _mm512_set1_epi32((int)(c0 * KUHN_FLOATS)));
+        for (int64_t row = r0; row < r1; row++) {
+            const int64_t k = row * C + c0;
+            const __m512 xv = ld16(x, k, m, dt), yv = ld16(y, k, m, dt);
+            __m512 fi, fj, dxl, dyl;
+            const __m512 u = grid16(xv, g[0], g[1], g[2], nf, nm1, &fi, &dxl);
+            const __m512 w = grid16(yv, g[3], g[4], g[5], nf, nm1, &fj, &dyl);
+            const __m512 s = _mm512_sub_ps(u, fi), t = _mm512_sub_ps(w, fj);
+            /* fi, fj in [0, N-1] (NaN: N-1), so the index stays inside the channel's tables */
+            const __m512i idx = _mm512_add_epi32(base, _mm512_cvttps_epi32(_mm512_fmadd_ps(fi, nf, fj)));
+            __m512 lk[4];
+            for (int q = 0; q < 4; q++)
+                lk[q] = _mm512_mask_i32gather_ps(zero, m, _mm512_add_epi32(idx, _mm512_set1_epi32(64 * q)), tabs, 4);
+            const __m512 d = _mm512_sub_ps(s, t), p = _mm512_max_ps(zero, d);
+            __m512 zv = _mm512_fmadd_ps(lk[1], p, lk[0]);
+            zv = _mm512_fmadd_ps(lk[2], _mm512_sub_ps(p, d), zv);
+            zv = _mm512_fmadd_ps(lk[3], _mm512_min_ps(s, t), zv);
+            zv = _mm512_mask3_fmadd_ps(g[6], _mm512_min_ps(zero, dxl), zv, mxl);
+            zv = _mm512_mask3_fmadd_ps(g[7], _mm512_max_ps(zero, _mm512_sub_ps(xv, g[1])), zv, mxr);
+            zv = _mm512_mask3_fmadd_ps(g[8], _mm512_min_ps(zero, dyl), zv, myl);
+            zv = _mm512_mask3_fmadd_ps(g[9], _mm512_max_ps(zero, _mm512_sub_ps(yv, g[4])), zv, myr);
+            st16(z, k, zv, m, dt);
+        }
+    }
+}
+static void forward_rows(const void *x, const void *y, void *z, int dt, int64_t rb, int64_t re, int64_t C,
+                         const float *tabs, const float *geo_t, int n) {
+    switch (dt) {
+    case PWLU_F32: forward_rows_dt(x, y, z, PWLU_F32, rb, re, C, tabs, geo_t, n); break;
+    case PWLU_F16: forward_rows_dt(x, y, z, PWLU_F16, rb, re, C, tabs, geo_t, n); break;
+    default: forward_rows_dt(x, y, z, PWLU_BF16, rb, re, C, tabs, geo_t, n);
+    }
+}
 #endif /* PWLU_AVX512 */
 
 /* The vector path's tables of all C channels (KUHN_FLOATS each), built once per call (or once
@@ -213,7 +265,9 @@ static void forward_seg_lut(const void *x, const void *y, void *z, int dt, int64
  * the tables themselves. */
 int64_t pwlu2d_tables_size(int64_t outer, int64_t C, int64_t inner, int n) {
 #if PWLU_AVX512
-    return n <= LUT_MAX_N && inner >= LUT_MIN_SEG && outer * inner >= LUT_MIN_CHAN ? C * KUHN_FLOATS : 0;
+    const int rows = inner == 1 && C >= LUT_MIN_SEG && outer >= LUT_MIN_CHAN; /* channels fastest */
+    const int segs = inner >= LUT_MIN_SEG && outer * inner >= LUT_MIN_CHAN;
+    return n <= LUT_MAX_N && (rows || segs) ? C * KUHN_FLOATS : 0;
 #else
     (void)outer, (void)C, (void)inner, (void)n;
     return 0;
@@ -237,6 +291,24 @@ static int forward_f32c_tabs(const void *x, const void *y, void *z, int dt, int6
                              const float *values, const float *geometry, int n, int nthreads, const float *tabs) {
     if (dt != PWLU_F32 && dt != PWLU_BF16 && !(dt == PWLU_F16 && PWLU_F16_KERNEL)) return PWLU_ERR_DTYPE;
     const int64_t total = outer * C * inner, vsize = (int64_t)(n + 1) * (n + 1);
+#if PWLU_AVX512
+    if (tabs && inner == 1) { /* channels fastest: rows of C, each lane its own channel */
+        float *geo_t = (float *)malloc((size_t)(10 * C) * sizeof(float));
+        if (!geo_t) return PWLU_ERR_NOMEM;
+        for (int64_t c = 0; c < C; c++)
+            for (int k = 0; k < 10; k++) geo_t[k * C + c] = geometry[c * 10 + k];
+#pragma omp parallel num_threads(clamp_threads(nthreads))
+        {
+            int th, nth;
+            thread_id(&th, &nth);
+            int64_t rb, re;
+            split(outer, th, nth, 1, &rb, &re);
+            if (rb < re) forward_rows(x, y, z, dt, rb, re, C, tabs, geo_t, n);
+        }
+        free(geo_t);
+        return PWLU_OK;
+    }
+#endif
 #pragma omp parallel num_threads(clamp_threads(nthreads))
     {
         int th, nth;
@@ -605,8 +677,8 @@ int pwlu2d_backward_f32c(const void *g, const void *x, const void *y, void *dx, 
     const int64_t total = outer * C * inner, vsize = (int64_t)(n + 1) * (n + 1), bins = (int64_t)n * n * 2, hsize = bins * HQ;
     const int nth_max = clamp_threads(nthreads);
     const int64_t per = C * (hsize + 12);
-    int rc;
-    float *tabs = call_tables(values, outer, C, inner, n, &rc);
+    int rc = PWLU_OK; /* channels fastest (inner == 1): the scalar loop, no tables */
+    float *tabs = inner == 1 ? NULL : call_tables(values, outer, C, inner, n, &rc);
     double *part = rc == PWLU_OK ? alloc_partials(nth_max, per) : NULL;
     if (!part) {
         free(tabs);
