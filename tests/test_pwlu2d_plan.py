@@ -1,4 +1,4 @@
-"""Inference plans of the 2-D PWLU (``pwlu.ops.plans.run_pair``, made by
+"""Inference plans of the 2-D PWLU (``pwlu.ops.plans.run`` with ``y`` as a further input, made by
 ``pwlu.ops.pwlu2d_cpu_backend.make_plan``): gradient-free calls with the same ``nn.Parameter``
 tensors and a repeated geometry of both inputs reuse the packed values, geometry and vector
 tables. The plan must give exactly what the general path gives, must really be taken, and
@@ -35,7 +35,7 @@ def params_of(m):
 
 
 def current_plan(m, x, y):
-    key = plans_mod.pair_key(x, y, m.channel_dim, pwlu.get_backend_name())
+    key = plans_mod.call_key(x, m.channel_dim, pwlu.get_backend_name(), y)
     return plans_mod.plans_for(params_of(m)).get(key)
 
 

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from .ops import dispatch, plans
@@ -13,7 +12,6 @@ from .ops.npwlu_reference import npwlu_reference
 from .ops.pwlu2d_autograd import pwlu2d_differentiable
 from .ops.pwlu2d_reference import check_pwlu2d_params, pwlu2d_composite, pwlu2d_reference
 from .ops.reference import pwlu_reference
-from .ops.registration import in_transform
 from .ops.validation import check_params
 
 __all__ = ["npwlu", "npwlu_reference", "pwlu", "pwlu2d", "pwlu2d_reference", "pwlu_reference"]
@@ -50,10 +48,7 @@ def pwlu(
     """
     params = (points, left_bound, right_bound, left_slope, right_slope)
     setting = dispatch.get_backend_name()
-    compiling = torch.compiler.is_compiling()
-    gradient_free = (
-        not compiling and not (torch.is_grad_enabled() and plans.needs_grad(x, params)) and not in_transform()
-    )
+    gradient_free = plans.gradient_free((x, *params))
     if gradient_free:  # a plan made earlier from validated arguments with this key: no checks again
         y = plans.run(x, params, channel_dim, setting)
         if y is not None:
@@ -156,13 +151,9 @@ def pwlu2d(
         y_right_slope,
     )
     setting = dispatch.get_backend_name()
-    gradient_free = (
-        not torch.compiler.is_compiling()
-        and not (torch.is_grad_enabled() and plans.needs_grad(x, (y, *params)))
-        and not in_transform()
-    )
+    gradient_free = plans.gradient_free((x, y, *params))
     if gradient_free:  # a plan made earlier from validated arguments with this key: no checks again
-        z = plans.run_pair(x, y, params, channel_dim, setting)
+        z = plans.run(x, params, channel_dim, setting, y)
         if z is not None:
             return z
     cd = check_pwlu2d_params(x, y, *params, channel_dim=channel_dim)
@@ -171,7 +162,7 @@ def pwlu2d(
     if gradient_free:
         make = PWLU2D_BACKENDS.select(x.device).make_plan
         if make is not None:
-            z = plans.make_and_run_pair(make, x, y, params, channel_dim, cd, setting)
+            z = plans.make_and_run(make, x, params, channel_dim, cd, setting, y)
             if z is not None:
                 return z
     return pwlu2d_differentiable(x, y, *params, cd)

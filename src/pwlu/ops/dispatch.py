@@ -200,7 +200,7 @@ class PWLU2DBackend(Backend, Protocol):
       ``hist Tensor[C, N, N, 2, 3]`` and ``sums Tensor[C, 12]`` as in :mod:`pwlu.ops.pwlu2d_grads`;
     * ``make_plan(x, y, params, channel_dim) -> plan | None`` (``None`` where a backend has
       none): a gradient-free forward prepared for repeated calls, as PWLU's, called as
-      ``plan(x, y)`` and kept by :mod:`pwlu.ops.plans`.
+      ``plan(x, y)`` and kept by :mod:`pwlu.ops.plans` (``y`` one of the key's inputs).
     """
 
     forward: Callable[..., Tensor]

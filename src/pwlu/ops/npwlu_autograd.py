@@ -19,7 +19,7 @@ from .folding import compute_dtype
 from .npwlu_backends import NPWLU_BACKENDS
 from .npwlu_folding import npwlu_channel_form, npwlu_fold_tables, npwlu_param_grads_from_histogram
 from .npwlu_reference import check_npwlu_params, npwlu_reference
-from .registration import DifferentiableOp, in_transform
+from .registration import DifferentiableOp
 
 __all__ = [
     "NPWLUFunction",
@@ -127,11 +127,7 @@ def npwlu_call(
     inference plan where the backend makes one (the CPU kernel's), as :func:`pwlu.pwlu` does."""
     params = (points, width_logits, left_bound, right_bound, left_slope, right_slope)
     setting = dispatch.get_backend_name()
-    gradient_free = (
-        not torch.compiler.is_compiling()
-        and not (torch.is_grad_enabled() and plans.needs_grad(x, params))
-        and not in_transform()
-    )
+    gradient_free = plans.gradient_free((x, *params))
     if gradient_free:  # a plan made earlier from validated arguments with this key: no checks again
         y = plans.run(x, params, channel_dim, setting)
         if y is not None:
@@ -140,7 +136,7 @@ def npwlu_call(
     if setting == "reference":
         return npwlu_reference(x, *params, channel_dim)
     if gradient_free:
-        make = getattr(NPWLU_BACKENDS.select(x.device), "make_plan", None)
+        make = NPWLU_BACKENDS.select(x.device).make_plan
         if make is not None:
             y = plans.make_and_run(make, x, params, channel_dim, cd, setting)
             if y is not None:

@@ -23,12 +23,13 @@ class NPWLUBackend(Backend, Protocol):
     * ``forward(x, slopes, intercepts, breakpoints, shift, channel_dim) -> y``
     * ``backward(grad, x, slopes, breakpoints, inv_widths, channel_dim) -> (dx, hist)``, ``hist``
       a ``Tensor[C, N+2, 2]`` of per-region ``sum(g)`` and ``sum(g * r)``;
-    * optionally ``make_plan(x, params, channel_dim) -> plan | None`` (the CPU backend): a
-      gradient-free forward prepared for repeated calls, as PWLU's (:mod:`pwlu.ops.plans`).
+    * ``make_plan(x, params, channel_dim) -> plan | None`` (``None`` where a backend has none):
+      a gradient-free forward prepared for repeated calls, as PWLU's (:mod:`pwlu.ops.plans`).
     """
 
     forward: Callable[..., Tensor]
     backward: Callable[..., tuple[Tensor, Tensor]]
+    make_plan: Callable[..., Callable[[Tensor], Tensor | None] | None] | None
 
 
 NPWLU_BACKENDS: BackendTable[NPWLUBackend] = BackendTable(

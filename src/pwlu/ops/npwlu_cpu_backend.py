@@ -22,9 +22,9 @@ import ctypes
 import torch
 
 from .cpu import build
-from .cpu.backend import _dense_order, _in_order, _kernel_dtype, _layout, _like, _num_threads, _tables
+from .cpu.backend import _in_order, _kernel_dtype, _layout, _like, _num_threads, _tables
 from .cpu.build import NativeLibrary, check
-from .cpu.plan import InferencePlan
+from .cpu.plan import InferencePlan, plannable, snapshot
 from .folding import compute_dtype
 from .npwlu_folding import npwlu_channel_form, npwlu_fold_tables
 
@@ -116,11 +116,7 @@ def make_plan(x, params, channel_dim):
     validated, ``channel_dim`` normalised), or ``None`` where none applies: a layout that needs a
     copy, fp16 without fp16 kernels, an empty input, non-contiguous parameters."""
     lib = NPWLU_CPU.get()
-    if lib is None or not x.is_cpu or x.numel() == 0 or (x.dtype == torch.float16 and not lib.npwlu_cpu_has_f16()):
-        return None
-    if not all(p.is_contiguous() for p in params):
-        return None  # compared byte for byte on every call: only dense parameters
-    if _dense_order(x) is None or torch.empty_like(x).stride() != x.stride():
+    if lib is None or not plannable(x, params) or (x.dtype == torch.float16 and not lib.npwlu_cpu_has_f16()):
         return None
     _, _, (outer, channels, inner) = _layout(x, channel_dim)
     with torch.no_grad():
@@ -128,13 +124,10 @@ def make_plan(x, params, channel_dim):
             *npwlu_channel_form(*params, compute_dtype(x.dtype))
         )
     tables = _tables(slopes, intercepts, breakpoints, shift)
-    snapshots = [p.detach().clone() for p in params]
+    *fields, snapshots = snapshot(params)
     struct = _PlanArgs(
         _kernel_dtype(x), outer, channels, inner, slopes.shape[-1] - 2, _num_threads(x.numel()),
-        *(t.data_ptr() for t in tables),
-        (ctypes.c_void_p * 6)(*(p.data_ptr() for p in params)),
-        (ctypes.c_void_p * 6)(*(p.data_ptr() for p in snapshots)),
-        (ctypes.c_int64 * 6)(*(p.numel() * p.element_size() for p in params)),
+        *(t.data_ptr() for t in tables), *fields,
     )  # fmt: skip
     return InferencePlan(params, lib.npwlu_forward_plan, struct, [*tables, *snapshots])
 

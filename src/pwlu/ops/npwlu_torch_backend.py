@@ -49,6 +49,7 @@ class NPWLUTorchBackend:
     name = "torch"
     forward = staticmethod(forward)
     backward = staticmethod(backward)
+    make_plan = None
 
     @staticmethod
     def is_available(device: torch.device) -> bool:

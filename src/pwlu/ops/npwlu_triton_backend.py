@@ -306,6 +306,7 @@ class NPWLUTritonBackend:
     forward = staticmethod(forward)
     backward = staticmethod(backward)
     is_available = staticmethod(is_available)
+    make_plan = None
 
 
 BACKEND = NPWLUTritonBackend()

@@ -28,6 +28,8 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
+from .registration import in_transform
+
 _deref = weakref.ref.__call__
 
 
@@ -42,9 +44,9 @@ MAX_PLANS = 8
 
 
 class Plan(Protocol):
-    ptrs: tuple[int, ...]
+    ptrs: tuple[tuple, ...]  # the parameters' layout() when the plan was made
 
-    def __call__(self, x: Tensor) -> Tensor | None: ...
+    def __call__(self, x: Tensor, *others: Tensor) -> Tensor | None: ...
 
 
 class _ParamPlans:
@@ -68,85 +70,69 @@ _CACHE: dict[tuple[int, ...], _ParamPlans] = {}
 _lock = threading.RLock()
 
 
-def needs_grad(x, params) -> bool:
-    """Whether a call records a graph (then no plan): x or a parameter requires grad."""
-    try:
-        return x.requires_grad or any(p.requires_grad for p in params)
-    except AttributeError:  # not tensors: validation names the culprit
+def gradient_free(tensors) -> bool:
+    """Whether a call may use a plan: no graph is recorded (no input or parameter of
+    ``tensors`` requires grad, or grad mode is off), nothing is being compiled and no
+    ``torch.func`` transform or forward-mode level is active."""
+    if torch.compiler.is_compiling() or in_transform():
+        return False
+    if not torch.is_grad_enabled():
         return True
+    try:
+        return not any(t.requires_grad for t in tensors)
+    except AttributeError:  # not tensors: validation names the culprit
+        return False
 
 
-def call_key(x: Tensor, channel_dim: int, setting: str) -> tuple:
-    """Everything besides the parameters that a plan depends on."""
-    return (x.shape, x.stride(), x.dtype, x.device, channel_dim, setting, torch.get_num_threads())
+def call_key(x: Tensor, channel_dim: int, setting: str, *others: Tensor) -> tuple:
+    """Everything besides the parameters that a plan depends on (``others``: the further inputs
+    of a multi-input op, as the 2-D PWLU's ``y``)."""
+    key = (x.shape, x.stride(), x.dtype, x.device, channel_dim, setting, torch.get_num_threads())
+    for t in others:
+        key += (t.shape, t.stride(), t.dtype, t.device)
+    return key
 
 
-def run(x: Tensor, params: tuple[Tensor, ...], channel_dim: int, setting: str) -> Tensor | None:
-    """``y`` from the plan made earlier for exactly this call, else ``None``. Needs no validated
-    arguments (``channel_dim`` is the caller's, as given; only an ``int`` can match); written
-    out because in a model every call passes here."""
+def run(x: Tensor, params: tuple[Tensor, ...], channel_dim: int, setting: str, *others: Tensor) -> Tensor | None:
+    """``plan(x, *others)`` from the plan made earlier for exactly this call, else ``None``.
+    Needs no validated arguments (``channel_dim`` is the caller's, as given; only an ``int``
+    can match); the one-input key is written out because in a model every call passes here."""
     entry = _CACHE.get(tuple(map(id, params)))
     if entry is None or type(x) is not Tensor or type(channel_dim) is not int:
         return None  # tensor subclasses (DTensor, Parameter...) take the general path
-    plan = entry.plans.get((x.shape, x.stride(), x.dtype, x.device, channel_dim, setting, torch.get_num_threads()))
+    if others:
+        if any(type(t) is not Tensor for t in others):
+            return None
+        key = call_key(x, channel_dim, setting, *others)
+    else:
+        key = (x.shape, x.stride(), x.dtype, x.device, channel_dim, setting, torch.get_num_threads())
+    plan = entry.plans.get(key)
     if plan is not None and entry.holds(params) and plan.ptrs == tuple(map(layout, params)):
-        return plan(x)
+        return plan(x, *others)
     return None
 
 
 def make_and_run(
-    make: Callable[[Tensor, tuple[Tensor, ...], int | None], Plan | None],
+    make: Callable[..., Plan | None],
     x: Tensor,
     params: tuple[Tensor, ...],
     channel_dim: int,
     normalized_channel_dim: int | None,
     setting: str,
+    *others: Tensor,
 ) -> Tensor | None:
-    """After validation: a new plan from the backend's ``make`` where plans apply, kept under
-    this call's key, and its ``y``; ``None`` where none applies."""
-    if type(x) is not Tensor or not all(type(p) is nn.Parameter for p in params):
+    """After validation: a new plan from the backend's ``make(x, *others, params,
+    normalized_channel_dim)`` where plans apply, kept under this call's key, and its result;
+    ``None`` where none applies."""
+    if type(x) is not Tensor or any(type(t) is not Tensor for t in others):
         return None
-    plan = make(x, params, normalized_channel_dim)
+    if not all(type(p) is nn.Parameter for p in params):
+        return None
+    plan = make(x, *others, params, normalized_channel_dim)
     if plan is None:
         return None
-    _remember(params, plan, call_key(x, channel_dim, setting))
-    return plan(x)
-
-
-def pair_key(x: Tensor, y: Tensor, channel_dim: int, setting: str) -> tuple:
-    """:func:`call_key` of a two-input op (the 2-D PWLU): y's shape, strides, dtype and device too."""
-    return (x.shape, x.stride(), y.shape, y.stride(), x.dtype, y.dtype, x.device, y.device, channel_dim, setting,
-            torch.get_num_threads())  # fmt: skip
-
-
-def run_pair(x: Tensor, y: Tensor, params: tuple[Tensor, ...], channel_dim: int, setting: str) -> Tensor | None:
-    """:func:`run` for a two-input op: ``plan(x, y)`` from the plan made for exactly this call, else ``None``."""
-    entry = _CACHE.get(tuple(map(id, params)))
-    if entry is None or type(x) is not Tensor or type(y) is not Tensor or type(channel_dim) is not int:
-        return None
-    plan = entry.plans.get(pair_key(x, y, channel_dim, setting))
-    if plan is not None and entry.holds(params) and plan.ptrs == tuple(map(layout, params)):
-        return plan(x, y)  # type: ignore[call-arg]
-    return None
-
-
-def make_and_run_pair(
-    make: Callable[[Tensor, Tensor, tuple[Tensor, ...], int | None], Plan | None],
-    x: Tensor,
-    y: Tensor,
-    params: tuple[Tensor, ...],
-    channel_dim: int,
-    normalized_channel_dim: int | None,
-    setting: str,
-) -> Tensor | None:
-    """:func:`make_and_run` for a two-input op (``make(x, y, params, channel_dim)``)."""
-    if type(x) is not Tensor or type(y) is not Tensor or not all(type(p) is nn.Parameter for p in params):
-        return None
-    plan = make(x, y, params, normalized_channel_dim)
-    if plan is None:
-        return None
-    _remember(params, plan, pair_key(x, y, channel_dim, setting))
-    return plan(x, y)  # type: ignore[call-arg]
+    _remember(params, plan, call_key(x, channel_dim, setting, *others))
+    return plan(x, *others)
 
 
 def _remember(params: tuple[Tensor, ...], plan: Plan, key: tuple) -> None:

@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 
 from .cpu import build
-from .cpu.backend import _dense_order, _in_order, _kernel_dtype, _layout, _like, _num_threads
-from .cpu.plan import InferencePlan
+from .cpu.backend import _in_order, _kernel_dtype, _layout, _like, _num_threads
+from .cpu.plan import InferencePlan, plannable, snapshot
 from .folding import compute_dtype
 from .pwlu2d_grads import pwlu2d_geometry
 
@@ -153,11 +153,7 @@ def make_plan(x: Tensor, y: Tensor, params: tuple[Tensor, ...], channel_dim: int
     ``None`` where none applies: x not dense, y not laid out as x, an output that would not be,
     fp16 without fp16 kernels, an empty input, non-contiguous parameters."""
     lib = PWLU2D_CPU.get()
-    if lib is None or not x.is_cpu or x.numel() == 0 or _no_f16(lib, x):
-        return None
-    if not all(p.is_contiguous() for p in params):
-        return None  # compared byte for byte on every call: only dense parameters
-    if _dense_order(x) is None or y.stride() != x.stride() or torch.empty_like(x).stride() != x.stride():
+    if lib is None or not plannable(x, params, y) or _no_f16(lib, x):
         return None
     _, _, (outer, c, inner) = _layout(x, channel_dim)
     values, geometry = pwlu2d_geometry(params, compute_dtype(x.dtype))
@@ -166,13 +162,10 @@ def make_plan(x: Tensor, y: Tensor, params: tuple[Tensor, ...], channel_dim: int
     tables = torch.empty(size, dtype=torch.float32)
     if size:
         build.check(lib.pwlu2d_tables(values.data_ptr(), c, n, tables.data_ptr()), "pwlu2d_tables")
-    snapshots = [p.detach().clone() for p in params]
+    *fields, snapshots = snapshot(params)
     struct = _PlanArgs(
         build._DTYPE_CODES[x.dtype], outer, c, inner, n, _num_threads(x.numel()), values.data_ptr(),
-        geometry.data_ptr(), tables.data_ptr() if size else None,
-        (ctypes.c_void_p * 9)(*(p.data_ptr() for p in params)),
-        (ctypes.c_void_p * 9)(*(p.data_ptr() for p in snapshots)),
-        (ctypes.c_int64 * 9)(*(p.numel() * p.element_size() for p in params)),
+        geometry.data_ptr(), tables.data_ptr() if size else None, *fields,
     )  # fmt: skip
     return InferencePlan2D(params, lib.pwlu2d_forward_plan, struct, [values, geometry, tables, *snapshots])
 

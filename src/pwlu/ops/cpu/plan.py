@@ -58,26 +58,44 @@ class InferencePlan:
         return y
 
 
+def plannable(x: Tensor, params: tuple[Tensor, ...], *others: Tensor) -> bool:
+    """Whether a plan can serve this call as it is (the checks every CPU ``make_plan`` shares):
+    a non-empty CPU ``x`` dense in its own memory order, an output ``empty_like(x)`` laid out as
+    ``x``, further inputs laid out as ``x`` and dense parameters (compared byte for byte on every
+    call)."""
+    if not x.is_cpu or x.numel() == 0 or not all(p.is_contiguous() for p in params):
+        return False
+    if _dense_order(x) is None or torch.empty_like(x).stride() != x.stride():
+        return False
+    return all(t.stride() == x.stride() for t in others)
+
+
+def snapshot(params: tuple[Tensor, ...]) -> tuple[ctypes.Array, ctypes.Array, ctypes.Array, list[Tensor]]:
+    """The ``live``, ``snap`` and ``bytes`` fields of a plan struct (C's ``plan_stale``), and the
+    snapshot copies the plan must keep alive."""
+    k = len(params)
+    copies = [p.detach().clone() for p in params]
+    return (
+        (ctypes.c_void_p * k)(*(p.data_ptr() for p in params)),
+        (ctypes.c_void_p * k)(*(p.data_ptr() for p in copies)),
+        (ctypes.c_int64 * k)(*(p.numel() * p.element_size() for p in params)),
+        copies,
+    )
+
+
 def make_plan(x: Tensor, params: tuple[Tensor, ...], channel_dim: int | None) -> InferencePlan | None:
     """A plan for this call (arguments validated, ``channel_dim`` normalised), or ``None`` where
     none applies (a layout that needs a copy, fp16 without F16C, an empty input, non-contiguous
     parameters)."""
     lib = library()
-    if lib is None or not x.is_cpu or not _fused_ok(x, lib) or x.numel() == 0:
-        return None
-    if not all(p.is_contiguous() for p in params):
-        return None  # compared byte for byte on every call: only dense parameters
-    order = _dense_order(x)
-    if order is None or torch.empty_like(x).stride() != x.stride():
+    if lib is None or not plannable(x, params) or not _fused_ok(x, lib):
         return None
     _, _, (outer, channels, inner) = _layout(x, channel_dim)
     n = params[0].shape[-1] - 1
     tables = _tables(*fold_tables(*folding.channel_form(*params, folding.compute_dtype(x.dtype))))
-    snapshots = [p.detach().clone() for p in params]
+    *fields, snapshots = snapshot(params)
     struct = _PlanArgs(
         _DTYPE_CODES[x.dtype], outer, channels, inner, n, _num_threads(x.numel()), *(t.data_ptr() for t in tables),
-        (ctypes.c_void_p * 5)(*(p.data_ptr() for p in params)),
-        (ctypes.c_void_p * 5)(*(p.data_ptr() for p in snapshots)),
-        (ctypes.c_int64 * 5)(*(p.numel() * p.element_size() for p in params)),
+        *fields,
     )  # fmt: skip
     return InferencePlan(params, lib.pwlu_forward_plan, struct, [*tables, *snapshots])

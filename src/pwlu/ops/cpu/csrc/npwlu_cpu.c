@@ -518,8 +518,7 @@ typedef struct {
     int64_t bytes[6];
 } npwlu_plan;
 int npwlu_forward_plan(const npwlu_plan *p, const void *x, void *y) {
-    for (int i = 0; i < 6; i++)
-        if (memcmp(p->live[i], p->snap[i], (size_t)p->bytes[i]) != 0) return PWLU_PLAN_STALE;
+    if (plan_stale(p->live, p->snap, p->bytes, 6)) return PWLU_PLAN_STALE;
     if (p->dt == PWLU_F64)
         return npwlu_forward_f64(x, y, (int)p->dt, p->outer, p->C, p->inner, p->n, p->slopes, p->intercepts, p->bp,
                                  p->shift, (int)p->nthreads);

@@ -391,8 +391,7 @@ typedef struct {
     int64_t bytes[9];
 } pwlu2d_plan;
 int pwlu2d_forward_plan(const pwlu2d_plan *p, const void *x, const void *y, void *z) {
-    for (int i = 0; i < 9; i++)
-        if (memcmp(p->live[i], p->snap[i], (size_t)p->bytes[i]) != 0) return PWLU_PLAN_STALE;
+    if (plan_stale(p->live, p->snap, p->bytes, 9)) return PWLU_PLAN_STALE;
     if (p->dt == PWLU_F64)
         return pwlu2d_forward_f64(x, y, z, p->outer, p->C, p->inner, p->values, p->geometry, (int)p->n,
                                   (int)p->nthreads);

@@ -168,6 +168,14 @@ PWLU_INLINE __m512i region16(__m512 x, __m512 lo, __m512 hi, __m512 inv, __m512 
 }
 #endif /* PWLU_AVX512 */
 
+/* An inference plan's guard: whether any of the count parameter tensors (live) differs byte for
+ * byte from the snapshot its tables were made from (then the plan returns PWLU_PLAN_STALE). */
+static inline int plan_stale(const void *const *live, const void *const *snap, const int64_t *bytes, int count) {
+    for (int i = 0; i < count; i++)
+        if (memcmp(live[i], snap[i], (size_t)bytes[i]) != 0) return 1;
+    return 0;
+}
+
 /* ---- threads and static partitions ---- */
 static inline int clamp_threads(int nthreads) { return nthreads < 1 ? 1 : nthreads; }
 

@@ -352,8 +352,7 @@ typedef struct {
     int64_t bytes[5];
 } pwlu_plan;
 int pwlu_forward_plan(const pwlu_plan *p, const void *x, void *y) {
-    for (int i = 0; i < 5; i++)
-        if (memcmp(p->live[i], p->snap[i], (size_t)p->bytes[i]) != 0) return PWLU_PLAN_STALE;
+    if (plan_stale(p->live, p->snap, p->bytes, 5)) return PWLU_PLAN_STALE;
     if (p->dt == PWLU_F64)
         return pwlu_forward_f64(x, y, (int)p->dt, p->outer, p->C, p->inner, p->sl, p->ic, p->lo, p->ro, p->iv, p->sh,
                                 p->n, (int)p->nthreads);
