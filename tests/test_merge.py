@@ -468,6 +468,102 @@ def test_what_is_and_is_not_a_merge():
     assert _count(net) == 1
 
 
+def test_size_arithmetic_and_keyword_additions():
+    """Bugs found by an adversarial review: an addition of two sizes (x.size(2) + x.size(3))
+    was taken for a merge (an Addition left behind, a 'not reached' warning, the real merge
+    renamed merge_1, TorchScript broken), and torch.add(input=, other=) / a.add(other=) were
+    not recognised."""
+    x = torch.randn(2, 3, 5, 5)
+
+    def sizes(s, x):
+        hw = x.size(2) + x.size(3)
+        n = x.shape[-1] * 2 + x.dim()
+        return s.conv(x) * ((hw + n) / 10.0) + x
+
+    cases = {
+        "sizes": (sizes, 1),
+        "keywords": (lambda s, x: torch.add(input=s.conv(x), other=x), 1),
+        "method keyword": (lambda s, x: s.conv(x).add(other=x), 1),
+        "keyword alpha": (lambda s, x: torch.add(input=s.conv(x), other=x, alpha=2), 0),
+    }
+    for what, (fn, count) in cases.items():
+        assert len(merge_sites(_block(fn))) == count, what
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no 'not reached' warning
+        net = _same_outputs(nn.Sequential(_block(sizes)), x)
+        kw = _same_outputs(nn.Sequential(_block(cases["keywords"][0])), x)
+    assert [n for n, _ in merge_modules(net)] == ["0.merge"] and _count(kw) == 1
+    assert not any(isinstance(m, Addition) for m in net.modules())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.script's deprecation
+        scripted = torch.jit.script(net.eval())
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x.double()), net(x.double()))
+
+
+class _Conv1dBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv1d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        out = self.conv(x)
+        out += x
+        return out
+
+
+class _ChannelsLastBlock(nn.Module):  # a Swin-style block on (B, H, W, C)
+    def __init__(self, c):
+        super().__init__()
+        self.norm, self.fc = nn.LayerNorm(c), nn.Linear(c, c)
+
+    def forward(self, x):
+        return x + self.fc(self.norm(x))
+
+
+def test_channel_axis_from_the_block_layers():
+    """The channel axis was guessed from the rank alone: a Conv1d block's (B, C, L) got one
+    surface per position (and failed on another length), a Swin block's (B, H, W, C) one per row."""
+    conv1d = convert_merges(nn.Sequential(_Conv1dBlock(8)), example_input=torch.randn(2, 8, 50), blocks=[_Conv1dBlock])
+    ((_, m),) = merge_modules(conv1d)
+    assert (m.num_channels, m.channel_dim) == (8, 1)
+    with torch.no_grad():
+        x = torch.randn(2, 8, 60)  # another length
+        torch.testing.assert_close(conv1d(x), conv1d[0].conv(x) + x)
+    swin = convert_merges(
+        nn.Sequential(_ChannelsLastBlock(6)), example_input=torch.randn(2, 5, 7, 6), blocks=[_ChannelsLastBlock]
+    )
+    ((_, m),) = merge_modules(swin)
+    assert (m.num_channels, m.channel_dim) == (6, -1)
+    with torch.no_grad():
+        x = torch.randn(1, 9, 3, 6)  # another resolution
+        torch.testing.assert_close(swin(x), x + swin[0].fc(swin[0].norm(x)))
+    # explicit, as an argument or in merge_kwargs
+    for how in ({"channel_dim": 2}, {"merge_kwargs": {"channel_dim": 2}}):
+        net = convert_merges(
+            nn.Sequential(_Conv1dBlock(8)), example_input=torch.randn(2, 8, 50), blocks=[_Conv1dBlock], **how
+        )
+        ((_, m),) = merge_modules(net)
+        assert (m.num_channels, m.channel_dim) == (50, 2), how
+    with pytest.raises(TypeError, match="disagree"):
+        convert_merges(nn.Sequential(_Conv1dBlock(8)), example_input=torch.randn(2, 8, 5), blocks=[_Conv1dBlock],
+                       channel_dim=1, merge_kwargs={"channel_dim": 2})  # fmt: skip
+    with pytest.raises(TypeError, match="num_channels"):
+        convert_merges(
+            nn.Sequential(_Conv1dBlock(8)), example_input=torch.randn(2, 8, 5), merge_kwargs={"num_channels": 8}
+        )
+    with pytest.raises(ConversionError, match="channel_dim=3 is not an axis"):
+        convert_merges(
+            nn.Sequential(_Conv1dBlock(8)), example_input=torch.randn(2, 8, 5), blocks=[_Conv1dBlock], channel_dim=3
+        )
+    # layers that do not tell: the rank's default, with a warning
+    blind = _block(lambda s, x: torch.tanh(x) + x, "Blind")
+    with pytest.warns(UserWarning, match="do not tell which axis"):
+        net = convert_merges(nn.Sequential(blind), example_input=torch.randn(2, 4, 5), blocks=["Blind"])
+    ((_, m),) = merge_modules(net)
+    assert (m.num_channels, m.channel_dim) == (5, -1)
+
+
 def test_conversion_errors_leave_the_model_unchanged():
     x = torch.randn(2, 3, 4, 4)
 
@@ -523,6 +619,19 @@ def test_torchscript_trace_and_torch_export():
         torch.testing.assert_close(merge(a, b), model.layers[0].merge(a, b), rtol=1e-6, atol=1e-5)
         program = torch.export.export(model, (x,))
         torch.testing.assert_close(program.module()(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_tracing_warns_nothing():
+    """The export form keeps N in tensor arithmetic: under tracing N is a traced size, and
+    float(N) gave ten TracerWarnings per PWLU2D (80 for a converted ResNet-18)."""
+    m = _randomise(PWLU2D(4, num_intervals=4), seed=21).eval()
+    x, y = _mixed_inputs((2, 4, 3, 3), seed=22)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        traced = torch.jit.trace(m, (x, y))
+    assert [str(w.message) for w in caught if issubclass(w.category, torch.jit.TracerWarning)] == []
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x, y), m(x, y), rtol=1e-6, atol=1e-6)
 
 
 def test_onnx_standard_ops_and_onnxruntime(tmp_path):

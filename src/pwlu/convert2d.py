@@ -81,18 +81,61 @@ def _depends_on_input(node: fx.Node, memo: dict[fx.Node, bool]) -> bool:
     return memo[node]
 
 
-def _is_merge(node: fx.Node, memo: dict[fx.Node, bool]) -> bool:
-    """An addition of two tensors that both depend on the block's input."""
-    if node.op == "call_function" and node.target in _ADD_FUNCTIONS:
-        pass
-    elif node.op == "call_method" and node.target in _ADD_METHODS:
-        pass
+#: Methods and attributes that give Python numbers (sizes, ranks), not tensors.
+_SCALAR_METHODS = {"size", "dim", "numel", "nelement", "item", "stride", "element_size", "tolist"}
+_SCALAR_ATTRS = {"shape", "ndim", "dtype", "device"}
+
+
+def _scalar_valued(node: fx.Node, memo: dict[fx.Node, bool]) -> bool:
+    """Whether ``node`` computes a Python number from sizes (``x.size(2) + x.size(3)``,
+    ``x.shape[-1] // 2``): such an addition is arithmetic, not a merge of two tensors."""
+    if node in memo:
+        return memo[node]
+    if node.op == "call_method" and node.target in _SCALAR_METHODS:
+        result = True
+    elif node.op == "call_function" and node.target is getattr:
+        result = len(node.args) > 1 and node.args[1] in _SCALAR_ATTRS
+    elif node.op == "call_function" and node.target is len:
+        result = True
+    elif node.op == "call_function" and getattr(node.target, "__module__", None) in ("_operator", "operator", "math"):
+        # arithmetic and indexing: a number when every node it reads is one
+        inputs = node.all_input_nodes
+        result = bool(inputs) and all(_scalar_valued(a, memo) for a in inputs)
     else:
+        result = False
+    memo[node] = result
+    return result
+
+
+def _operands(node: fx.Node) -> tuple[Any, Any] | None:
+    """The two summands of an addition node (``a + b``, ``a += b``, ``torch.add(a, b)``,
+    ``torch.add(input=a, other=b)``, ``a.add(b)``, ``a.add_(other=b)``; ``alpha`` must be 1);
+    ``None`` for anything else."""
+    if node.op == "call_function" and node.target in _ADD_FUNCTIONS:
+        names = ("input", "other")
+    elif node.op == "call_method" and node.target in _ADD_METHODS:
+        names = ("self", "other")
+    else:
+        return None
+    args, kwargs = list(node.args), dict(node.kwargs)
+    for name in names[len(args) :]:
+        if name in kwargs:
+            args.append(kwargs.pop(name))
+    if kwargs.pop("alpha", 1) != 1 or kwargs or len(args) != 2:
+        return None
+    return args[0], args[1]
+
+
+def _is_merge(node: fx.Node, memo: dict[fx.Node, bool], scalars: dict[fx.Node, bool] | None = None) -> bool:
+    """An addition of two tensors that both depend on the block's input."""
+    operands = _operands(node)
+    if operands is None:
         return False
-    if len(node.args) != 2 or any(k != "alpha" for k in node.kwargs) or node.kwargs.get("alpha", 1) != 1:
-        return False
-    a, b = node.args
+    a, b = operands
     if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+        return False
+    scalars = {} if scalars is None else scalars
+    if _scalar_valued(a, scalars) or _scalar_valued(b, scalars):
         return False
     return _depends_on_input(a, memo) and _depends_on_input(b, memo)
 
@@ -102,7 +145,8 @@ def merge_sites(block: nn.Module) -> list[str]:
     inspection. Raises :class:`ConversionError` when fx cannot trace the block."""
     graph = _trace(block, "")
     memo: dict[fx.Node, bool] = {}
-    return [n.name for n in graph.nodes if _is_merge(n, memo)]
+    scalars: dict[fx.Node, bool] = {}
+    return [n.name for n in graph.nodes if _is_merge(n, memo, scalars)]
 
 
 def _trace(block: nn.Module, name: str) -> fx.Graph:
@@ -122,20 +166,23 @@ def _rewrite(block: nn.Module, name: str) -> tuple[nn.Module, list[str]]:
     residual addition calls a new :class:`Addition` submodule; and those submodules' names."""
     graph = _trace(block, name)
     memo: dict[fx.Node, bool] = {}
-    nodes = [n for n in graph.nodes if _is_merge(n, memo)]
+    scalars: dict[fx.Node, bool] = {}
+    nodes = [n for n in graph.nodes if _is_merge(n, memo, scalars)]
     if not nodes:
         return block, []
     order = {n: i for i, n in enumerate(graph.nodes)}
     added = []
     for node in nodes:
-        first = node.args[0]
+        operands = _operands(node)
+        assert operands is not None  # a merge
+        first = operands[0]
         # x.add_(y) (fx records ``out += identity`` as an out-of-place add): later reads of x
         # see the sum, so they read the merge's output instead
         later = [u for u in first.users if u is not node and order[u] > order[node]] if node.target == "add_" else []
         attr = _free_attr(block, "merge") if hasattr(block, "merge") else "merge"
         block.add_module(attr, Addition())
         with graph.inserting_after(node):
-            call = graph.call_module(attr, tuple(node.args))
+            call = graph.call_module(attr, operands)
         node.replace_all_uses_with(call)
         for user in later:
             user.replace_input_with(first, call)
@@ -153,8 +200,33 @@ def _excluded(name: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(a, p) for a in ancestors for p in patterns)
 
 
-def _channel_dim(shape: tuple[int, ...]) -> int:
-    return -1 if len(shape) == 3 else 1
+def _layer_channels(block: nn.Module) -> set[int]:
+    """The channel counts that ``block``'s layers declare: convolutions' in/out channels, norms'
+    features, linear layers' in/out features."""
+    counts: set[int] = set()
+    for m in block.modules():
+        if isinstance(m, nn.modules.conv._ConvNd):
+            counts.update((m.in_channels, m.out_channels))
+        elif isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm)):
+            counts.add(m.num_features if hasattr(m, "num_features") else m.num_channels)
+        elif isinstance(m, nn.LayerNorm) and m.normalized_shape:
+            counts.add(m.normalized_shape[-1])
+        elif isinstance(m, nn.Linear):
+            counts.update((m.in_features, m.out_features))
+    return counts
+
+
+def _channel_dim(shape: tuple[int, ...], layer_channels: set[int]) -> tuple[int, bool]:
+    """The channel axis of a merge's inputs, and whether it was a guess: axis 1 or -1, the one
+    whose size is a channel count of the block's layers (a ``Conv1d`` block's ``(B, C, L)``, a
+    Swin block's ``(B, H, W, C)``); where that does not decide, -1 for 3-D ``(B, T, C)``, else 1."""
+    default = -1 if len(shape) == 3 else 1
+    if len(shape) < 3:
+        return default, False
+    first, last = shape[1] in layer_channels, shape[-1] in layer_channels
+    if first != last:
+        return (1 if first else -1), False
+    return default, not first and shape[1] != shape[-1]
 
 
 def convert_merges(
@@ -165,6 +237,7 @@ def convert_merges(
     exclude: str | Iterable[str] | None = None,
     *,
     blocks: Iterable[str | type] = (),
+    channel_dim: int | None = None,
     merge_kwargs: dict[str, Any] | None = None,
 ) -> nn.Module:
     """Replace every residual addition of ``model`` by a :class:`~pwlu.PWLU2D`, one per merge.
@@ -183,8 +256,8 @@ def convert_merges(
     state-dict keys plus ``merge`` (``merge_1``... for a second merge in one block), called
     where the addition was. One forward pass with ``example_input`` (under ``no_grad``, in the
     model's current mode; batch-norm statistics and the RNG are restored) measures the shape of
-    each merge's inputs; each merge then gets a ``PWLU2D`` with that channel count (axis 1, or -1
-    for 3-D ``(B, T, C)`` inputs), initialised as addition, so the converted model computes the
+    each merge's inputs; each merge then gets a ``PWLU2D`` with that channel count, initialised
+    as addition, so the converted model computes the
     same outputs (up to rounding). A merge the example pass never reaches stays a plain
     :class:`Addition` module, with a warning. Blocks are converted in place; the model is
     returned (a new ``fx.GraphModule`` when the model itself is such a block). It composes with
@@ -195,6 +268,13 @@ def convert_merges(
     (as in every fx rewrite); a block that reads the same tensor through a second name after
     ``+=`` would see the old value (none of the blocks above does).
 
+    The channel axis (``mode="channel"``) is ``channel_dim`` where given; otherwise axis 1 or -1 of
+    the merge's inputs, the one whose size is a channel count of the block's layers (the in/out
+    channels of its convolutions, the features of its norms and linear layers): axis 1 for
+    ``(B, C, H, W)`` and a ``Conv1d`` block's ``(B, C, L)``, -1 for ``(B, T, C)`` and a Swin
+    block's ``(B, H, W, C)``. Where the layers do not tell, axis 1 (-1 for 3-D inputs), with a
+    warning when the two axes differ in size.
+
     Args:
         model (nn.Module): modified in place.
         num_intervals (int): ``N`` of every ``PWLU2D``.
@@ -204,6 +284,8 @@ def convert_merges(
         exclude (str or iterable of str): ``fnmatch`` patterns of block names (or of an ancestor),
             e.g. ``"layer4.*"``: their additions stay.
         blocks (iterable of str or type): further block classes (or class names) to search.
+        channel_dim (int, optional): the channel axis of every merge's inputs (default: found
+            from the block's layers, see above).
         merge_kwargs (dict, optional): extra keyword arguments of ``PWLU2D`` (``bound``, ``init``).
 
     Returns:
@@ -234,6 +316,21 @@ def convert_merges(
             raise TypeError(f"convert_merges: blocks must hold class names or classes, but got {b!r}")
     _check_not_scripted(model)
     kwargs = dict(merge_kwargs or {})
+    fixed = [k for k in ("num_channels", "num_intervals") if k in kwargs]
+    if fixed:
+        raise TypeError(
+            f"convert_merges: merge_kwargs must not set {fixed}: the channel count is measured, and N is the "
+            "num_intervals argument"
+        )
+    if "channel_dim" in kwargs:  # the same as the argument
+        if channel_dim is not None and kwargs["channel_dim"] != channel_dim:
+            raise TypeError(
+                f"convert_merges: channel_dim={channel_dim!r} and merge_kwargs['channel_dim']="
+                f"{kwargs['channel_dim']!r} disagree"
+            )
+        channel_dim = kwargs.pop("channel_dim")
+    if channel_dim is not None and (isinstance(channel_dim, bool) or not isinstance(channel_dim, int)):
+        raise TypeError(f"convert_merges: channel_dim must be an int or None, but got {channel_dim!r}")
     if example_input is None:
         example_input = _default_input(model)
 
@@ -246,7 +343,7 @@ def convert_merges(
     ]  # fmt: skip
     found.sort(key=lambda item: -(item[0].count(".") + 1 if item[0] else 0))
     undo: list[tuple[str, nn.Module]] = []
-    sites: list[tuple[str, Addition]] = []
+    sites: list[tuple[str, Addition, nn.Module]] = []
     root = model
     try:
         for name, block in found:
@@ -259,7 +356,7 @@ def convert_merges(
             else:
                 root = rewritten
             prefix = f"{name}." if name else ""
-            sites += [(prefix + a, rewritten.get_submodule(a)) for a in added]
+            sites += [(prefix + a, rewritten.get_submodule(a), block) for a in added]
         if not sites:
             warnings.warn(
                 f"convert_merges converted nothing in {type(model).__name__}: no residual addition in a block of "
@@ -273,8 +370,8 @@ def convert_merges(
         plan = []
         param = next(root.parameters(), None)
         to_kw = dict(device=param.device, dtype=param.dtype) if param is not None and param.is_floating_point() else {}
-        never = []
-        for name, add in sites:
+        never, guessed = [], []
+        for name, add, block in sites:
             if not add.shapes:
                 never.append(name)
                 continue
@@ -284,8 +381,21 @@ def convert_merges(
                     f"convert_merges: merge {name!r} adds tensors of different shapes {sorted(shapes)} "
                     "(broadcasting); a PWLU2D needs two inputs of one shape. Exclude its block"
                 )
-            dims = {_channel_dim(sx) for sx, _ in shapes}
-            channels = {sx[_channel_dim(sx)] for sx, _ in shapes if len(sx) >= 2}
+            layer_channels = _layer_channels(block)
+            found_dims = {sx: _channel_dim(sx, layer_channels) for sx, _ in shapes}
+            if channel_dim is None:
+                dims = {d for d, _ in found_dims.values()}
+                if any(guess for _, guess in found_dims.values()):
+                    guessed.append((name, sorted(found_dims), dims))
+            else:
+                bad = [sx for sx, _ in shapes if not -len(sx) <= channel_dim < len(sx)]
+                if bad and mode == "channel":
+                    raise ConversionError(
+                        f"convert_merges: channel_dim={channel_dim} is not an axis of merge {name!r}'s inputs "
+                        f"of shape {bad[0]}"
+                    )
+                dims = {channel_dim}
+            channels = {sx[d] for sx, _ in shapes for d in dims if len(sx) >= 2 and -len(sx) <= d < len(sx)}
             if mode == "channel" and (len(dims) > 1 or len(channels) != 1):
                 raise ConversionError(
                     f"convert_merges: merge {name!r} sees inputs of shapes {sorted(s for s, _ in shapes)}, so no "
@@ -310,8 +420,15 @@ def convert_merges(
                 delattr(block, attr)
     for name, new in plan:
         _set_submodule(root, name, new)
-    for _, add in sites:
+    for _, add, _ in sites:
         add.shapes = []
+    if guessed and mode == "channel":
+        warnings.warn(
+            "convert_merges: the layers of the blocks do not tell which axis holds the channels of "
+            + ", ".join(f"{name!r} (inputs {shapes}, took axis {sorted(dims)})" for name, shapes, dims in guessed)
+            + "; pass channel_dim= if that is wrong",
+            stacklevel=2,
+        )
     if never:
         warnings.warn(
             f"convert_merges: {len(never)} merge(s) were not reached by the example forward pass and stay "

@@ -106,13 +106,14 @@ def pwlu2d_export(
     yl, yr, iy = _view(y_left_bound, dt, shape), _view(yr_eff, dt, shape), _view(inv_y, dt, shape)
     x_left, x_right = xc < xl, xc >= xr
     y_left, y_right = yc < yl, yc >= yr
-    u = torch.where(x_right, torch.full_like(xc, float(n)), (torch.where(x_left, xl, xc) - xl) * ix)
-    w = torch.where(y_right, torch.full_like(yc, float(n)), (torch.where(y_left, yl, yc) - yl) * iy)
-    i = torch.clamp(torch.floor(torch.nan_to_num(u, 0.0, 0.0, 0.0)), 0.0, float(n - 1))
-    j = torch.clamp(torch.floor(torch.nan_to_num(w, 0.0, 0.0, 0.0)), 0.0, float(n - 1))
+    # n in tensor arithmetic only: under tracing it is a traced size, and float(n) would warn
+    u = torch.where(x_right, torch.zeros_like(xc) + n, (torch.where(x_left, xl, xc) - xl) * ix)
+    w = torch.where(y_right, torch.zeros_like(yc) + n, (torch.where(y_left, yl, yc) - yl) * iy)
+    i = torch.clamp_max(torch.clamp_min(torch.floor(torch.nan_to_num(u, 0.0, 0.0, 0.0)), 0.0), n - 1)
+    j = torch.clamp_max(torch.clamp_min(torch.floor(torch.nan_to_num(w, 0.0, 0.0, 0.0)), 0.0), n - 1)
     s = u - i
     t = w - j
-    base = (i * float(n + 1) + j).to(torch.long)
+    base = (i * (n + 1) + j).to(torch.long)
     if channel_dim is not None:
         channel = torch.arange(values.shape[0], device=x.device).reshape(shape)
         base = base + channel * (n + 1) * (n + 1)
