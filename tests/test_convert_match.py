@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import pathlib
 import re
@@ -73,12 +74,10 @@ def test_matched_pwlu_fits_the_function(act, fn, k_l, k_r, fit):
     conv = pwlu.convert_activations(copy.deepcopy(model), init="match", calibration=batches, fit=fit)
     p = conv[2]
     assert isinstance(p, pwlu.PWLU) and p.num_channels == 8 and p.matched is not None
-    # the range is mean ± 3 std of the recorded inputs (Eq. 6), per channel
+    # the range is mean ± 3 std of the recorded inputs (Eq. 6), per channel, pooled over the batches
     with torch.no_grad():
-        inputs = torch.cat([model[1](model[0](x)) for x in batches])
-        per_batch = torch.stack([model[1](model[0](x)).transpose(0, 1).reshape(8, -1).std(1) for x in batches])
-    mean = inputs.transpose(0, 1).reshape(8, -1).mean(1)
-    std = per_batch.mean(0)  # Eq. 5 with momentum None: the average of the batch std's
+        inputs = torch.cat([model[1](model[0](x)) for x in batches]).transpose(0, 1).reshape(8, -1).double()
+    mean, std = inputs.mean(1).float(), inputs.std(1).float()
     torch.testing.assert_close(p.left_bound, mean - 3 * std, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(p.right_bound, mean + 3 * std, rtol=1e-4, atol=1e-4)
     # the function's own outer slopes
@@ -205,6 +204,7 @@ def test_fit_pwlu_direct_and_half_precision():
     x = torch.randn(64, 3, 5) * torch.tensor([0.5, 1.0, 3.0]).view(1, 3, 1) + 0.3
     calib.record(x.to(torch.bfloat16))
     assert calib.samples.shape == (3, 320)
+    assert calib.finish() == []  # no constant channel
     fit_pwlu(p, target, calib.samples)
     assert p.points.dtype == torch.bfloat16 and torch.isfinite(p.points).all()
     p32 = pwlu.PWLU(3, num_intervals=8)
@@ -234,6 +234,79 @@ def test_nan_in_calibration_is_reported():
     bad[1][0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="'2'.*NaN or inf"):
         pwlu.convert_activations(copy.deepcopy(model), init="match", calibration=bad)
+
+
+def test_pooled_statistics_batches_of_one_overflow_and_constant_inputs():
+    """Bugs found by an adversarial review: calibration batches of one sample recorded std 0 for a
+    (B, C) input (the average of per-batch std's, Eq. 5) and gave a 0.15 relative error against
+    0.004 for the same samples in one batch; float32 moments overflowed for inputs of 1e20; a
+    constant batch gave a degenerate range without a word; a batch of zero rows was reported as
+    'not called'."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 4)).eval()
+    samples = [torch.randn(1, 8) for _ in range(64)]
+    one = pwlu.convert_activations(copy.deepcopy(model), init="match", calibration=samples)
+    pooled = pwlu.convert_activations(copy.deepcopy(model), init="match", calibration=[torch.cat(samples)])
+    with torch.no_grad():
+        h = model[0](torch.cat(samples)).double()
+    for conv in (one, pooled):
+        torch.testing.assert_close(conv[1].running_mean, h.mean(0).float(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(conv[1].running_std, h.std(0).float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(one[1].left_bound, pooled[1].left_bound)
+    assert int(one[1].num_batches_tracked) == 64
+    x = torch.randn(512, 8)
+    with torch.no_grad():
+        assert ((one(x) - model(x)).norm() / model(x).norm()).item() < 0.02
+    # float64 moments: inputs of 1e20 are finite, and so is their range
+    big = nn.Sequential(nn.Identity(), nn.GELU()).eval()
+    conv = pwlu.convert_activations(copy.deepcopy(big), init="match", calibration=[torch.randn(64, 8) * 1e20])
+    assert torch.isfinite(conv[1].left_bound).all() and (conv[1].running_std > 1e19).all()
+    with pytest.warns(UserWarning, match=r"'1' channel\(s\) \[0, 1, 2, 3, 4, 5, 6, 7\] ... are constant"):
+        pwlu.convert_activations(copy.deepcopy(model), init="match", calibration=[torch.ones(16, 8)])
+    with pytest.raises(ConversionError, match="'1' received only empty inputs"):
+        pwlu.convert_activations(copy.deepcopy(model), init="match", calibration=[torch.randn(0, 8)],
+                                 example_input=torch.randn(2, 8))  # fmt: skip
+
+
+def test_baseline_swish_prelu_and_apl_are_matched():
+    """pwlu.baselines' Swish, PReLU and APL (what pwlu train --activation swish|prelu|apl builds)
+    were not activations to convert_activations: nothing converted, a misleading warning."""
+    from pwlu.baselines import APL, PReLU, Swish
+
+    torch.manual_seed(0)
+    apl = APL(16, num_hinges=2, channel_dim=-1)
+    prelu = PReLU(16, channel_dim=-1)
+    with torch.no_grad():
+        apl.a.copy_(torch.rand(16, 2) * 0.5)
+        prelu.weight.copy_(torch.linspace(-0.3, 0.6, 16))
+    for act, slopes in [(Swish(), (0.0, 1.0)), (Swish(beta=-1.5), (1.0, 0.0)), (prelu, (prelu.weight, 1.0)),
+                        (apl, (-apl.a.sum(1), 1.0))]:  # fmt: skip
+        model = nn.Sequential(nn.Linear(8, 16), act, nn.Linear(16, 4)).eval()
+        batches = [torch.randn(64, 8) for _ in range(4)]
+        conv = pwlu.convert_activations(copy.deepcopy(model), init="match", calibration=batches)
+        p = conv[1]
+        assert isinstance(p, pwlu.PWLU) and p.matched == type(act).__name__ + f"({act.extra_repr()})"
+        torch.testing.assert_close(p.left_slope, torch.as_tensor(slopes[0]).float().expand(16).detach())
+        torch.testing.assert_close(p.right_slope, torch.full((16,), float(slopes[1])))
+        x = torch.randn(256, 8)
+        with torch.no_grad():
+            rel = ((conv(x) - model(x)).norm() / model(x).norm()).item()
+        assert rel < 0.02, (act, rel)
+    # the default init (ReLU, phase I) converts them too
+    conv = pwlu.convert_activations(nn.Sequential(nn.Linear(4, 4), Swish()), example_input=torch.randn(2, 4))
+    assert len(pwlu.pwlu_modules(conv)) == 1
+
+
+def test_exclude_one_name_of_a_tied_activation():
+    """An activation registered under two names, one of them excluded: the excluded one was
+    converted anyway (split off as '1_1', the model became a GraphModule)."""
+    g = nn.GELU()
+    model = nn.Sequential(nn.Linear(8, 16), g, nn.Linear(16, 16), g, nn.Linear(16, 4)).eval()
+    for init, kwargs in (("relu", {}), ("match", {"calibration": [torch.randn(32, 8)]})):
+        conv = pwlu.convert_activations(copy.deepcopy(model), exclude="3", example_input=torch.randn(2, 8), init=init,
+                                        **kwargs)  # fmt: skip
+        assert type(conv) is nn.Sequential and [n for n, _ in pwlu.pwlu_modules(conv)] == ["1"], init
+        assert isinstance(conv[3], nn.GELU)
 
 
 # ----------------------------------------------------------------------------- BoundaryRealigner
@@ -398,3 +471,47 @@ def test_cli_finetune_from_checkpoint(tmp_path, capsys):
     assert main(["train", *fast, "--activation", "relu", "--warmup-epochs", "0", "--init-from", ckpt,
                  "--out", str(tmp_path / "z")]) == 2  # fmt: skip
     assert "--activation gelu" in capsys.readouterr().err
+
+
+def test_cli_init_from_refuses_what_it_cannot_honour(tmp_path):
+    """Found by an adversarial review: a checkpoint whose activation cannot be converted was
+    fine-tuned unchanged as "--activation pwlu"; --init match with --fix-init silently overwrote the
+    fit; --merges pwlu2d with --init-from was recorded but not applied; --activation gelu with the
+    default --warmup-epochs 1 and --epochs 1 was refused although nothing warms up."""
+    from pwlu.app.config import ConfigError, TrainConfig
+    from pwlu.app.data import make_synthetic
+    from pwlu.app.train import model_from_checkpoint, train
+
+    TrainConfig(dataset="synthetic", activation="gelu", epochs=1).validate()  # no warm-up to check
+    with pytest.raises(ConfigError, match="--warmup-epochs must be in"):
+        TrainConfig(dataset="synthetic", activation="pwlu", epochs=1).validate()
+    with pytest.raises(ConfigError, match="--fix-init 3.0 would overwrite"):
+        TrainConfig(dataset="synthetic", init_from="x.pt", init="match", fix_init=3.0).validate()
+    data = make_synthetic()
+    common = dict(dataset="synthetic", epochs=1, warmup_epochs=0, batch_size=64, train_subset=256, progress=False)
+    train(TrainConfig(model="resnet", activation="gelu", out=str(tmp_path / "res"), **common), data=data)
+    train(TrainConfig(model="cnn", activation="pau", out=str(tmp_path / "pau"), **common), data=data)
+    res, pau = str(tmp_path / "res" / "checkpoint.pt"), str(tmp_path / "pau" / "checkpoint.pt")
+    with pytest.raises(ConfigError, match="--activation pau modules cannot be converted"):
+        model_from_checkpoint(TrainConfig(dataset="synthetic", model="cnn", init_from=pau, init="match"), data)
+    # --merges pwlu2d: the trained additions become PWLU2D at init (addition), the function kept
+    cfg = TrainConfig(dataset="synthetic", model="resnet", init_from=res, init="match", merges="pwlu2d")
+    merged, (mean, std) = model_from_checkpoint(cfg, data)
+    matched, _ = model_from_checkpoint(dataclasses.replace(cfg, merges="add"), data)
+    count = lambda m: sum(isinstance(x, pwlu.PWLU2D) for x in m.modules())  # noqa: E731
+    assert count(merged) > 0 and count(matched) == 0
+    x = normalise_first(data, mean, std)
+    with torch.no_grad():
+        torch.testing.assert_close(merged.eval()(x), matched.eval()(x), rtol=1e-4, atol=1e-4)
+    # a fine-tuned pwlu checkpoint keeps its N: another --intervals is refused, not ignored
+    train(TrainConfig(model="cnn", activation="pwlu", out=str(tmp_path / "pw"), **common), data=data)
+    with pytest.raises(ConfigError, match="--intervals 16"):
+        model_from_checkpoint(
+            TrainConfig(dataset="synthetic", init_from=str(tmp_path / "pw" / "checkpoint.pt"), intervals=8), data
+        )
+
+
+def normalise_first(data, mean, std):
+    from pwlu.app.data import normalise
+
+    return normalise(data.test_x[:16], mean, std)

@@ -27,7 +27,8 @@ from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.overrides import TorchFunctionMode
 
-from .baselines import call_factory, get_activation
+from .baselines import APL, Swish, call_factory, get_activation
+from .baselines import PReLU as ChannelPReLU
 from .matching import FITS, HF_ACTIVATION_NAMES, Calibration, MatchTarget, activation_target, fit_pwlu
 from .modules import PWLU, LazyPWLU, TimmPWLU
 
@@ -56,6 +57,9 @@ ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
     nn.SELU,
     nn.Mish,
     nn.Softplus,
+    Swish,  # this package's baselines (pwlu train --activation swish|prelu|apl)
+    ChannelPReLU,
+    APL,
 )
 # timm's own activation classes (timm.layers.activations*), matched by name so that timm is
 # not imported here.
@@ -302,14 +306,20 @@ def _excluded(name: str, patterns: list[str]) -> bool:
 
 
 def _untie(root: nn.Module, patterns: list[str]) -> None:
-    """An activation object registered under several names gets one copy per name."""
-    seen: set[int] = set()
-    for name, m in list(root.named_modules(remove_duplicate=False)):
-        if not is_activation(m):
+    """An activation object registered under several names gets one copy per name; an excluded
+    name keeps the object itself (else the first name does), so that excluding one of the names
+    leaves that one as it is."""
+    names: dict[int, list[tuple[str, nn.Module]]] = {}
+    for name, m in root.named_modules(remove_duplicate=False):
+        if is_activation(m):
+            names.setdefault(id(m), []).append((name, m))
+    for group in names.values():
+        if len(group) < 2:
             continue
-        if id(m) in seen and not _excluded(name, patterns):
-            _set_submodule(root, name, copy.deepcopy(m))
-        seen.add(id(m))
+        keep = next((name for name, _ in group if _excluded(name, patterns)), group[0][0])
+        for name, m in group:
+            if name != keep:
+                _set_submodule(root, name, copy.deepcopy(m))
 
 
 def _inside_se(root: nn.Module, name: str) -> bool:
@@ -434,13 +444,30 @@ def _match(
         return
     if _calibrate(model, sites, batches) == 0:
         raise ValueError("convert_activations: calibration= yielded no batch")
+    constant = []
     for name, calib in sites.values():
-        if int(calib.pwlu.num_batches_tracked) == 0:
+        if calib.calls == 0:
             raise ConversionError(
                 f"convert_activations: activation {name!r} was not called by the calibration batches, so no PWLU "
-                "can be fitted to it; use batches that run the whole model, or exclude it"
+                "can be fitted to it; use batches that run the whole model (calibration runs it in eval mode: "
+                "branches taken only in training are not run), or exclude it"
             )
+        if calib.batches == 0:
+            raise ConversionError(
+                f"convert_activations: activation {name!r} received only empty inputs from the calibration "
+                f"batches ({calib.calls} call(s) with 0 elements), so no PWLU can be fitted to it"
+            )
+        dead = calib.finish()
+        if dead:
+            constant.append(f"{name!r} channel(s) {dead[:8]}{' ...' if len(dead) > 8 else ''}")
         fit_pwlu(calib.pwlu, targets[name], calib.samples, fit=fit, num_sigmas=num_sigmas, name=name)
+    if constant:
+        warnings.warn(
+            "convert_activations: the calibration inputs of " + "; ".join(constant) + " are constant (std 0), so "
+            "their range has the minimum width and the match holds only near that value; calibrate with "
+            "varied batches",
+            stacklevel=3,
+        )
 
 
 def convert_activations(

@@ -25,9 +25,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .baselines import APL, Swish
+from .baselines import PReLU as ChannelPReLU
 from .modules import PWLU
 from .realign import DEFAULT_MIN_WIDTH, _data_bounds, _hat_design
-from .running_stats import update_running_stats
+from .running_stats import batch_moments, merge_moments
 
 __all__ = ["FITS", "Calibration", "MatchTarget", "activation_target", "fit_pwlu"]
 
@@ -84,7 +86,9 @@ def activation_target(module: nn.Module, num_channels: int | None) -> MatchTarge
 
     Matched: ReLU, ReLU6, LeakyReLU, PReLU, RReLU (its eval-mode mean slope), SiLU, Hardswish,
     GELU (both approximations), ELU, CELU, SELU, Mish, Softplus; the transformers classes in
-    :data:`HF_ACTIVATION_NAMES` and timm's in :data:`TIMM_ACTIVATION_NAMES`.
+    :data:`HF_ACTIVATION_NAMES` and timm's in :data:`TIMM_ACTIVATION_NAMES`; this package's
+    baselines :class:`~pwlu.baselines.Swish` (any beta), :class:`~pwlu.baselines.PReLU` and
+    :class:`~pwlu.baselines.APL` (what ``pwlu train --activation swish|prelu|apl`` builds).
 
     Args:
         module (nn.Module): the activation.
@@ -95,7 +99,13 @@ def activation_target(module: nn.Module, num_channels: int | None) -> MatchTarge
     name = cls.__name__
     extra = module.extra_repr()
     label = f"{name}({extra})" if extra else name
+    if isinstance(module, (ChannelPReLU, APL)):  # pwlu.baselines' own: piecewise linear, per channel on any axis
+        return _baseline_target(module, label, num_channels)
     fn = _module_fn(module)
+    if isinstance(module, Swish):  # x sigmoid(beta x): slopes 0 and 1 for beta > 0, 1 and 0 for beta < 0
+        beta = float(module.beta)
+        left, right = (0.0, 1.0) if beta > 0 else (1.0, 0.0) if beta < 0 else (0.5, 0.5)
+        return MatchTarget(label, fn, left, right)
     if isinstance(module, nn.ReLU6):
         return MatchTarget(label, fn, 0.0, 0.0)
     if isinstance(module, nn.ReLU):
@@ -122,12 +132,43 @@ def activation_target(module: nn.Module, num_channels: int | None) -> MatchTarge
     return None
 
 
+def _baseline_target(module: nn.Module, label: str, num_channels: int | None) -> MatchTarget | None:
+    """:class:`pwlu.baselines.PReLU` (``x`` or ``w x``) and :class:`pwlu.baselines.APL`
+    (``max(0, x) + sum_s a_s max(0, b_s - x)``), evaluated on rows of channels: their own
+    ``channel_dim`` refers to the model's layout, not to the ``(C, G)`` rows of the fit."""
+    channels = num_channels or 1
+    if isinstance(module, ChannelPReLU):
+        w = module.weight.detach().to(torch.float64).cpu().reshape(-1, 1)
+        if w.shape[0] not in (1, channels):
+            return None  # a per-channel PReLU replaced layer-wise, or on another channel axis
+        return MatchTarget(label, lambda x: torch.where(x > 0, x, w * x), w.reshape(-1).clone(), 1.0)
+    a = module.a.detach().to(torch.float64).cpu()
+    b = module.b.detach().to(torch.float64).cpu()
+    a, b = (a.unsqueeze(0), b.unsqueeze(0)) if a.dim() == 1 else (a, b)  # (1 or C, S)
+    if a.shape[0] not in (1, channels):
+        return None
+
+    def apl_rows(x: Tensor) -> Tensor:
+        y = x.clamp_min(0.0)
+        for s in range(a.shape[1]):
+            y = y + a[:, s : s + 1] * (b[:, s : s + 1] - x).clamp_min(0.0)
+        return y
+
+    return MatchTarget(label, apl_rows, -a.sum(1), 1.0)
+
+
 class Calibration:
-    """Per-channel input statistics (Eq. 5) and a uniform sample of the inputs of one call site.
+    """Per-channel input statistics and a uniform sample of the inputs of one call site.
+
+    The statistics are those of all the inputs recorded, pooled: count, mean and sum of squared
+    deviations merged batch by batch in float64 (Chan et al.), so that batches of one sample,
+    or batches whose means differ, give the spread of the inputs themselves (the running average
+    of per-batch standard deviations of Eq. 5 is 0 for batches of one sample of a ``(B, C)``
+    input, and leaves out the spread between batch means). :meth:`finish` writes them into the
+    PWLU's ``running_mean``/``running_std`` (unbiased) and ``num_batches_tracked``.
 
     Args:
-        pwlu (PWLU): the replacement; its ``running_mean``/``running_std``/``num_batches_tracked``
-            buffers receive the statistics (cumulative average, ``momentum=None``).
+        pwlu (PWLU): the replacement.
         max_samples (int): inputs kept per channel, a uniform random sample without replacement
             of all the inputs seen (random keys, the smallest kept).
         generator (torch.Generator): for the sample.
@@ -139,13 +180,23 @@ class Calibration:
         self.generator = generator
         self.samples: Tensor | None = None  # (C, S) float64, C = 1 layer-wise
         self.keys: Tensor | None = None  # (S,)
+        self.calls = 0  # inputs recorded, empty ones included
+        self.batches = 0  # non-empty inputs
+        self.moments: tuple[Tensor, Tensor, Tensor] | None = None  # pooled (count, mean, m2), float64
 
     @torch.no_grad()
     def record(self, x: Tensor) -> None:
         """Fold one input ``x`` (the activation's input at this call site) in."""
         m = self.pwlu
         cd = None if m.num_channels is None else m.channel_dim % x.dim()
-        update_running_stats(m.running_mean, m.running_std, m.num_batches_tracked, x, cd, None)
+        self.calls += 1
+        if x.numel() == 0:
+            return
+        self.batches += 1
+        moments = batch_moments(x.detach().to(torch.float64), cd)  # float64: no overflow of x^2
+        if self.moments is not None:
+            moments = merge_moments(*(torch.stack([a, b]) for a, b in zip(self.moments, moments)))
+        self.moments = moments
         flat = x.detach().reshape(1, -1) if cd is None else x.detach().movedim(cd, 0).reshape(x.shape[cd], -1)
         keys = torch.rand(flat.shape[1], generator=self.generator)
         if flat.shape[1] > self.max_samples:
@@ -159,6 +210,27 @@ class Calibration:
                 keys, idx = torch.topk(keys, self.max_samples, largest=False)
                 flat = flat[:, idx]
         self.samples, self.keys = flat, keys
+
+    @torch.no_grad()
+    def finish(self) -> list[int]:
+        """Write the pooled statistics into the PWLU's buffers; returns the channels whose
+        recorded inputs are all equal (std 0: their range gets the minimum width)."""
+        if self.moments is None:
+            raise ValueError("Calibration.finish: no non-empty input was recorded")
+        count, mean, m2 = self.moments
+        std = torch.sqrt(m2 / (count - 1).clamp_min(1.0))
+        m = self.pwlu
+        m.running_mean.copy_(mean.reshape(m.running_mean.shape))
+        m.running_std.copy_(std.reshape(m.running_std.shape))
+        m.num_batches_tracked.fill_(self.batches)
+        return torch.nonzero(std.reshape(-1) == 0).reshape(-1).tolist()
+
+
+def _head(t: Tensor, k: int = 8) -> str:
+    """The first ``k`` values of ``t`` for a message (``...`` and the count when there are more)."""
+    flat = t.detach().reshape(-1)
+    values = ", ".join(f"{v:.6g}" for v in flat[:k].tolist())
+    return f"[{values}, ... ({flat.numel()} values)]" if flat.numel() > k else f"[{values}]"
 
 
 def _solve_points(design: Tensor, target: Tensor, weight: Tensor) -> Tensor:
@@ -222,8 +294,9 @@ def fit_pwlu(
     finite = torch.isfinite(module.running_mean).all() and torch.isfinite(module.running_std).all()
     if not bool(finite) or (samples is not None and not bool(torch.isfinite(samples).all())):
         raise ValueError(
-            f"fit_pwlu: the inputs recorded for {where} are not finite (mean {module.running_mean.tolist()}, std "
-            f"{module.running_std.tolist()}): the calibration batches produced NaN or inf there"
+            f"fit_pwlu: the inputs recorded for {where} are not finite (mean {_head(module.running_mean)}, std "
+            f"{_head(module.running_std)}): the calibration batches produced NaN or inf there, or values whose "
+            "square overflows float64"
         )
     n = module.num_intervals
     left, right = (t.cpu().reshape(-1) for t in _data_bounds(module, float(num_sigmas), DEFAULT_MIN_WIDTH))

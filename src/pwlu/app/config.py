@@ -64,10 +64,15 @@ class TrainConfig:
         if self.init == "match" and (self.init_from is None or self.activation != "pwlu"):
             raise ConfigError("--init match fits PWLUs to a trained model's activations: it needs --init-from "
                               f"CHECKPOINT and --activation pwlu (got --activation {self.activation})")  # fmt: skip
-        if self.init != "match" and not 0 <= self.warmup_epochs < self.epochs:  # also rejects NaN
+        if not self.warmup_epochs >= 0:  # also rejects NaN
+            raise ConfigError(f"--warmup-epochs must be >= 0, but got {self.warmup_epochs}")
+        if self.uses_realignment and not self.warmup_epochs < self.epochs:  # a warm-up that never ends
             raise ConfigError(f"--warmup-epochs must be in [0, epochs), but got {self.warmup_epochs}")
         if self.fix_init is not None and not (math.isfinite(self.fix_init) and self.fix_init > 0):
             raise ConfigError(f"--fix-init must be a finite number > 0, but got {self.fix_init}")
+        if self.fix_init is not None and self.init == "match":
+            raise ConfigError(f"--fix-init {self.fix_init} would overwrite the PWLUs that --init match fits; "
+                              "pass one of them")  # fmt: skip
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"--lr must be a finite number > 0, but got {self.lr}")
         if self.weight_decay is not None and not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):

@@ -12,6 +12,7 @@ import math
 import os
 import pathlib
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -21,7 +22,7 @@ from torch import nn
 from pwlu import NPWLU, PWLU, BoundaryRealigner, convert_merges, fix_init, get_activation, parameter_groups
 from pwlu.baselines import call_factory
 
-from .config import ConfigError, TrainConfig, config_differences
+from .config import ConfigError, TrainConfig, config_differences, option_name
 from .data import TensorData, augment, channel_stats, check_data_dir, load_dataset, normalise
 from .models import WEIGHT_DECAY, build_model
 
@@ -288,15 +289,33 @@ def model_from_checkpoint(cfg: TrainConfig, data: TensorData, match: bool = True
     if cfg.activation != src.activation and cfg.activation != "pwlu":
         raise ConfigError(f"--init-from {cfg.init_from} has --activation {src.activation}: fine-tune it with "
                           f"--activation {src.activation}, or convert it with --activation pwlu")  # fmt: skip
+    kept = [("intervals", "mode")] if cfg.activation == src.activation and src.activation in ("pwlu", "npwlu") else []
+    if src.merges == "pwlu2d":
+        kept.append(("merges", "merge_intervals"))
+    for field in (f for group in kept for f in group):  # what the trained model already has
+        if getattr(src, field) != getattr(cfg, field):
+            raise ConfigError(f"--init-from {cfg.init_from} was trained with --{option_name(field)[2:]} "
+                              f"{getattr(src, field)}, which it keeps: pass {option_name(field)} "
+                              f"{getattr(src, field)}, not {getattr(cfg, field)}")  # fmt: skip
     model = build(src, data)
     mean, std = _load_weights(model, ckpt, cfg.init_from)
+    example = normalise(data.train_x[:2], mean, std)
     if cfg.activation != src.activation:
         g = torch.Generator().manual_seed(cfg.seed)
         idx = torch.randperm(len(data.train_y), generator=g)[: 8 * 128]
         batches = [normalise(data.train_x[idx[i : i + 128]], mean, std) for i in range(0, len(idx), 128)]
         matching = match and cfg.init == "match"
-        model = convert_activations(model, "pwlu", cfg.intervals, cfg.mode, example_input=batches[0],
-                                    init="match" if matching else "relu", calibration=batches if matching else None)  # fmt: skip
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = convert_activations(model, "pwlu", cfg.intervals, cfg.mode, example_input=batches[0],
+                                        init="match" if matching else "relu", calibration=batches if matching else None)  # fmt: skip
+        if not any(isinstance(m, PWLU) for m in model.modules()):
+            raise ConfigError(f"--init-from {cfg.init_from}: its --activation {src.activation} modules cannot be "
+                              "converted to PWLUs, so --activation pwlu would fine-tune the model unchanged")  # fmt: skip
+        for w in caught:  # the others, as they were
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if cfg.merges == "pwlu2d" and src.merges == "add":  # additions of the trained model, as PWLU2D at init
+        model = convert_merges(model, cfg.merge_intervals, mode=cfg.mode, example_input=example)
     return model, (mean, std)
 
 
