@@ -266,7 +266,15 @@ def pwlu2d_composite(
         base = base + _channel_view(channel, x.dim(), channel_dim) * (n + 1) ** 2
     v00, v10, v01, v11 = flat[base], flat[base + (n + 1)], flat[base + 1], flat[base + (n + 2)]
     lower = s.detach() >= t.detach()  # the triangle below the diagonal (s >= t)
-    inner = torch.where(lower, v00 + s * (v10 - v00) + t * (v11 - v10), v00 + t * (v01 - v00) + s * (v11 - v01))
+    # each triangle's formula reads the coordinates only where it is the one selected (0
+    # elsewhere): the other passes its vertices no 0 * NaN, so a NaN input makes NaN exactly the
+    # vertex gradients whose weights involve it (the kernels' per-triangle sums); same values
+    zero = torch.zeros_like(s)
+    s_lo, t_lo, s_up, t_up = (torch.where(lower, s, zero), torch.where(lower, t, zero),
+                              torch.where(lower, zero, s), torch.where(lower, zero, t))  # fmt: skip
+    inner = torch.where(
+        lower, v00 + s_lo * (v10 - v00) + t_lo * (v11 - v10), v00 + t_up * (v01 - v00) + s_up * (v11 - v01)
+    )
 
     def outer(selected: Tensor, a: Tensor, bound: Tensor, slope: Tensor) -> Tensor:
         # K (a - B) where selected, else 0; a flat piece maps ±inf to 0 (not inf * 0 = NaN)
