@@ -53,6 +53,9 @@ static inline double locate_d(double a, double lo, double hi, double inv, int n,
     return u;
 }
 
+/* histogram copies per channel and thread in the backward (see alloc_partials) */
+#define HIST_COPIES 2
+
 /* ------------------------------------------------------------------------------ forward */
 
 /* One channel's geometry in locals (loads outside the loops; selects between locals vectorise). */
@@ -561,6 +564,7 @@ static void backward_seg_f32(const float *g, const float *x, const float *y, flo
 PWLU_INLINE void backward_seg_lut_dt(const void *gp, const void *xp, const void *yp, void *dxp, void *dyp, const int dt,
                                      int64_t b, int64_t e, const cell_tables *ct, const float *geo, int n, double *h,
                                      double *s12) {
+    double *h2 = h + (int64_t)n * n * 2 * HQ; /* the channel's second histogram copy (HIST_COPIES) */
     const __m512 xlo = _mm512_set1_ps(geo[0]), xhi = _mm512_set1_ps(geo[1]), ix = _mm512_set1_ps(geo[2]);
     const __m512 ylo = _mm512_set1_ps(geo[3]), yhi = _mm512_set1_ps(geo[4]), iy = _mm512_set1_ps(geo[5]);
     const __m512 kxl = _mm512_set1_ps(geo[6]), kxr = _mm512_set1_ps(geo[7]);
@@ -629,10 +633,11 @@ PWLU_INLINE void backward_seg_lut_dt(const void *gp, const void *xp, const void 
             acc[10] = _mm512_mask_add_ps(acc[10], yin, acc[10], gb);
             acc[11] = _mm512_mask3_fmadd_ps(gb, w, acc[11], yin);
         }
-        const int64_t full = (rest + 15) / 16 * 16;
-        for (int64_t k = 0; k < full; k++) {
-            double *cell = h + (int64_t)bin[k] * HQ;
-            _mm256_storeu_pd(cell, _mm256_add_pd(_mm256_loadu_pd(cell), _mm256_cvtps_pd(_mm_load_ps(quad + k * HQ))));
+        const int64_t full = (rest + 15) / 16 * 16; /* even: the 16 elements of each vector */
+        for (int64_t k = 0; k < full; k += 2) {   /* alternate elements into the two copies */
+            double *c0 = h + (int64_t)bin[k] * HQ, *c1 = h2 + (int64_t)bin[k + 1] * HQ;
+            _mm256_storeu_pd(c0, _mm256_add_pd(_mm256_loadu_pd(c0), _mm256_cvtps_pd(_mm_load_ps(quad + k * HQ))));
+            _mm256_storeu_pd(c1, _mm256_add_pd(_mm256_loadu_pd(c1), _mm256_cvtps_pd(_mm_load_ps(quad + (k + 1) * HQ))));
         }
         for (int q = 0; q < 12; q++) s12[q] += (double)_mm512_reduce_add_ps(acc[q]);
     }
@@ -648,22 +653,34 @@ static void backward_seg_lut(const void *gp, const void *xp, const void *yp, voi
 }
 #endif /* PWLU_AVX512 */
 
-/* Thread copies of the histogram and sums: per thread C * (HQ N^2 * 2 + 12) doubles. */
-static double *alloc_partials(int nth, int64_t per_thread) { return (double *)calloc((size_t)nth * per_thread, sizeof(double)); }
+/* Thread copies of the histogram and sums: per thread C * (HIST_COPIES HQ N^2 * 2 + 12) doubles,
+ * 64-byte aligned, so that no bin of HQ = 4 doubles straddles a cache line (calloc's large
+ * blocks start 16 bytes into a page: every other bin did). The vector path adds alternate
+ * elements into two copies of a channel's histogram: consecutive elements in one bin then do
+ * not wait for each other's store. */
+static double *alloc_partials(int nth, int64_t per_thread) {
+    const size_t bytes = ((size_t)nth * (size_t)per_thread * sizeof(double) + 63) / 64 * 64;
+    double *p = (double *)aligned_alloc(64, bytes);
+    if (p) memset(p, 0, bytes);
+    return p;
+}
 
-/* Sum the threads' copies (bins of HQ doubles) into hist ([C][N][N][2][3]) and sums ([C][12]). */
+/* Sum the threads' and the copies' histograms (bins of HQ doubles) into hist ([C][N][N][2][3])
+ * and the threads' sums into sums ([C][12]). */
 static void reduce_partials(const double *part, int nth, int64_t C, int64_t bins, double *hist, double *sums) {
-    const int64_t hsize = bins * HQ, per = C * (hsize + 12);
+    const int64_t hsize = bins * HQ, per = C * (HIST_COPIES * hsize + 12);
     for (int64_t c = 0; c < C; c++) {
         for (int64_t k = 0; k < bins; k++)
             for (int q = 0; q < 3; q++) {
                 double acc = 0.0;
-                for (int th = 0; th < nth; th++) acc += part[th * per + c * hsize + k * HQ + q];
+                for (int th = 0; th < nth; th++)
+                    for (int cp = 0; cp < HIST_COPIES; cp++)
+                        acc += part[th * per + (c * HIST_COPIES + cp) * hsize + k * HQ + q];
                 hist[(c * bins + k) * 3 + q] = acc;
             }
         for (int k = 0; k < 12; k++) {
             double acc = 0.0;
-            for (int th = 0; th < nth; th++) acc += part[th * per + C * hsize + c * 12 + k];
+            for (int th = 0; th < nth; th++) acc += part[th * per + C * HIST_COPIES * hsize + c * 12 + k];
             sums[c * 12 + k] = acc;
         }
     }
@@ -675,7 +692,7 @@ int pwlu2d_backward_f32c(const void *g, const void *x, const void *y, void *dx, 
     if (dt != PWLU_F32 && dt != PWLU_BF16 && !(dt == PWLU_F16 && PWLU_F16_KERNEL)) return PWLU_ERR_DTYPE;
     const int64_t total = outer * C * inner, vsize = (int64_t)(n + 1) * (n + 1), bins = (int64_t)n * n * 2, hsize = bins * HQ;
     const int nth_max = clamp_threads(nthreads);
-    const int64_t per = C * (hsize + 12);
+    const int64_t per = C * (HIST_COPIES * hsize + 12);
     int rc = PWLU_OK; /* channels fastest (inner == 1): the scalar loop, no tables */
     float *tabs = inner == 1 ? NULL : call_tables(values, outer, C, inner, n, &rc);
     double *part = rc == PWLU_OK ? alloc_partials(nth_max, per) : NULL;
@@ -687,13 +704,13 @@ int pwlu2d_backward_f32c(const void *g, const void *x, const void *y, void *dx, 
     {
         int th, nth;
         thread_id(&th, &nth);
-        double *hist_t = part + th * per, *sums_t = hist_t + C * hsize;
+        double *hist_t = part + th * per, *sums_t = hist_t + C * HIST_COPIES * hsize;
         int64_t pb, pe;
         split(total, th, nth, ALIGN_ELEMS, &pb, &pe);
         if (pb < pe) {
             for (seg_iter sg = seg_first(pb, pe, inner, C); sg.b < pe; seg_next(&sg, pe, inner, C)) {
                 const float *v = values + sg.c * vsize, *geo = geometry + sg.c * 10;
-                double *h = hist_t + sg.c * hsize, s12[12] = {0};
+                double *h = hist_t + sg.c * HIST_COPIES * hsize, s12[12] = {0};
 #if PWLU_AVX512
                 if (tabs && sg.e - sg.b >= LUT_MIN_SEG) {
                     cell_tables ct;
@@ -727,20 +744,20 @@ int pwlu2d_backward_f64(const double *g, const double *x, const double *y, doubl
                         double *hist, double *sums) {
     const int64_t total = outer * C * inner, vsize = (int64_t)(n + 1) * (n + 1), bins = (int64_t)n * n * 2, hsize = bins * HQ;
     const int nth_max = clamp_threads(nthreads);
-    const int64_t per = C * (hsize + 12);
+    const int64_t per = C * (HIST_COPIES * hsize + 12);
     double *part = alloc_partials(nth_max, per);
     if (!part) return PWLU_ERR_NOMEM;
 #pragma omp parallel num_threads(nth_max)
     {
         int th, nth;
         thread_id(&th, &nth);
-        double *hist_t = part + th * per, *sums_t = hist_t + C * hsize;
+        double *hist_t = part + th * per, *sums_t = hist_t + C * HIST_COPIES * hsize;
         int64_t pb, pe;
         split(total, th, nth, ALIGN_ELEMS, &pb, &pe);
         if (pb < pe) {
             for (seg_iter sg = seg_first(pb, pe, inner, C); sg.b < pe; seg_next(&sg, pe, inner, C)) {
                 const double *v = values + sg.c * vsize, *geo = geometry + sg.c * 10;
-                double *h = hist_t + sg.c * hsize, s12[12] = {0};
+                double *h = hist_t + sg.c * HIST_COPIES * hsize, s12[12] = {0};
                 for (int64_t e = sg.b; e < sg.e; e++) backward_d(g[e], x[e], y[e], v, geo, n, dx + e, dy + e, h, s12);
                 for (int k = 0; k < 12; k++) sums_t[sg.c * 12 + k] += s12[k];
             }

@@ -15,12 +15,15 @@
 #include "pwlu_common.h"
 
 #if PWLU_AVX512
-/* y = a (x - sh) + b; a flat piece gives its value b, also at x = +-inf (not 0 * inf = NaN);
- * NaN x stays NaN. */
+/* y = a (x - sh) + b; a flat piece gives its value b, also where x - sh is +-inf (not
+ * 0 * inf = NaN); NaN x stays NaN. One FMA unless some x - sh of the 16 is infinite (one
+ * vfpclassps and a branch that is never taken on finite data). */
 PWLU_INLINE __m512 finish16(__m512 x, __m512 sh, __m512 a, __m512 b) {
+    const __m512 d = _mm512_sub_ps(x, sh);
+    if (__builtin_expect(_mm512_fpclass_ps_mask(d, 0x18 /* +inf, -inf */) == 0, 1)) return _mm512_fmadd_ps(a, d, b);
     const __mmask16 use_fma = _mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_NEQ_UQ) |
                               _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-    return _mm512_mask3_fmadd_ps(a, _mm512_sub_ps(x, sh), b, use_fma);
+    return _mm512_mask3_fmadd_ps(a, d, b, use_fma);
 }
 
 /* Forward lookup of one channel (N + 2 <= REG_TABLE), everything in registers. The tables are
@@ -30,7 +33,7 @@ PWLU_INLINE __m512 finish16(__m512 x, __m512 sh, __m512 a, __m512 b) {
  * permutes, one FMA. */
 typedef struct { /* per call: depends on N only */
     __mmask16 m0, m1;
-    __m512i last, right, left;
+    __m512i last, right, minus1;
     int64_t m; /* N + 2: table entries per channel */
 } fwd_consts;
 typedef struct { /* per channel */
@@ -39,7 +42,7 @@ typedef struct { /* per channel */
 static inline fwd_consts make_fwd_consts(int64_t n) {
     const int64_t cnt = n + 1; /* entries 1 .. N + 1 of the channel's tables */
     fwd_consts k = {tail_mask(cnt), cnt > 16 ? tail_mask(cnt - 16) : (__mmask16)0, _mm512_set1_epi32((int)(n - 1)),
-                    _mm512_set1_epi32((int)n), _mm512_set1_epi32(REG_TABLE - 1), n + 2};
+                    _mm512_set1_epi32((int)n), _mm512_set1_epi32(-1), n + 2};
     return k;
 }
 static inline __attribute__((always_inline)) fwd_chan load_fwd_chan(const float *sl, const float *ic, float lo,
@@ -60,10 +63,13 @@ static inline __attribute__((always_inline)) fwd_chan load_fwd_chan(const float 
 }
 static inline __attribute__((always_inline)) __m512 fwd16(__m512 x, const fwd_chan *t, const fwd_consts *c) {
     const __m512 u = _mm512_mul_ps(_mm512_sub_ps(x, t->lo), t->inv);
-    /* NaN and out-of-range u convert to INT_MIN: the permutes read its low 5 bits (entry 0) */
+    /* x < B_L gives x - B_L < 0, so u <= -0 and k <= -1 (entry REG_TABLE - 1 by its low 5 bits
+     * once clamped to -1), except where (x - B_L) inv underflows to -0 (both within a subnormal
+     * of each other, inv < 1/2): interval 0 there, whose value at x equals the left piece's.
+     * NaN, -inf and out-of-range u convert to INT_MIN, clamped to -1 too (NaN x stays NaN in
+     * finish16; u >= 2^31 only for x >= B_R, which takes the right piece). */
     __m512i k = _mm512_cvt_roundps_epi32(u, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    k = _mm512_min_epi32(k, c->last);
-    k = _mm512_mask_mov_epi32(k, _mm512_cmp_ps_mask(x, t->lo, _CMP_LT_OQ), c->left);
+    k = _mm512_max_epi32(_mm512_min_epi32(k, c->last), c->minus1);
     k = _mm512_mask_mov_epi32(k, _mm512_cmp_ps_mask(x, t->hi, _CMP_GE_OQ), c->right);
     return finish16(x, t->sh, _mm512_permutex2var_ps(t->a0, k, t->a1), _mm512_permutex2var_ps(t->b0, k, t->b1));
 }
@@ -209,14 +215,19 @@ static inline __attribute__((always_inline)) void fwd_tile_f(const void *x, void
             _mm_prefetch(elem_ptr(x, (r0 + 16 + i) * C + c0, dt), _MM_HINT_T0);
             _mm_prefetch(elem_ptr(y, (r0 + 16 + i) * C + c0, dt), _MM_HINT_ET0);
         }
+    /* fully unrolled, so that v stays in registers (a loop over j indexes v in memory: a store
+     * and a reload per vector) */
+#pragma GCC unroll 16
     for (int i = 0; i < 16; i++) v[i] = i < nr ? ld16(x, (r0 + i) * C + c0, cm, dt) : _mm512_setzero_ps();
     transpose16(v); /* v[j]: channel c0 + j of rows r0 .. r0 + 15 */
+#pragma GCC unroll 16
     for (int j = 0; j < nc; j++) {
         const int64_t c = c0 + j;
         const fwd_chan t = load_fwd_chan(sl + c * m, ic + c * m, left[c], right[c], invd[c], shift[c], k);
         v[j] = fwd16(v[j], &t, k);
     }
     transpose16(v);
+#pragma GCC unroll 16
     for (int i = 0; i < nr; i++) st16(y, (r0 + i) * C + c0, v[i], cm, dt);
 }
 
