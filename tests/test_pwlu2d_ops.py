@@ -291,7 +291,8 @@ def test_fast_path_nan_inf(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("rows", [6, 70])  # 70: the CPU kernel's vector path
-def test_nan_input_gradients_match_reference(backend, rows):
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_nan_input_gradients_match_reference(backend, rows, channels_last):
     """A NaN input makes NaN exactly the gradients whose weights involve it, in every backend and
     in the reference. Found by an adversarial review: the reference's unselected triangle passed
     0 * NaN to its vertices, so all four vertices of the cell were NaN there, against three
@@ -305,8 +306,13 @@ def test_nan_input_gradients_match_reference(backend, rows):
     x[1, 1, 3] = float("nan")
     y[0, 1, 2] = float("nan")
     y[1, 0, rows - 1] = float("nan")
-    fast = run(pwlu.pwlu2d, x, y, params, 1, backend)
-    ref = run(pwlu.pwlu2d_reference, x, y, params, 1)
+    cd = 1
+    if channels_last:  # (rows, 18) with the channels fastest: 2 of them hold the NaN above
+        params = random_params(4, 18, seed=7)
+        x, y = (t.movedim(1, -1).reshape(-1, 2).repeat(1, 9) for t in (x, y))
+        cd = -1
+    fast = run(pwlu.pwlu2d, x, y, params, cd, backend)
+    ref = run(pwlu.pwlu2d_reference, x, y, params, cd)
     for key in KEYS:
         torch.testing.assert_close(fast[key], ref[key], rtol=1e-10, atol=1e-10, equal_nan=True,
                                    msg=lambda m, key=key: f"{key}: {m}")  # fmt: skip
@@ -439,7 +445,7 @@ def test_native_geometry_and_param_grads_match_the_torch_formulas(channels, monk
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("layout", ["btc", "channels-last"])
+@pytest.mark.parametrize("layout", ["btc", "btc-long", "channels-last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_fast_path_channels_fastest_specials(backend, layout, dtype):
     """Channels the fastest axis, with enough rows for the CPU kernel's per-lane-channel path:
@@ -449,6 +455,8 @@ def test_fast_path_channels_fastest_specials(backend, layout, dtype):
     select_backend(backend)
     if layout == "btc":
         shape, channel_dim, channels = (2, 35, 37), -1, 37
+    elif layout == "btc-long":  # 300 rows: the CPU backward's chunks of 256 rows, with a tail
+        shape, channel_dim, channels = (3, 100, 37), -1, 37
     else:
         shape, channel_dim, channels = (2, 40, 6, 6), 1, 40
     x, y = region_inputs(shape, n=4, seed=17, dtype=torch.float64)

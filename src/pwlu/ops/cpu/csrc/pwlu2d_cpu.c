@@ -686,6 +686,119 @@ static void reduce_partials(const double *part, int nth, int64_t C, int64_t bins
     }
 }
 
+/* Channels fastest (inner == 1), rows [rb, re) of C channels, scalar: chunks of BWD_ROWS rows,
+ * walked channel by channel, so that one channel's histogram serves BWD_ROWS elements in a row.
+ * In element order each element went to another channel's histogram, C of them at one 4 KB
+ * stride: cache-set conflicts on every access (40x the time of the same tensor with the
+ * channels outermost). The chunk's lines of x, y, g, dx, dy stay in cache across the channels. */
+#define BWD_ROWS 64
+static void backward_rows_f32c(const void *g, const void *x, const void *y, void *dx, void *dy, int dt, int64_t rb,
+                               int64_t re, int64_t C, const float *values, const float *geometry, int n,
+                               double *hist_t, double *sums_t, int64_t hsize) {
+    const int64_t vsize = (int64_t)(n + 1) * (n + 1);
+    for (int64_t r0 = rb; r0 < re; r0 += BWD_ROWS) {
+        const int64_t r1 = r0 + BWD_ROWS < re ? r0 + BWD_ROWS : re;
+        for (int64_t c = 0; c < C; c++) {
+            const float *v = values + c * vsize, *geo = geometry + c * 10;
+            double *h = hist_t + c * HIST_COPIES * hsize, s12[12] = {0};
+            for (int64_t e = r0 * C + c; e < r1 * C; e += C) {
+                float ddx, ddy;
+                backward_f(load_s(g, e, dt), load_s(x, e, dt), load_s(y, e, dt), v, geo, n, &ddx, &ddy, h, s12);
+                store_s(dx, e, ddx, dt);
+                store_s(dy, e, ddy, dt);
+            }
+            for (int k = 0; k < 12; k++) sums_t[c * 12 + k] += s12[k];
+        }
+    }
+}
+static void backward_rows_d(const double *g, const double *x, const double *y, double *dx, double *dy, int64_t rb,
+                            int64_t re, int64_t C, const double *values, const double *geometry, int n,
+                            double *hist_t, double *sums_t, int64_t hsize) {
+    const int64_t vsize = (int64_t)(n + 1) * (n + 1);
+    for (int64_t r0 = rb; r0 < re; r0 += BWD_ROWS) {
+        const int64_t r1 = r0 + BWD_ROWS < re ? r0 + BWD_ROWS : re;
+        for (int64_t c = 0; c < C; c++) {
+            const double *v = values + c * vsize, *geo = geometry + c * 10;
+            double *h = hist_t + c * HIST_COPIES * hsize, s12[12] = {0};
+            for (int64_t e = r0 * C + c; e < r1 * C; e += C) backward_d(g[e], x[e], y[e], v, geo, n, dx + e, dy + e, h, s12);
+            for (int k = 0; k < 12; k++) sums_t[c * 12 + k] += s12[k];
+        }
+    }
+}
+
+#if PWLU_AVX512
+/* Channels fastest with the vector tables (N <= LUT_MAX_N): channel block by channel block (16
+ * channels), rows [rb, re) in chunks of BWD_TILE_ROWS: x, y and g of the chunk are copied into
+ * channel-major float32 scratch, each channel runs the vector backward of the channels-outermost
+ * layout (backward_seg_lut) there, and dx, dy are copied back. A block's 16 histograms stay in
+ * cache for all its rows; each 64-byte line of x, y, g, dx, dy holds one row of one block (C a
+ * multiple of 16), read or written once, at a constant stride. PWLU_OK or PWLU_ERR_NOMEM. */
+#define BWD_TILE_ROWS 256
+/* Rows r0 .. r0 + nr - 1 x channels c0 .. c0 + nc - 1 of a (rows, C) tensor into channel-major
+ * float32 scratch (channel j at b + j * R), by 16 x 16 in-register transposes; the rest
+ * (nc < 16, a row tail) element by element. */
+static void rows_to_channels(const void *src, float *b, int64_t r0, int64_t nr, int64_t c0, int nc, int64_t C,
+                             int dt, int64_t R) {
+    int64_t r = 0;
+    if (nc == 16)
+        for (; r + 16 <= nr; r += 16) {
+            __m512 v[16];
+#pragma GCC unroll 16
+            for (int i = 0; i < 16; i++) v[i] = ld16(src, (r0 + r + i) * C + c0, (__mmask16)0xFFFF, dt);
+            transpose16(v);
+#pragma GCC unroll 16
+            for (int j = 0; j < 16; j++) _mm512_storeu_ps(b + j * R + r, v[j]);
+        }
+    for (; r < nr; r++)
+        for (int j = 0; j < nc; j++) b[j * R + r] = load_s(src, (r0 + r) * C + c0 + j, dt);
+}
+static void channels_to_rows(const float *b, void *dst, int64_t r0, int64_t nr, int64_t c0, int nc, int64_t C,
+                             int dt, int64_t R) {
+    int64_t r = 0;
+    if (nc == 16)
+        for (; r + 16 <= nr; r += 16) {
+            __m512 v[16];
+#pragma GCC unroll 16
+            for (int j = 0; j < 16; j++) v[j] = _mm512_loadu_ps(b + j * R + r);
+            transpose16(v);
+#pragma GCC unroll 16
+            for (int i = 0; i < 16; i++) st16(dst, (r0 + r + i) * C + c0, v[i], (__mmask16)0xFFFF, dt);
+        }
+    for (; r < nr; r++)
+        for (int j = 0; j < nc; j++) store_s(dst, (r0 + r) * C + c0 + j, b[j * R + r], dt);
+}
+static int backward_rows_lut(const void *g, const void *x, const void *y, void *dx, void *dy, int dt, int64_t rb,
+                             int64_t re, int64_t C, const float *tabs, const float *geometry, int n, double *hist_t,
+                             double *sums_t, int64_t hsize) {
+    const int64_t R = BWD_TILE_ROWS;
+    float *buf = (float *)aligned_alloc(64, (size_t)(5 * 16 * R) * sizeof(float));
+    if (!buf) return PWLU_ERR_NOMEM;
+    float *bx = buf, *by = bx + 16 * R, *bg = by + 16 * R, *bdx = bg + 16 * R, *bdy = bdx + 16 * R;
+    for (int64_t c0 = 0; c0 < C; c0 += 16) {
+        const int nc = C - c0 < 16 ? (int)(C - c0) : 16;
+        for (int64_t r0 = rb; r0 < re; r0 += R) {
+            const int64_t nr = re - r0 < R ? re - r0 : R;
+            rows_to_channels(x, bx, r0, nr, c0, nc, C, dt, R);
+            rows_to_channels(y, by, r0, nr, c0, nc, C, dt, R);
+            rows_to_channels(g, bg, r0, nr, c0, nc, C, dt, R);
+            for (int j = 0; j < nc; j++) {
+                const int64_t c = c0 + j;
+                cell_tables ct;
+                kuhn_tables_load(tabs + c * KUHN_FLOATS, &ct);
+                double s12[12] = {0};
+                backward_seg_lut(bg + j * R, bx + j * R, by + j * R, bdx + j * R, bdy + j * R, PWLU_F32, 0, nr, &ct,
+                                 geometry + c * 10, n, hist_t + c * HIST_COPIES * hsize, s12);
+                for (int k = 0; k < 12; k++) sums_t[c * 12 + k] += s12[k];
+            }
+            channels_to_rows(bdx, dx, r0, nr, c0, nc, C, dt, R);
+            channels_to_rows(bdy, dy, r0, nr, c0, nc, C, dt, R);
+        }
+    }
+    free(buf);
+    return PWLU_OK;
+}
+#endif
+
 int pwlu2d_backward_f32c(const void *g, const void *x, const void *y, void *dx, void *dy, int dt, int64_t outer,
                          int64_t C, int64_t inner, const float *values, const float *geometry, int n, int nthreads,
                          double *hist, double *sums) {
@@ -693,8 +806,8 @@ int pwlu2d_backward_f32c(const void *g, const void *x, const void *y, void *dx, 
     const int64_t total = outer * C * inner, vsize = (int64_t)(n + 1) * (n + 1), bins = (int64_t)n * n * 2, hsize = bins * HQ;
     const int nth_max = clamp_threads(nthreads);
     const int64_t per = C * (HIST_COPIES * hsize + 12);
-    int rc = PWLU_OK; /* channels fastest (inner == 1): the scalar loop, no tables */
-    float *tabs = inner == 1 ? NULL : call_tables(values, outer, C, inner, n, &rc);
+    int rc = PWLU_OK;
+    float *tabs = call_tables(values, outer, C, inner, n, &rc);
     double *part = rc == PWLU_OK ? alloc_partials(nth_max, per) : NULL;
     if (!part) {
         free(tabs);
@@ -706,7 +819,20 @@ int pwlu2d_backward_f32c(const void *g, const void *x, const void *y, void *dx, 
         thread_id(&th, &nth);
         double *hist_t = part + th * per, *sums_t = hist_t + C * HIST_COPIES * hsize;
         int64_t pb, pe;
-        split(total, th, nth, ALIGN_ELEMS, &pb, &pe);
+        if (inner == 1 && C > 1) {
+            split(outer, th, nth, 1, &pb, &pe);
+#if PWLU_AVX512
+            if (tabs) {
+                if (backward_rows_lut(g, x, y, dx, dy, dt, pb, pe, C, tabs, geometry, n, hist_t, sums_t, hsize) != PWLU_OK) {
+#pragma omp atomic write
+                    rc = PWLU_ERR_NOMEM;
+                }
+            } else
+#endif
+                backward_rows_f32c(g, x, y, dx, dy, dt, pb, pe, C, values, geometry, n, hist_t, sums_t, hsize);
+            pb = pe = 0; /* done */
+        } else
+            split(total, th, nth, ALIGN_ELEMS, &pb, &pe);
         if (pb < pe) {
             for (seg_iter sg = seg_first(pb, pe, inner, C); sg.b < pe; seg_next(&sg, pe, inner, C)) {
                 const float *v = values + sg.c * vsize, *geo = geometry + sg.c * 10;
@@ -736,7 +862,7 @@ int pwlu2d_backward_f32c(const void *g, const void *x, const void *y, void *dx, 
     reduce_partials(part, nth_max, C, bins, hist, sums);
     free(tabs);
     free(part);
-    return PWLU_OK;
+    return rc;
 }
 
 int pwlu2d_backward_f64(const double *g, const double *x, const double *y, double *dx, double *dy, int64_t outer,
@@ -753,7 +879,12 @@ int pwlu2d_backward_f64(const double *g, const double *x, const double *y, doubl
         thread_id(&th, &nth);
         double *hist_t = part + th * per, *sums_t = hist_t + C * HIST_COPIES * hsize;
         int64_t pb, pe;
-        split(total, th, nth, ALIGN_ELEMS, &pb, &pe);
+        if (inner == 1 && C > 1) {
+            split(outer, th, nth, 1, &pb, &pe);
+            backward_rows_d(g, x, y, dx, dy, pb, pe, C, values, geometry, n, hist_t, sums_t, hsize);
+            pb = pe = 0; /* done */
+        } else
+            split(total, th, nth, ALIGN_ELEMS, &pb, &pe);
         if (pb < pe) {
             for (seg_iter sg = seg_first(pb, pe, inner, C); sg.b < pe; seg_next(&sg, pe, inner, C)) {
                 const double *v = values + sg.c * vsize, *geo = geometry + sg.c * 10;

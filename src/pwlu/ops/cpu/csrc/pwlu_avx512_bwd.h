@@ -18,7 +18,6 @@
 #define PWLU_AVX512_BWD_H
 
 #include "pwlu_common.h"
-#include "pwlu_avx512_fwd.h" /* transpose16 */
 
 #if PWLU_AVX512
 /* Slopes of one channel, padded to REG_TABLE entries, for the in-register lookup. */
@@ -217,13 +216,17 @@ static inline __attribute__((always_inline)) void bwd_dx_tile(const int32_t *kb,
                                                               int64_t C, const int dt, const float *sl, int64_t m) {
     const __mmask16 cm = tail_mask(nc);
     __m512 v[16];
+    /* fully unrolled (v in registers, as fwd_tile_f) */
+#pragma GCC unroll 16
     for (int i = 0; i < 16; i++) v[i] = i < nr ? _mm512_castsi512_ps(_mm512_load_si512(kb + 16 * i)) : _mm512_setzero_ps();
     transpose16(v); /* v[j]: the regions of channel c0 + j in rows r0 .. r0 + 15 */
+#pragma GCC unroll 16
     for (int j = 0; j < nc; j++) {
         const table32 t = load_table32(sl + (c0 + j) * m, m);
         v[j] = _mm512_permutex2var_ps(t.a0, _mm512_castps_si512(v[j]), t.a1);
     }
     transpose16(v); /* v[i]: the slopes of row r0 + i */
+#pragma GCC unroll 16
     for (int i = 0; i < nr; i++) st16(dx, (r0 + i) * C + c0, _mm512_mul_ps(_mm512_load_ps(gb + 16 * i), v[i]), cm, dt);
 }
 
