@@ -126,7 +126,7 @@ __attribute__((noinline)) static void forward_seg_f64(const double *restrict x, 
 #define KUHN_FLOATS 256 /* floats of one channel's tables: 4 x 64 cells */
 #define LUT_MIN_SEG 16 /* shorter row segments (channels fastest: one element) go the scalar way */
 #define LUT_MIN_CHAN 64 /* elements per channel below which no tables are built */
-#define ROWS_CHUNK 32   /* channels fastest: rows per pass over the channel blocks (pages and lines reused) */
+#define TILE_ROWS 256   /* channels fastest: rows per block copied into channel-major scratch */
 
 typedef struct {
     __m512 t[4][4];
@@ -209,55 +209,69 @@ static void forward_seg_lut(const void *x, const void *y, void *z, int dt, int64
     }
 }
 
-/* Channels fastest (inner == 1): rows [rb, re) of C channels; lane l of channel block cb is
- * channel 16 cb + l, so each lane has its own geometry (loaded from geo_t, [10][C]) and its own
- * tables (gathered from tabs at (16 cb + l) KUHN_FLOATS + table 64 + cell); otherwise the
- * arithmetic of forward_seg_lut_dt. */
-PWLU_INLINE void forward_rows_dt(const void *x, const void *y, void *z, const int dt, int64_t rb, int64_t re, int64_t C,
-                                 const float *tabs, const float *geo_t, int n) {
-    const __m512 nf = _mm512_set1_ps((float)n), nm1 = _mm512_set1_ps((float)(n - 1)), zero = _mm512_setzero_ps();
-    const __m512i lane_base = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                                 _mm512_set1_epi32(KUHN_FLOATS));
-    for (int64_t r0 = rb; r0 < re; r0 += ROWS_CHUNK) /* all channel blocks of a few rows at a time */
+/* Rows r0 .. r0 + nr - 1 x channels c0 .. c0 + nc - 1 of a (rows, C) tensor into channel-major
+ * float32 scratch (channel j at b + j * R), by 16 x 16 in-register transposes; the rest
+ * (nc < 16, a row tail) element by element. */
+static void rows_to_channels(const void *src, float *b, int64_t r0, int64_t nr, int64_t c0, int nc, int64_t C,
+                             int dt, int64_t R) {
+    int64_t r = 0;
+    if (nc == 16)
+        for (; r + 16 <= nr; r += 16) {
+            __m512 v[16];
+            /* the next tile's lines: 16 streams at a stride of C elements defeat the prefetcher */
+#pragma GCC unroll 16
+            for (int i = 0; i < 16; i++) _mm_prefetch(elem_ptr(src, (r0 + r + 16 + i) * C + c0, dt), _MM_HINT_T0);
+#pragma GCC unroll 16
+            for (int i = 0; i < 16; i++) v[i] = ld16(src, (r0 + r + i) * C + c0, (__mmask16)0xFFFF, dt);
+            transpose16(v);
+#pragma GCC unroll 16
+            for (int j = 0; j < 16; j++) _mm512_storeu_ps(b + j * R + r, v[j]);
+        }
+    for (; r < nr; r++)
+        for (int j = 0; j < nc; j++) b[j * R + r] = load_s(src, (r0 + r) * C + c0 + j, dt);
+}
+static void channels_to_rows(const float *b, void *dst, int64_t r0, int64_t nr, int64_t c0, int nc, int64_t C,
+                             int dt, int64_t R) {
+    int64_t r = 0;
+    if (nc == 16)
+        for (; r + 16 <= nr; r += 16) {
+            __m512 v[16];
+#pragma GCC unroll 16
+            for (int j = 0; j < 16; j++) v[j] = _mm512_loadu_ps(b + j * R + r);
+#pragma GCC unroll 16
+            for (int i = 0; i < 16; i++) _mm_prefetch(elem_ptr(dst, (r0 + r + 16 + i) * C + c0, dt), _MM_HINT_ET0);
+            transpose16(v);
+#pragma GCC unroll 16
+            for (int i = 0; i < 16; i++) st16(dst, (r0 + r + i) * C + c0, v[i], (__mmask16)0xFFFF, dt);
+        }
+    for (; r < nr; r++)
+        for (int j = 0; j < nc; j++) store_s(dst, (r0 + r) * C + c0 + j, b[j * R + r], dt);
+}
+/* Channels fastest, rows [rb, re): channel block by channel block, chunks of TILE_ROWS rows of x
+ * and y copied into channel-major float32 scratch, forward_seg_lut per channel there (its tables
+ * in registers: no gathers), z copied back (see backward_rows_lut). PWLU_OK or PWLU_ERR_NOMEM. */
+static int forward_rows_lut(const void *x, const void *y, void *z, int dt, int64_t rb, int64_t re, int64_t C,
+                            const float *tabs, const float *geometry, int n) {
+    const int64_t R = TILE_ROWS;
+    float *buf = (float *)aligned_alloc(64, (size_t)(3 * 16 * R) * sizeof(float));
+    if (!buf) return PWLU_ERR_NOMEM;
+    float *bx = buf, *by = bx + 16 * R, *bz = by + 16 * R;
     for (int64_t c0 = 0; c0 < C; c0 += 16) {
-        const int64_t r1 = r0 + ROWS_CHUNK < re ? r0 + ROWS_CHUNK : re;
-        const __mmask16 m = tail_mask(C - c0);
-        __m512 g[10];
-        for (int k = 0; k < 10; k++) g[k] = _mm512_maskz_loadu_ps(m, geo_t + k * C + c0);
-        const __mmask16 mxl = _mm512_cmp_ps_mask(g[6], zero, _CMP_NEQ_UQ), mxr = _mm512_cmp_ps_mask(g[7], zero, _CMP_NEQ_UQ);
-        const __mmask16 myl = _mm512_cmp_ps_mask(g[8], zero, _CMP_NEQ_UQ), myr = _mm512_cmp_ps_mask(g[9], zero, _CMP_NEQ_UQ);
-        const __m512i base = _mm512_add_epi32(lane_base, _mm512_set1_epi32((int)(c0 * KUHN_FLOATS)));
-        for (int64_t row = r0; row < r1; row++) {
-            const int64_t k = row * C + c0;
-            const __m512 xv = ld16(x, k, m, dt), yv = ld16(y, k, m, dt);
-            __m512 fi, fj, dxl, dyl;
-            const __m512 u = grid16(xv, g[0], g[1], g[2], nf, nm1, &fi, &dxl);
-            const __m512 w = grid16(yv, g[3], g[4], g[5], nf, nm1, &fj, &dyl);
-            const __m512 s = _mm512_sub_ps(u, fi), t = _mm512_sub_ps(w, fj);
-            /* fi, fj in [0, N-1] (NaN: N-1), so the index stays inside the channel's tables */
-            const __m512i idx = _mm512_add_epi32(base, _mm512_cvttps_epi32(_mm512_fmadd_ps(fi, nf, fj)));
-            __m512 lk[4];
-            for (int q = 0; q < 4; q++)
-                lk[q] = _mm512_mask_i32gather_ps(zero, m, _mm512_add_epi32(idx, _mm512_set1_epi32(64 * q)), tabs, 4);
-            const __m512 d = _mm512_sub_ps(s, t), p = _mm512_max_ps(zero, d);
-            __m512 zv = _mm512_fmadd_ps(lk[1], p, lk[0]);
-            zv = _mm512_fmadd_ps(lk[2], _mm512_sub_ps(p, d), zv);
-            zv = _mm512_fmadd_ps(lk[3], _mm512_min_ps(s, t), zv);
-            zv = _mm512_mask3_fmadd_ps(g[6], _mm512_min_ps(zero, dxl), zv, mxl);
-            zv = _mm512_mask3_fmadd_ps(g[7], _mm512_max_ps(zero, _mm512_sub_ps(xv, g[1])), zv, mxr);
-            zv = _mm512_mask3_fmadd_ps(g[8], _mm512_min_ps(zero, dyl), zv, myl);
-            zv = _mm512_mask3_fmadd_ps(g[9], _mm512_max_ps(zero, _mm512_sub_ps(yv, g[4])), zv, myr);
-            st16(z, k, zv, m, dt);
+        const int nc = C - c0 < 16 ? (int)(C - c0) : 16;
+        for (int64_t r0 = rb; r0 < re; r0 += R) {
+            const int64_t nr = re - r0 < R ? re - r0 : R;
+            rows_to_channels(x, bx, r0, nr, c0, nc, C, dt, R);
+            rows_to_channels(y, by, r0, nr, c0, nc, C, dt, R);
+            for (int j = 0; j < nc; j++) {
+                cell_tables ct;
+                kuhn_tables_load(tabs + (c0 + j) * KUHN_FLOATS, &ct);
+                forward_seg_lut(bx + j * R, by + j * R, bz + j * R, PWLU_F32, 0, nr, &ct, geometry + (c0 + j) * 10, n);
+            }
+            channels_to_rows(bz, z, r0, nr, c0, nc, C, dt, R);
         }
     }
-}
-static void forward_rows(const void *x, const void *y, void *z, int dt, int64_t rb, int64_t re, int64_t C,
-                         const float *tabs, const float *geo_t, int n) {
-    switch (dt) {
-    case PWLU_F32: forward_rows_dt(x, y, z, PWLU_F32, rb, re, C, tabs, geo_t, n); break;
-    case PWLU_F16: forward_rows_dt(x, y, z, PWLU_F16, rb, re, C, tabs, geo_t, n); break;
-    default: forward_rows_dt(x, y, z, PWLU_BF16, rb, re, C, tabs, geo_t, n);
-    }
+    free(buf);
+    return PWLU_OK;
 }
 #endif /* PWLU_AVX512 */
 
@@ -295,21 +309,20 @@ static int forward_f32c_tabs(const void *x, const void *y, void *z, int dt, int6
     if (dt != PWLU_F32 && dt != PWLU_BF16 && !(dt == PWLU_F16 && PWLU_F16_KERNEL)) return PWLU_ERR_DTYPE;
     const int64_t total = outer * C * inner, vsize = (int64_t)(n + 1) * (n + 1);
 #if PWLU_AVX512
-    if (tabs && inner == 1) { /* channels fastest: rows of C, each lane its own channel */
-        float *geo_t = (float *)malloc((size_t)(10 * C) * sizeof(float));
-        if (!geo_t) return PWLU_ERR_NOMEM;
-        for (int64_t c = 0; c < C; c++)
-            for (int k = 0; k < 10; k++) geo_t[k * C + c] = geometry[c * 10 + k];
+    if (tabs && inner == 1) { /* channels fastest: blocks of rows x 16 channels, transposed */
+        int rc = PWLU_OK;
 #pragma omp parallel num_threads(clamp_threads(nthreads))
         {
             int th, nth;
             thread_id(&th, &nth);
             int64_t rb, re;
             split(outer, th, nth, 1, &rb, &re);
-            if (rb < re) forward_rows(x, y, z, dt, rb, re, C, tabs, geo_t, n);
+            if (rb < re && forward_rows_lut(x, y, z, dt, rb, re, C, tabs, geometry, n) != PWLU_OK) {
+#pragma omp atomic write
+                rc = PWLU_ERR_NOMEM;
+            }
         }
-        free(geo_t);
-        return PWLU_OK;
+        return rc;
     }
 #endif
 #pragma omp parallel num_threads(clamp_threads(nthreads))
@@ -691,7 +704,7 @@ static void reduce_partials(const double *part, int nth, int64_t C, int64_t bins
  * In element order each element went to another channel's histogram, C of them at one 4 KB
  * stride: cache-set conflicts on every access (40x the time of the same tensor with the
  * channels outermost). The chunk's lines of x, y, g, dx, dy stay in cache across the channels. */
-#define BWD_ROWS 64
+#define BWD_ROWS 512
 static void backward_rows_f32c(const void *g, const void *x, const void *y, void *dx, void *dy, int dt, int64_t rb,
                                int64_t re, int64_t C, const float *values, const float *geometry, int n,
                                double *hist_t, double *sums_t, int64_t hsize) {
@@ -728,49 +741,15 @@ static void backward_rows_d(const double *g, const double *x, const double *y, d
 
 #if PWLU_AVX512
 /* Channels fastest with the vector tables (N <= LUT_MAX_N): channel block by channel block (16
- * channels), rows [rb, re) in chunks of BWD_TILE_ROWS: x, y and g of the chunk are copied into
+ * channels), rows [rb, re) in chunks of TILE_ROWS: x, y and g of the chunk are copied into
  * channel-major float32 scratch, each channel runs the vector backward of the channels-outermost
  * layout (backward_seg_lut) there, and dx, dy are copied back. A block's 16 histograms stay in
  * cache for all its rows; each 64-byte line of x, y, g, dx, dy holds one row of one block (C a
  * multiple of 16), read or written once, at a constant stride. PWLU_OK or PWLU_ERR_NOMEM. */
-#define BWD_TILE_ROWS 256
-/* Rows r0 .. r0 + nr - 1 x channels c0 .. c0 + nc - 1 of a (rows, C) tensor into channel-major
- * float32 scratch (channel j at b + j * R), by 16 x 16 in-register transposes; the rest
- * (nc < 16, a row tail) element by element. */
-static void rows_to_channels(const void *src, float *b, int64_t r0, int64_t nr, int64_t c0, int nc, int64_t C,
-                             int dt, int64_t R) {
-    int64_t r = 0;
-    if (nc == 16)
-        for (; r + 16 <= nr; r += 16) {
-            __m512 v[16];
-#pragma GCC unroll 16
-            for (int i = 0; i < 16; i++) v[i] = ld16(src, (r0 + r + i) * C + c0, (__mmask16)0xFFFF, dt);
-            transpose16(v);
-#pragma GCC unroll 16
-            for (int j = 0; j < 16; j++) _mm512_storeu_ps(b + j * R + r, v[j]);
-        }
-    for (; r < nr; r++)
-        for (int j = 0; j < nc; j++) b[j * R + r] = load_s(src, (r0 + r) * C + c0 + j, dt);
-}
-static void channels_to_rows(const float *b, void *dst, int64_t r0, int64_t nr, int64_t c0, int nc, int64_t C,
-                             int dt, int64_t R) {
-    int64_t r = 0;
-    if (nc == 16)
-        for (; r + 16 <= nr; r += 16) {
-            __m512 v[16];
-#pragma GCC unroll 16
-            for (int j = 0; j < 16; j++) v[j] = _mm512_loadu_ps(b + j * R + r);
-            transpose16(v);
-#pragma GCC unroll 16
-            for (int i = 0; i < 16; i++) st16(dst, (r0 + r + i) * C + c0, v[i], (__mmask16)0xFFFF, dt);
-        }
-    for (; r < nr; r++)
-        for (int j = 0; j < nc; j++) store_s(dst, (r0 + r) * C + c0 + j, b[j * R + r], dt);
-}
 static int backward_rows_lut(const void *g, const void *x, const void *y, void *dx, void *dy, int dt, int64_t rb,
                              int64_t re, int64_t C, const float *tabs, const float *geometry, int n, double *hist_t,
                              double *sums_t, int64_t hsize) {
-    const int64_t R = BWD_TILE_ROWS;
+    const int64_t R = TILE_ROWS;
     float *buf = (float *)aligned_alloc(64, (size_t)(5 * 16 * R) * sizeof(float));
     if (!buf) return PWLU_ERR_NOMEM;
     float *bx = buf, *by = bx + 16 * R, *bg = by + 16 * R, *bdx = bg + 16 * R, *bdy = bdx + 16 * R;
