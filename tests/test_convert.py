@@ -399,6 +399,33 @@ class Branchy(nn.Module):
         return self.unused(x) if branch else self.used(self.conv(x))
 
 
+class _Trim(nn.Module):  # as transformers' Wav2Vec2SamePadLayer: no channel semantics of its own
+    def forward(self, x):
+        return x[:, :, :-1]
+
+
+class _TrimTime(nn.Module):
+    def forward(self, x):
+        return x[:, :-1]
+
+
+def test_channel_axis_past_a_module_without_channel_semantics():
+    """Found by an adversarial review: a (B, C, L) activation whose input came from a module
+    that does not say where its channels are (a padding trim after a Conv1d; Wav2Vec2's
+    positional convolution) got channel_dim=-1 from the rank, one PWLU per time step, and failed
+    on any other length. The owner's layers (Conv1d 4 -> 8) now decide: axis 1."""
+    model = nn.Sequential(nn.Conv1d(4, 8, 3, padding=1), _Trim(), nn.GELU())
+    pwlu.convert_activations(model, example_input=torch.randn(2, 4, 20))
+    assert (model[2].num_channels, model[2].channel_dim) == (8, 1)
+    x = torch.randn(2, 4, 30)  # another length
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), torch.relu(model[1](model[0](x))))
+    # (B, T, C) through a module that trims the time axis: the linear layer's features are last
+    seq = nn.Sequential(nn.Linear(4, 6), _TrimTime(), nn.GELU())
+    pwlu.convert_activations(seq, example_input=torch.randn(2, 9, 4))
+    assert (seq[2].num_channels, seq[2].channel_dim) == (6, -1)
+
+
 def test_never_called_activation_warns():
     model = Branchy()
     with pytest.warns(UserWarning, match="unused"):

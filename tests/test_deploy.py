@@ -286,6 +286,23 @@ def test_cli_export_writes_and_verifies(checkpoint, tmp_path, capsys, fmt, suffi
             torch.testing.assert_close(run_exported(out, fmt, example), model(example), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("model,extra", [("vit", {}), ("resnet", {"merges": "pwlu2d"})])
+def test_cli_export_vit_and_merges(tmp_path, capsys, model, extra):
+    """Found by an adversarial review: the export rebuilt a ViT for 28 x 28 images whatever its
+    dataset (synthetic: 16), and a --merges pwlu2d model without its merges: both refused as
+    "does not match its config"."""
+    from pwlu.app.config import TrainConfig
+    from pwlu.app.train import train
+
+    run = tmp_path / "run"
+    train(TrainConfig(model=model, dataset="synthetic", epochs=2, warmup_epochs=1, batch_size=32, train_subset=64,
+                      test_subset=32, out=str(run), progress=False, **extra))  # fmt: skip
+    out = tmp_path / "model.pt"
+    assert main(["export", str(run / "checkpoint.pt"), "--format", "torchscript", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert float(text.rsplit("max relative error", 1)[1].split()[0]) <= 1e-5
+
+
 def test_cli_export_errors(tmp_path, capsys):
     bad = tmp_path / "checkpoint.pt"
     bad.write_bytes(b"not a checkpoint")

@@ -508,6 +508,27 @@ def test_boundary_iou_exact_quantiles_when_all_inputs_fit() -> None:
     assert math.isclose(ious["act2"].item(), inter / union, rel_tol=1e-9)
 
 
+def test_boundary_iou_keyword_batches() -> None:
+    """Batches that are mappings (a tokenizer's dict, as convert_activations' calibration takes)
+    are fed as keyword arguments; they reached the model as one dict argument before."""
+
+    class Keyed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.act = nn.Linear(3, 5), pwlu.PWLU(5, channel_dim=-1)
+
+        def forward(self, features, scale=1.0):
+            return self.act(self.fc(features) * scale)
+
+    model = Keyed()
+    xs = [torch.randn(8, 3, generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    by_key = pwlu.boundary_iou(model, [{"features": x, "scale": 2.0} for x in xs])
+    by_pair = pwlu.boundary_iou(model, [({"features": x, "scale": 2.0}, torch.zeros(8)) for x in xs])
+    plain = pwlu.boundary_iou(model, xs, forward=lambda m, b: m(b, scale=2.0))
+    torch.testing.assert_close(by_key["act"], plain["act"])
+    torch.testing.assert_close(by_pair["act"], plain["act"])
+
+
 def test_boundary_iou_memory_bounded_reservoir_estimate() -> None:
     module = PWLU(2, channel_dim=1)  # range [-3, 3]
     g = torch.Generator().manual_seed(3)

@@ -96,13 +96,33 @@ def is_activation(module: nn.Module) -> bool:
 # ----------------------------------------------------------------------------- profiling
 
 
+def _layer_channels(block: nn.Module) -> set[int]:
+    """The channel counts that ``block``'s layers declare: convolutions' in/out channels, norms'
+    features, linear layers' in/out features."""
+    counts: set[int] = set()
+    for m in block.modules():
+        if isinstance(m, nn.modules.conv._ConvNd):
+            counts.update((m.in_channels, m.out_channels))
+        elif isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm)):
+            counts.add(m.num_features if hasattr(m, "num_features") else m.num_channels)
+        elif isinstance(m, nn.LayerNorm) and m.normalized_shape:
+            counts.add(m.normalized_shape[-1])
+        elif isinstance(m, nn.Linear):
+            counts.update((m.in_features, m.out_features))
+        elif type(m).__name__ == "Conv1D" and hasattr(m, "nf") and getattr(m, "weight", None) is not None:
+            counts.update(m.weight.shape)  # transformers' Conv1D (GPT-2): a linear layer, weight (in, out)
+    return counts
+
+
 @dataclass(frozen=True)
 class _Call:
     shape: tuple[int, ...] | None  # None: the first argument was not a tensor
     producer: type | None  # class of the module whose output is the input, if known
 
-    def channel_dim(self, forced: int | None) -> int:
-        """Channel axis: forced, else from the producing layer, else 1 for 2-D/4-D/5-D, -1 for 3-D."""
+    def channel_dim(self, forced: int | None, layer_channels: set[int] = frozenset()) -> int:
+        """Channel axis: forced, else from the producing layer, else axis 1 or -1, the one whose
+        size is a channel count of the owner's layers (``layer_channels``; a ``(B, C, L)`` input
+        that a padding-trim module passed on from a ``Conv1d``), else 1 for 2-D/4-D/5-D, -1 for 3-D."""
         if forced is not None:
             return forced
         assert self.shape is not None
@@ -110,6 +130,10 @@ class _Call:
             return -1
         if self.producer is not None and issubclass(self.producer, _CHANNEL_FIRST_PRODUCERS):
             return 1
+        if len(self.shape) >= 3:
+            first, last = self.shape[1] in layer_channels, self.shape[-1] in layer_channels
+            if first != last:
+                return 1 if first else -1
         return -1 if len(self.shape) == 3 else 1
 
 
@@ -663,7 +687,8 @@ def convert_activations(
             continue
         if any(c.shape is None or len(c.shape) == 0 for c in site_calls):
             raise ConversionError(f"convert_activations: activation {name!r} was called without a tensor input")
-        dims = [c.channel_dim(channel_dim) for c in site_calls]
+        owner_channels = _layer_channels(model.get_submodule(_split_name(name)[0])) if channel_dim is None else set()
+        dims = [c.channel_dim(channel_dim, owner_channels) for c in site_calls]
         if _is_spatially_1x1(site_calls, dims):
             continue
         specs = {(cd % len(c.shape), c.shape[cd % len(c.shape)]) if mode == "channel" else None

@@ -26,6 +26,7 @@ from .convert import (
     _check_not_scripted,
     _default_input,
     _free_attr,
+    _layer_channels,
     _run,
     _set_submodule,
     _ShallowTracer,
@@ -198,22 +199,6 @@ def _excluded(name: str, patterns: list[str]) -> bool:
     parts = name.split(".") if name else [""]
     ancestors = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
     return any(fnmatch.fnmatchcase(a, p) for a in ancestors for p in patterns)
-
-
-def _layer_channels(block: nn.Module) -> set[int]:
-    """The channel counts that ``block``'s layers declare: convolutions' in/out channels, norms'
-    features, linear layers' in/out features."""
-    counts: set[int] = set()
-    for m in block.modules():
-        if isinstance(m, nn.modules.conv._ConvNd):
-            counts.update((m.in_channels, m.out_channels))
-        elif isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm)):
-            counts.add(m.num_features if hasattr(m, "num_features") else m.num_channels)
-        elif isinstance(m, nn.LayerNorm) and m.normalized_shape:
-            counts.add(m.normalized_shape[-1])
-        elif isinstance(m, nn.Linear):
-            counts.update((m.in_features, m.out_features))
-    return counts
 
 
 def _channel_dim(shape: tuple[int, ...], layer_channels: set[int]) -> tuple[int, bool]:

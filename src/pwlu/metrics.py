@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -98,7 +98,9 @@ def boundary_iou(
     Args:
         model (nn.Module): a model containing PWLU modules.
         batches (Iterable): the evaluation batches: input tensors, or ``(input, target, ...)``
-            tuples/lists as a ``DataLoader`` yields them (only ``batch[0]`` is fed).
+            tuples/lists as a ``DataLoader`` yields them (only ``batch[0]`` is fed); an input
+            that is a mapping (a dict of ``input_ids``..., a transformers ``BatchEncoding``) is
+            fed as keyword arguments, as ``convert_activations``' calibration batches.
         lower, upper (float): quantile levels, ``0 <= lower < upper <= 1`` (default the
             0.1% and 99.9% quantiles).
         reservoir_size (int): samples kept per channel.
@@ -143,7 +145,8 @@ def boundary_iou(
             if forward is not None:
                 forward(model, batch)
             else:
-                model(batch[0] if isinstance(batch, (tuple, list)) else batch)
+                inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+                model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
     finally:
         for h in handles:
             h.remove()

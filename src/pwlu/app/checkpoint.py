@@ -64,7 +64,12 @@ def model_from_checkpoint(path: str | os.PathLike, image_size: int | None = None
     size = image_size or IMAGE_SIZES.get(cfg.dataset)
     if size is None:
         raise ConfigError(f"the image size of dataset {cfg.dataset!r} is unknown; pass --image-size")
-    model = build_model(cfg.model, make_activation_factory(cfg), in_channels, num_classes)
+    model = build_model(cfg.model, make_activation_factory(cfg), in_channels, num_classes, image_size=size)
+    if cfg.merges == "pwlu2d":  # as pwlu.app.train.build
+        from pwlu import convert_merges
+
+        example = torch.zeros(2, in_channels, size, size)
+        model = convert_merges(model, cfg.merge_intervals, mode=cfg.mode, example_input=example)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
