@@ -471,6 +471,8 @@ def test_cli_finetune_from_checkpoint(tmp_path, capsys):
     assert main(["train", *fast, "--activation", "relu", "--warmup-epochs", "0", "--init-from", ckpt,
                  "--out", str(tmp_path / "z")]) == 2  # fmt: skip
     assert "--activation gelu" in capsys.readouterr().err
+    # refusals write nothing (an empty --out directory was left behind)
+    assert not any((tmp_path / name).exists() for name in "xyz")
 
 
 def test_cli_init_from_refuses_what_it_cannot_honour(tmp_path):

@@ -350,15 +350,15 @@ def train(cfg: TrainConfig, data: TensorData | None = None, resume: bool = False
     rank, world = _dist_info()
     data = data if data is not None else prepare_data(cfg)  # fails before anything is written
     out = pathlib.Path(cfg.out)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
     mean, std = channel_stats(data.train_x)
 
     torch.manual_seed(cfg.seed)
     if cfg.init_from is not None:  # fine-tuning: the trained model, converted (matched) unless resuming
-        model, (mean, std) = model_from_checkpoint(cfg, data, match=ckpt is None)
+        model, (mean, std) = model_from_checkpoint(cfg, data, match=ckpt is None)  # refusals write nothing
     else:
         model = build(cfg, data)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
     if (cfg.activation in ("pwlu", "npwlu") or cfg.merges == "pwlu2d") and cfg.fix_init is not None:
         fix_init(model, cfg.fix_init)
     steps_per_epoch = math.ceil(len(data.train_y) / (cfg.batch_size * world))
