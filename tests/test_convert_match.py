@@ -297,6 +297,26 @@ def test_baseline_swish_prelu_and_apl_are_matched():
     assert len(pwlu.pwlu_modules(conv)) == 1
 
 
+def test_per_channel_activation_keeps_its_own_axis():
+    """Found by review: a per-channel PReLU/APL on (B, 8, 8) with channel_dim=1 got the rank's
+    axis (-1, also 8 wide) and was fitted with another channel's slopes (error 0.8)."""
+    from pwlu.baselines import APL, PReLU
+
+    torch.manual_seed(0)
+    for act in (PReLU(8, channel_dim=1), APL(8, num_hinges=2, channel_dim=1), nn.PReLU(8)):
+        with torch.no_grad():
+            for p in act.parameters():
+                p.copy_(torch.rand_like(p) * 0.8 - 0.4)
+        model = nn.Sequential(nn.Identity(), act).eval()
+        batches = [torch.randn(16, 8, 8) for _ in range(3)]
+        conv = pwlu.convert_activations(copy.deepcopy(model), init="match", calibration=batches)
+        assert (conv[1].num_channels, conv[1].channel_dim) == (8, 1), type(act).__name__
+        x = torch.randn(32, 8, 8)
+        with torch.no_grad():
+            rel = ((conv(x) - model(x)).norm() / model(x).norm()).item()
+        assert rel < 0.02, (type(act).__name__, rel)
+
+
 def test_exclude_one_name_of_a_tied_activation():
     """An activation registered under two names, one of them excluded: the excluded one was
     converted anyway (split off as '1_1', the model became a GraphModule)."""
@@ -496,6 +516,12 @@ def test_cli_init_from_refuses_what_it_cannot_honour(tmp_path):
     res, pau = str(tmp_path / "res" / "checkpoint.pt"), str(tmp_path / "pau" / "checkpoint.pt")
     with pytest.raises(ConfigError, match="--activation pau modules cannot be converted"):
         model_from_checkpoint(TrainConfig(dataset="synthetic", model="cnn", init_from=pau, init="match"), data)
+    # an N-PWLU checkpoint converts to nothing either (an NPWLU is a PWLU subclass: it passed)
+    train(TrainConfig(model="cnn", activation="npwlu", out=str(tmp_path / "np"), **common), data=data)
+    with pytest.raises(ConfigError, match="--activation npwlu modules cannot be converted"):
+        model_from_checkpoint(
+            TrainConfig(dataset="synthetic", init_from=str(tmp_path / "np" / "checkpoint.pt"), init="match"), data
+        )
     # --merges pwlu2d: the trained additions become PWLU2D at init (addition), the function kept
     cfg = TrainConfig(dataset="synthetic", model="resnet", init_from=res, init="match", merges="pwlu2d")
     merged, (mean, std) = model_from_checkpoint(cfg, data)

@@ -158,6 +158,28 @@ def test_nan_and_inf(dtype):
     assert_all_close(got, tb, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("layout", ["rows", "channels-fastest"])
+def test_finite_input_whose_offset_overflows(layout):
+    """A range far from 0 (its shift is B_L = 1e38) and a finite x = -3e38: x - shift overflows to
+    -inf, and a flat outer piece must still give its value, not 0 * inf = NaN (the kernel's fast
+    FMA path checks x - shift, not x, for infinities; a mutation checking x passed every other
+    test)."""
+    left, right = torch.tensor([1e38, 1e38]), torch.tensor([2e38, 2e38])
+    points = torch.tensor([[1.0, 2.0, 3.0], [5.0, 6.0, 7.0]])
+    flat = torch.zeros(2)
+    x = torch.tensor([-3e38, -1e30, 3e38, 1.5e38] * 20).reshape(1, 1, 80).expand(2, 2, 80).contiguous()
+    cd = 1
+    if layout == "channels-fastest":
+        x, cd = x.transpose(1, 2).contiguous(), -1
+    for backend in ("cpu", "reference"):
+        with pwlu.use_backend(backend), torch.no_grad():
+            y = pwlu.pwlu(x, points, left, right, flat, flat, channel_dim=cd)
+        assert torch.isfinite(y).all(), backend
+        if backend == "cpu":
+            got = y
+    torch.testing.assert_close(got, y)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
     "shape,channel_dim,channel_wise",

@@ -480,6 +480,15 @@ def test_size_arithmetic_and_keyword_additions():
         n = x.shape[-1] * 2 + x.dim()
         return s.conv(x) * ((hw + n) / 10.0) + x
 
+    class _Positional(nn.Module):  # a parameter cut to the input's length: not a branch
+        def __init__(self):
+            super().__init__()
+            self.pos = nn.Parameter(torch.randn(1, 3, 9, 5))
+
+        def forward(self, x):
+            return x + self.pos[:, :, : x.size(2)]
+
+    assert merge_sites(_Positional()) == []
     cases = {
         "sizes": (sizes, 1),
         "keywords": (lambda s, x: torch.add(input=s.conv(x), other=x), 1),
@@ -556,6 +565,23 @@ def test_channel_axis_from_the_block_layers():
         convert_merges(
             nn.Sequential(_Conv1dBlock(8)), example_input=torch.randn(2, 8, 5), blocks=[_Conv1dBlock], channel_dim=3
         )
+
+    # layers that name both axes (a 64 -> 256 -> 64 bottleneck on length 256): a guess, with a warning
+    class _Bottleneck1d(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv1d(64, 256, 1), nn.Conv1d(256, 64, 1)
+
+        def forward(self, x):
+            return self.b(self.a(x)) + x
+
+    with pytest.warns(UserWarning, match="do not tell which axis"):
+        convert_merges(nn.Sequential(_Bottleneck1d()), example_input=torch.randn(2, 64, 256), blocks=[_Bottleneck1d])
+    net = convert_merges(
+        nn.Sequential(_Bottleneck1d()), example_input=torch.randn(2, 64, 256), blocks=[_Bottleneck1d], channel_dim=1
+    )
+    ((_, m),) = merge_modules(net)
+    assert (m.num_channels, m.channel_dim) == (64, 1)
     # layers that do not tell: the rank's default, with a warning
     blind = _block(lambda s, x: torch.tanh(x) + x, "Blind")
     with pytest.warns(UserWarning, match="do not tell which axis"):

@@ -268,6 +268,17 @@ class _ShallowTracer(fx.Tracer):
         return True
 
 
+def _own_channel_dim(m: nn.Module) -> int | None:
+    """The channel axis of an activation with per-channel parameters (``nn.PReLU`` with more than
+    one slope: 1; this package's ``PReLU``/``APL`` with ``num_channels``: their ``channel_dim``);
+    ``None`` for the rest."""
+    if isinstance(m, nn.PReLU) and m.num_parameters > 1:
+        return 1
+    if isinstance(m, (ChannelPReLU, APL)) and m.num_channels is not None:
+        return m.channel_dim
+    return None
+
+
 def _split_name(name: str) -> tuple[str, str]:
     parent, _, attr = name.rpartition(".")
     return parent, attr
@@ -458,8 +469,10 @@ def _match(
         target = activation_target(old, new.num_channels)
         if target is None:
             raise ConversionError(
-                f"convert_activations: init='match' cannot fit a PWLU to {name!r} ({type(old).__name__}: a per-channel "
-                "PReLU replaced layer-wise or on another channel axis); exclude it or use mode='channel'"
+                f"convert_activations: init='match' cannot fit a PWLU to {name!r} ({type(old).__name__} with one "
+                f"parameter per channel, replaced by a PWLU with num_channels={new.num_channels}, channel_dim="
+                f"{new.channel_dim}: another channel count or axis); use mode='channel' and its own channel axis, "
+                "or exclude it"
             )
         new.reset_running_stats()
         sites[id(old)] = (name, Calibration(new, MATCH_SAMPLES, generator))
@@ -576,8 +589,9 @@ def convert_activations(
     Function matching (``init="match"``): the calibration batches run through the *original*
     model in eval mode under ``no_grad`` (batch norm uses its running statistics, dropout is
     off; modes, buffers and the RNG are restored). At every converted call site, the per-channel
-    input statistics are recorded (SPEC Eq. 5, cumulative average, in the new PWLU's
-    ``running_mean``/``running_std`` buffers) with a uniform sample of up to
+    input mean and standard deviation of all the calibration inputs are recorded (pooled over the
+    batches, in the new PWLU's ``running_mean``/``running_std`` buffers; per process: under
+    ``torch.distributed`` every rank should calibrate on the same batches) with a uniform sample of up to
     :data:`MATCH_SAMPLES` inputs per channel. Each PWLU gets the range ``mean ± 3·std`` (Eq. 6),
     the outer slopes of the replaced function far from 0 (GELU, SiLU, Hardswish, Mish, ELU,
     Softplus, QuickGELU...: 0 and 1; ReLU6 and transformers' clipped GELU: 0 and 0; LeakyReLU,
@@ -689,6 +703,9 @@ def convert_activations(
             raise ConversionError(f"convert_activations: activation {name!r} was called without a tensor input")
         owner_channels = _layer_channels(model.get_submodule(_split_name(name)[0])) if channel_dim is None else set()
         dims = [c.channel_dim(channel_dim, owner_channels) for c in site_calls]
+        own = _own_channel_dim(m)
+        if channel_dim is None and own is not None:  # a per-channel PReLU/APL: its channels are its own
+            dims = [own % len(c.shape) for c in site_calls]
         if _is_spatially_1x1(site_calls, dims):
             continue
         specs = {(cd % len(c.shape), c.shape[cd % len(c.shape)]) if mode == "channel" else None

@@ -6,7 +6,8 @@ and the application's small models), traces each block's own ``forward`` with to
 submodule one opaque node), and replaces each addition of two tensors that both depend on the
 block's input (``out += identity``, ``x + self.conv(x)``, ``self.drop_path(x) + shortcut``) by a
 call of a new ``PWLU2D`` submodule. One example forward pass measures every merge's shape, so
-channel counts are measured, never guessed.
+channel counts are measured; the channel axis is read from the block's layers (with a warning
+where they do not tell it).
 """
 
 from __future__ import annotations
@@ -67,7 +68,10 @@ class Addition(nn.Module):
         return x + y
 
 
-def _depends_on_input(node: fx.Node, memo: dict[fx.Node, bool]) -> bool:
+def _depends_on_input(node: fx.Node, memo: dict[fx.Node, bool], scalars: dict[fx.Node, bool] | None = None) -> bool:
+    """Whether ``node`` is computed from the block's input tensors; sizes do not carry it
+    (``self.pos[:, : x.size(1)]`` is a parameter, not a branch)."""
+    scalars = {} if scalars is None else scalars
     if node in memo:
         return memo[node]
     stack, order = [node], []
@@ -78,7 +82,9 @@ def _depends_on_input(node: fx.Node, memo: dict[fx.Node, bool]) -> bool:
         order.append(n)
         stack.extend(a for a in n.all_input_nodes if a not in memo)
     for n in reversed(order):  # inputs of n were pushed after n, so they are resolved first
-        memo[n] = n.op == "placeholder" or any(memo.get(a, False) for a in n.all_input_nodes)
+        memo[n] = n.op == "placeholder" or any(
+            memo.get(a, False) and not _scalar_valued(a, scalars) for a in n.all_input_nodes
+        )
     return memo[node]
 
 
@@ -138,7 +144,7 @@ def _is_merge(node: fx.Node, memo: dict[fx.Node, bool], scalars: dict[fx.Node, b
     scalars = {} if scalars is None else scalars
     if _scalar_valued(a, scalars) or _scalar_valued(b, scalars):
         return False
-    return _depends_on_input(a, memo) and _depends_on_input(b, memo)
+    return _depends_on_input(a, memo, scalars) and _depends_on_input(b, memo, scalars)
 
 
 def merge_sites(block: nn.Module) -> list[str]:
@@ -211,7 +217,7 @@ def _channel_dim(shape: tuple[int, ...], layer_channels: set[int]) -> tuple[int,
     first, last = shape[1] in layer_channels, shape[-1] in layer_channels
     if first != last:
         return (1 if first else -1), False
-    return default, not first and shape[1] != shape[-1]
+    return default, shape[1] != shape[-1]  # both or neither are channel counts: a guess
 
 
 def convert_merges(

@@ -3,8 +3,9 @@
 Used by :func:`pwlu.convert_activations` with ``init="match"``. Three steps per call site:
 
 1. :class:`Calibration` records the per-channel statistics of the activation's input on the
-   calibration batches (SPEC Eq. 5 through :func:`pwlu.running_stats.update_running_stats`,
-   cumulative average) and keeps a uniform random sample of the inputs of every channel.
+   calibration batches (the mean and standard deviation of all of them, pooled over the batches
+   in float64; :meth:`Calibration.finish` writes them into the PWLU's running statistics) and
+   keeps a uniform random sample of the inputs of every channel.
 2. The range is ``mean ± 3·std`` (Eq. 6, :func:`pwlu.realign._data_bounds`).
 3. :func:`fit_pwlu` sets the breakpoint values ``Y_P`` with the outer slopes fixed to those of
    the replaced function far from the origin (:func:`activation_target`): either by
@@ -193,7 +194,9 @@ class Calibration:
         if x.numel() == 0:
             return
         self.batches += 1
-        moments = batch_moments(x.detach().to(torch.float64), cd)  # float64: no overflow of x^2
+        moments = batch_moments(x, cd)  # reduced in float32 (float64 input: float64)
+        if not bool(torch.isfinite(moments[2]).all()) and bool(torch.isfinite(x).all()):
+            moments = batch_moments(x.detach().to(torch.float64), cd)  # x^2 overflowed float32
         if self.moments is not None:
             moments = merge_moments(*(torch.stack([a, b]) for a, b in zip(self.moments, moments)))
         self.moments = moments
@@ -289,7 +292,10 @@ def fit_pwlu(
     if fit not in FITS:
         raise ValueError(f"fit_pwlu: fit must be one of {FITS}, but got {fit!r}")
     if int(module.num_batches_tracked) == 0:
-        raise ValueError("fit_pwlu: the PWLU has no recorded statistics (no calibration batch reached it)")
+        raise ValueError(
+            "fit_pwlu: the PWLU has no recorded statistics (no calibration batch reached it, or "
+            "Calibration.finish() was not called after Calibration.record())"
+        )
     where = f"PWLU {name!r} ({target.name})" if name else f"the PWLU ({target.name})"
     finite = torch.isfinite(module.running_mean).all() and torch.isfinite(module.running_std).all()
     if not bool(finite) or (samples is not None and not bool(torch.isfinite(samples).all())):

@@ -309,7 +309,7 @@ def model_from_checkpoint(cfg: TrainConfig, data: TensorData, match: bool = True
             warnings.simplefilter("always")
             model = convert_activations(model, "pwlu", cfg.intervals, cfg.mode, example_input=batches[0],
                                         init="match" if matching else "relu", calibration=batches if matching else None)  # fmt: skip
-        if not any(isinstance(m, PWLU) for m in model.modules()):
+        if not any(type(m) is PWLU for m in model.modules()):  # (an NPWLU is a PWLU subclass)
             raise ConfigError(f"--init-from {cfg.init_from}: its --activation {src.activation} modules cannot be "
                               "converted to PWLUs, so --activation pwlu would fine-tune the model unchanged")  # fmt: skip
         for w in caught:  # the others, as they were

@@ -53,7 +53,7 @@ static inline double locate_d(double a, double lo, double hi, double inv, int n,
     return u;
 }
 
-/* histogram copies per channel and thread in the backward (see alloc_partials) */
+/* histogram copies per channel and thread in the backward's vector path (see alloc_partials) */
 #define HIST_COPIES 2
 
 /* ------------------------------------------------------------------------------ forward */
@@ -666,34 +666,33 @@ static void backward_seg_lut(const void *gp, const void *xp, const void *yp, voi
 }
 #endif /* PWLU_AVX512 */
 
-/* Thread copies of the histogram and sums: per thread C * (HIST_COPIES HQ N^2 * 2 + 12) doubles,
- * 64-byte aligned, so that no bin of HQ = 4 doubles straddles a cache line (calloc's large
- * blocks start 16 bytes into a page: every other bin did). The vector path adds alternate
- * elements into two copies of a channel's histogram: consecutive elements in one bin then do
- * not wait for each other's store. */
+/* Thread copies of the histogram and sums: per thread C * (copies HQ N^2 * 2 + 12) doubles, 64-byte
+ * aligned, so that no bin of HQ = 4 doubles straddles a cache line (calloc's large blocks start 16
+ * bytes into a page: every other bin did). The vector path (copies = HIST_COPIES) adds alternate
+ * elements into two copies of a channel's histogram, so that consecutive elements in one bin do not
+ * wait for each other's store; the scalar paths use one. Each thread zeroes its own part (first
+ * touch) in the parallel region. */
 static double *alloc_partials(int nth, int64_t per_thread) {
     const size_t bytes = ((size_t)nth * (size_t)per_thread * sizeof(double) + 63) / 64 * 64;
-    double *p = (double *)aligned_alloc(64, bytes);
-    if (p) memset(p, 0, bytes);
-    return p;
+    return (double *)aligned_alloc(64, bytes);
 }
 
-/* Sum the threads' and the copies' histograms (bins of HQ doubles) into hist ([C][N][N][2][3])
- * and the threads' sums into sums ([C][12]). */
-static void reduce_partials(const double *part, int nth, int64_t C, int64_t bins, double *hist, double *sums) {
-    const int64_t hsize = bins * HQ, per = C * (HIST_COPIES * hsize + 12);
+/* Sum the first nth threads' histograms (copies per channel, bins of HQ doubles) into hist
+ * ([C][N][N][2][3]) and their sums into sums ([C][12]). */
+static void reduce_partials(const double *part, int nth, int64_t C, int64_t bins, int copies, double *hist,
+                            double *sums) {
+    const int64_t hsize = bins * HQ, per = C * (copies * hsize + 12);
     for (int64_t c = 0; c < C; c++) {
         for (int64_t k = 0; k < bins; k++)
             for (int q = 0; q < 3; q++) {
                 double acc = 0.0;
                 for (int th = 0; th < nth; th++)
-                    for (int cp = 0; cp < HIST_COPIES; cp++)
-                        acc += part[th * per + (c * HIST_COPIES + cp) * hsize + k * HQ + q];
+                    for (int cp = 0; cp < copies; cp++) acc += part[th * per + (c * copies + cp) * hsize + k * HQ + q];
                 hist[(c * bins + k) * 3 + q] = acc;
             }
         for (int k = 0; k < 12; k++) {
             double acc = 0.0;
-            for (int th = 0; th < nth; th++) acc += part[th * per + C * HIST_COPIES * hsize + c * 12 + k];
+            for (int th = 0; th < nth; th++) acc += part[th * per + C * copies * hsize + c * 12 + k];
             sums[c * 12 + k] = acc;
         }
     }
@@ -707,13 +706,13 @@ static void reduce_partials(const double *part, int nth, int64_t C, int64_t bins
 #define BWD_ROWS 512
 static void backward_rows_f32c(const void *g, const void *x, const void *y, void *dx, void *dy, int dt, int64_t rb,
                                int64_t re, int64_t C, const float *values, const float *geometry, int n,
-                               double *hist_t, double *sums_t, int64_t hsize) {
+                               double *hist_t, double *sums_t, int64_t cstride) {
     const int64_t vsize = (int64_t)(n + 1) * (n + 1);
     for (int64_t r0 = rb; r0 < re; r0 += BWD_ROWS) {
         const int64_t r1 = r0 + BWD_ROWS < re ? r0 + BWD_ROWS : re;
         for (int64_t c = 0; c < C; c++) {
             const float *v = values + c * vsize, *geo = geometry + c * 10;
-            double *h = hist_t + c * HIST_COPIES * hsize, s12[12] = {0};
+            double *h = hist_t + c * cstride, s12[12] = {0};
             for (int64_t e = r0 * C + c; e < r1 * C; e += C) {
                 float ddx, ddy;
                 backward_f(load_s(g, e, dt), load_s(x, e, dt), load_s(y, e, dt), v, geo, n, &ddx, &ddy, h, s12);
@@ -726,13 +725,13 @@ static void backward_rows_f32c(const void *g, const void *x, const void *y, void
 }
 static void backward_rows_d(const double *g, const double *x, const double *y, double *dx, double *dy, int64_t rb,
                             int64_t re, int64_t C, const double *values, const double *geometry, int n,
-                            double *hist_t, double *sums_t, int64_t hsize) {
+                            double *hist_t, double *sums_t, int64_t cstride) {
     const int64_t vsize = (int64_t)(n + 1) * (n + 1);
     for (int64_t r0 = rb; r0 < re; r0 += BWD_ROWS) {
         const int64_t r1 = r0 + BWD_ROWS < re ? r0 + BWD_ROWS : re;
         for (int64_t c = 0; c < C; c++) {
             const double *v = values + c * vsize, *geo = geometry + c * 10;
-            double *h = hist_t + c * HIST_COPIES * hsize, s12[12] = {0};
+            double *h = hist_t + c * cstride, s12[12] = {0};
             for (int64_t e = r0 * C + c; e < r1 * C; e += C) backward_d(g[e], x[e], y[e], v, geo, n, dx + e, dy + e, h, s12);
             for (int k = 0; k < 12; k++) sums_t[c * 12 + k] += s12[k];
         }
@@ -748,7 +747,7 @@ static void backward_rows_d(const double *g, const double *x, const double *y, d
  * multiple of 16), read or written once, at a constant stride. PWLU_OK or PWLU_ERR_NOMEM. */
 static int backward_rows_lut(const void *g, const void *x, const void *y, void *dx, void *dy, int dt, int64_t rb,
                              int64_t re, int64_t C, const float *tabs, const float *geometry, int n, double *hist_t,
-                             double *sums_t, int64_t hsize) {
+                             double *sums_t, int64_t cstride) {
     const int64_t R = TILE_ROWS;
     float *buf = (float *)aligned_alloc(64, (size_t)(5 * 16 * R) * sizeof(float));
     if (!buf) return PWLU_ERR_NOMEM;
@@ -766,7 +765,7 @@ static int backward_rows_lut(const void *g, const void *x, const void *y, void *
                 kuhn_tables_load(tabs + c * KUHN_FLOATS, &ct);
                 double s12[12] = {0};
                 backward_seg_lut(bg + j * R, bx + j * R, by + j * R, bdx + j * R, bdy + j * R, PWLU_F32, 0, nr, &ct,
-                                 geometry + c * 10, n, hist_t + c * HIST_COPIES * hsize, s12);
+                                 geometry + c * 10, n, hist_t + c * cstride, s12);
                 for (int k = 0; k < 12; k++) sums_t[c * 12 + k] += s12[k];
             }
             channels_to_rows(bdx, dx, r0, nr, c0, nc, C, dt, R);
@@ -784,9 +783,10 @@ int pwlu2d_backward_f32c(const void *g, const void *x, const void *y, void *dx, 
     if (dt != PWLU_F32 && dt != PWLU_BF16 && !(dt == PWLU_F16 && PWLU_F16_KERNEL)) return PWLU_ERR_DTYPE;
     const int64_t total = outer * C * inner, vsize = (int64_t)(n + 1) * (n + 1), bins = (int64_t)n * n * 2, hsize = bins * HQ;
     const int nth_max = clamp_threads(nthreads);
-    const int64_t per = C * (HIST_COPIES * hsize + 12);
-    int rc = PWLU_OK;
+    int rc = PWLU_OK, used = 1;
     float *tabs = call_tables(values, outer, C, inner, n, &rc);
+    const int copies = tabs ? HIST_COPIES : 1; /* the second copy: the vector path only */
+    const int64_t cstride = copies * hsize, per = C * (cstride + 12);
     double *part = rc == PWLU_OK ? alloc_partials(nth_max, per) : NULL;
     if (!part) {
         free(tabs);
@@ -796,26 +796,28 @@ int pwlu2d_backward_f32c(const void *g, const void *x, const void *y, void *dx, 
     {
         int th, nth;
         thread_id(&th, &nth);
-        double *hist_t = part + th * per, *sums_t = hist_t + C * HIST_COPIES * hsize;
+        if (th == 0) used = nth;
+        double *hist_t = part + th * per, *sums_t = hist_t + C * cstride;
+        memset(hist_t, 0, (size_t)per * sizeof(double));
         int64_t pb, pe;
         if (inner == 1 && C > 1) {
             split(outer, th, nth, 1, &pb, &pe);
 #if PWLU_AVX512
             if (tabs) {
-                if (backward_rows_lut(g, x, y, dx, dy, dt, pb, pe, C, tabs, geometry, n, hist_t, sums_t, hsize) != PWLU_OK) {
+                if (backward_rows_lut(g, x, y, dx, dy, dt, pb, pe, C, tabs, geometry, n, hist_t, sums_t, cstride) != PWLU_OK) {
 #pragma omp atomic write
                     rc = PWLU_ERR_NOMEM;
                 }
             } else
 #endif
-                backward_rows_f32c(g, x, y, dx, dy, dt, pb, pe, C, values, geometry, n, hist_t, sums_t, hsize);
+                backward_rows_f32c(g, x, y, dx, dy, dt, pb, pe, C, values, geometry, n, hist_t, sums_t, cstride);
             pb = pe = 0; /* done */
         } else
             split(total, th, nth, ALIGN_ELEMS, &pb, &pe);
         if (pb < pe) {
             for (seg_iter sg = seg_first(pb, pe, inner, C); sg.b < pe; seg_next(&sg, pe, inner, C)) {
                 const float *v = values + sg.c * vsize, *geo = geometry + sg.c * 10;
-                double *h = hist_t + sg.c * HIST_COPIES * hsize, s12[12] = {0};
+                double *h = hist_t + sg.c * cstride, s12[12] = {0};
 #if PWLU_AVX512
                 if (tabs && sg.e - sg.b >= LUT_MIN_SEG) {
                     cell_tables ct;
@@ -838,7 +840,7 @@ int pwlu2d_backward_f32c(const void *g, const void *x, const void *y, void *dx, 
             }
         }
     }
-    reduce_partials(part, nth_max, C, bins, hist, sums);
+    reduce_partials(part, used, C, bins, copies, hist, sums);
     free(tabs);
     free(part);
     return rc;
@@ -849,31 +851,34 @@ int pwlu2d_backward_f64(const double *g, const double *x, const double *y, doubl
                         double *hist, double *sums) {
     const int64_t total = outer * C * inner, vsize = (int64_t)(n + 1) * (n + 1), bins = (int64_t)n * n * 2, hsize = bins * HQ;
     const int nth_max = clamp_threads(nthreads);
-    const int64_t per = C * (HIST_COPIES * hsize + 12);
+    const int64_t cstride = hsize, per = C * (cstride + 12); /* one copy: scalar paths */
+    int used = 1;
     double *part = alloc_partials(nth_max, per);
     if (!part) return PWLU_ERR_NOMEM;
 #pragma omp parallel num_threads(nth_max)
     {
         int th, nth;
         thread_id(&th, &nth);
-        double *hist_t = part + th * per, *sums_t = hist_t + C * HIST_COPIES * hsize;
+        if (th == 0) used = nth;
+        double *hist_t = part + th * per, *sums_t = hist_t + C * cstride;
+        memset(hist_t, 0, (size_t)per * sizeof(double));
         int64_t pb, pe;
         if (inner == 1 && C > 1) {
             split(outer, th, nth, 1, &pb, &pe);
-            backward_rows_d(g, x, y, dx, dy, pb, pe, C, values, geometry, n, hist_t, sums_t, hsize);
+            backward_rows_d(g, x, y, dx, dy, pb, pe, C, values, geometry, n, hist_t, sums_t, cstride);
             pb = pe = 0; /* done */
         } else
             split(total, th, nth, ALIGN_ELEMS, &pb, &pe);
         if (pb < pe) {
             for (seg_iter sg = seg_first(pb, pe, inner, C); sg.b < pe; seg_next(&sg, pe, inner, C)) {
                 const double *v = values + sg.c * vsize, *geo = geometry + sg.c * 10;
-                double *h = hist_t + sg.c * HIST_COPIES * hsize, s12[12] = {0};
+                double *h = hist_t + sg.c * cstride, s12[12] = {0};
                 for (int64_t e = sg.b; e < sg.e; e++) backward_d(g[e], x[e], y[e], v, geo, n, dx + e, dy + e, h, s12);
                 for (int k = 0; k < 12; k++) sums_t[sg.c * 12 + k] += s12[k];
             }
         }
     }
-    reduce_partials(part, nth_max, C, bins, hist, sums);
+    reduce_partials(part, used, C, bins, 1, hist, sums);
     free(part);
     return PWLU_OK;
 }
