@@ -489,6 +489,22 @@ def test_size_arithmetic_and_keyword_additions():
             return x + self.pos[:, :, : x.size(2)]
 
     assert merge_sites(_Positional()) == []
+
+    class _Sized(nn.Module):  # int arguments, added in the forward: not a merge
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 1)
+
+        def forward(self, x, h: int = 2, w: int = 3):
+            return self.conv(x) * (h + w) + x
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no 'not reached' warning
+        sized = convert_merges(nn.Sequential(_Sized()), example_input=torch.randn(2, 3, 4, 4), blocks=[_Sized])
+    assert len(merge_modules(sized)) == 1 and not any(isinstance(m, Addition) for m in sized.modules())
+    with torch.no_grad():
+        x = torch.randn(2, 3, 4, 4)
+        torch.testing.assert_close(sized(x), sized[0].conv(x) * 5 + x)
     cases = {
         "sizes": (sizes, 1),
         "keywords": (lambda s, x: torch.add(input=s.conv(x), other=x), 1),

@@ -60,12 +60,30 @@ class Addition(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.shapes: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+        self.numbers = False  # called with a non-tensor (an int argument of the block's forward)
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         if not torch.jit.is_scripting() and not torch.jit.is_tracing():
             if isinstance(x, Tensor) and isinstance(y, Tensor):
                 self.shapes.append((tuple(x.shape), tuple(y.shape)))
+            else:
+                self.numbers = True
         return x + y
+
+
+def _restore_addition(root: nn.Module, name: str) -> None:
+    """Put ``a + b`` back in place of the stand-in ``name`` (a merge that added numbers)."""
+    owner_name, _, attr = name.rpartition(".")
+    owner = root.get_submodule(owner_name) if owner_name else root
+    assert isinstance(owner, fx.GraphModule)
+    for node in list(owner.graph.nodes):
+        if node.op == "call_module" and node.target == attr:
+            with owner.graph.inserting_after(node):
+                plain = owner.graph.call_function(operator.add, tuple(node.args))
+            node.replace_all_uses_with(plain)
+            owner.graph.erase_node(node)
+    delattr(owner, attr)
+    owner.recompile()
 
 
 def _depends_on_input(node: fx.Node, memo: dict[fx.Node, bool], scalars: dict[fx.Node, bool] | None = None) -> bool:
@@ -361,10 +379,10 @@ def convert_merges(
         plan = []
         param = next(root.parameters(), None)
         to_kw = dict(device=param.device, dtype=param.dtype) if param is not None and param.is_floating_point() else {}
-        never, guessed = [], []
+        never, guessed, numbers = [], [], []
         for name, add, block in sites:
             if not add.shapes:
-                never.append(name)
+                (numbers if add.numbers else never).append(name)
                 continue
             shapes = set(add.shapes)
             if any(sx != sy for sx, sy in shapes):
@@ -411,6 +429,8 @@ def convert_merges(
                 delattr(block, attr)
     for name, new in plan:
         _set_submodule(root, name, new)
+    for name in numbers:  # int arguments added (forward(x, H, W): H + W): not a merge
+        _restore_addition(root, name)
     for _, add, _ in sites:
         add.shapes = []
     if guessed and mode == "channel":
