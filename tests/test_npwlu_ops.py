@@ -297,6 +297,24 @@ def test_backend_range_below_min_width_and_collapsed_interval(backend):
     assert_close_all(got, want, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backend_elements_inside_a_floored_interval(backend):
+    """Elements strictly inside an interval narrower than MIN_INTERVAL_WIDTH (t > 0 there): its
+    width is then the constant floor, so nothing of sum g t may reach the right breakpoint
+    (an epilogue that sent it there passed every test with elements only on breakpoints)."""
+    params = random_nparams(2, n=4, dtype=torch.float64, seed=5)
+    params[1][:, 1] = -20.0  # interval 1 of both channels: width ~ 1e-8 < MIN_INTERVAL_WIDTH
+    b, _, _ = npwlu_breakpoints(*params[1:4])
+    width = b[:, 2] - b[:, 1]
+    assert ((width > 0) & (width < MIN_INTERVAL_WIDTH)).all()
+    x = torch.randn(3, 2, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    for k, frac in enumerate((0.25, 0.5, 0.75)):
+        x[k, :, :4] = (b[:, 1] + frac * width)[:, None]  # inside the narrow interval, t = frac * width / floor
+    got = run(pwlu.npwlu, x, params, 1, backend=backend)
+    want = run(pwlu.npwlu_reference, x, params, 1)
+    assert_close_all(got, want, rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.parametrize("n", [4, 40])  # 40: N + 2 > 32, tables gathered instead of permuted
 def test_cpu_kernel_two_threads_and_long_tables(n):
     if not NPWLU_BACKENDS.is_available("cpu", CPU):

@@ -50,6 +50,11 @@ def npwlu_fwd(
 ) -> Tensor:
     """Fold the parameters and run the selected backend's forward (no autograd)."""
     backend = NPWLU_BACKENDS.select(x.device)
+    fused = getattr(backend, "forward_from_params", None)
+    if fused is not None:  # fold in native code around the kernel
+        y = fused(x, points, width_logits, left_bound, right_bound, left_slope, right_slope, channel_dim)
+        if y is not None:
+            return y
     params = npwlu_channel_form(
         points, width_logits, left_bound, right_bound, left_slope, right_slope, compute_dtype(x.dtype)
     )
@@ -72,6 +77,11 @@ def npwlu_bwd(
     the backend's ``dx`` and per-region histogram, then the exact parameter gradients."""
     originals = (points, width_logits, left_bound, right_bound, left_slope, right_slope)
     backend = NPWLU_BACKENDS.select(x.device)
+    fused = getattr(backend, "backward_from_params", None)
+    if fused is not None:  # fold, kernel and gradient epilogue in native code
+        res = fused(grad, x, *originals, channel_dim)
+        if res is not None:
+            return (res[0], *res[1])
     params = npwlu_channel_form(*originals, compute_dtype(x.dtype))
     slopes, _, breakpoints, inv_widths, _ = _tables(backend, params)
     dx, hist = backend.backward(grad, x, slopes, breakpoints, inv_widths, channel_dim)

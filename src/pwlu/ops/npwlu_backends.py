@@ -24,7 +24,11 @@ class NPWLUBackend(Backend, Protocol):
     * ``backward(grad, x, slopes, breakpoints, inv_widths, channel_dim) -> (dx, hist)``, ``hist``
       a ``Tensor[C, N+2, 2]`` of per-region ``sum(g)`` and ``sum(g * r)``;
     * ``make_plan(x, params, channel_dim) -> plan | None`` (``None`` where a backend has none):
-      a gradient-free forward prepared for repeated calls, as PWLU's (:mod:`pwlu.ops.plans`).
+      a gradient-free forward prepared for repeated calls, as PWLU's (:mod:`pwlu.ops.plans`);
+    * optionally ``forward_from_params(x, *params, channel_dim) -> y | None`` and
+      ``backward_from_params(grad, x, *params, channel_dim) -> (dx, grads) | None``: the folding
+      (and the gradient epilogue) in native code around the kernels, from the six parameters
+      (``None``: use the tables path). The CPU backend has them.
     """
 
     forward: Callable[..., Tensor]

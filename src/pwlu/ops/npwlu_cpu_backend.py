@@ -11,7 +11,11 @@ One pass forward (read x, write y), one pass backward (read x and g, write dx; t
 histogram is accumulated on the way, in double across threads). With AVX-512 a 16-lane loop
 finds the region with ``N - 1`` compares against the interior breakpoints (plus two for the
 bounds) and looks slope and intercept up in registers (``vpermt2ps``, ``N + 2 <= 32``; gathered
-beyond). Channels-fastest layouts and float64 use the portable scalar loop. Timings: the
+beyond). Channels-fastest layouts and float64 use the portable scalar loop. In a training call
+the folding and the gradient epilogue run in C too (``csrc/npwlu_fold.h``;
+:func:`forward_from_params`, :func:`backward_from_params`), around two torch ops for the
+softmax of the width logits: a call on a small tensor took about 0.8-1.2 ms of ~90 small torch
+ops before, 0.35-0.7 ms after. Timings: the
 ``npwluN`` rows of ``benchmarks/bench_activation.py`` (``benchmarks/results/activation_latest.md``).
 """
 
@@ -25,8 +29,9 @@ from .cpu import build
 from .cpu.backend import _in_order, _kernel_dtype, _layout, _like, _num_threads, _tables
 from .cpu.build import NativeLibrary, check
 from .cpu.plan import InferencePlan, plannable, snapshot
-from .folding import compute_dtype
-from .npwlu_folding import npwlu_channel_form, npwlu_fold_tables
+from .folding import MIN_WIDTH, compute_dtype
+from .npwlu_folding import npwlu_channel_form
+from .npwlu_reference import MIN_INTERVAL_WIDTH
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -39,6 +44,15 @@ def _declare(lib: ctypes.CDLL) -> None:
     for name in ("npwlu_backward_f32c", "npwlu_backward_f64"):
         fn = getattr(lib, name)
         fn.argtypes = [p, p, p, i32, i64, i64, i64, i64, p, p, p, i32, p]
+        fn.restype = i32
+    d = ctypes.c_double
+    for name in ("npwlu_fold_tables_f32", "npwlu_fold_tables_f64"):
+        fn = getattr(lib, name)
+        fn.argtypes = [p, p, p, p, p, p, i64, i64, d, d, p]
+        fn.restype = i32
+    for name in ("npwlu_param_grads_f32", "npwlu_param_grads_f64"):
+        fn = getattr(lib, name)
+        fn.argtypes = [p, p, p, p, p, p, p, p, p, i64, i64, d, d, p, p, p, p, p, p]
         fn.restype = i32
     lib.npwlu_forward_plan.argtypes = [p, p, p]
     lib.npwlu_forward_plan.restype = i32
@@ -79,9 +93,15 @@ def forward(x, slopes, intercepts, breakpoints, shift, channel_dim):
 
 
 def backward(grad, x, slopes, breakpoints, inv_widths, channel_dim):
+    dx, hist = _backward(grad, x, slopes, breakpoints, inv_widths, channel_dim)
+    return dx, hist.to(slopes.dtype)
+
+
+def _backward(grad, x, slopes, breakpoints, inv_widths, channel_dim):
+    """``(dx, hist)``, the histogram in float64 as the kernel accumulates it."""
     lib = _library()
     if x.dtype == torch.float16 and not lib.npwlu_cpu_has_f16():
-        dx, hist = backward(grad.float(), x.float(), slopes, breakpoints, inv_widths, channel_dim)
+        dx, hist = _backward(grad.float(), x.float(), slopes, breakpoints, inv_widths, channel_dim)
         return dx.half(), hist
     n = slopes.shape[-1] - 2
     x, order, (outer, channels, inner) = _layout(x, channel_dim)
@@ -96,7 +116,66 @@ def backward(grad, x, slopes, breakpoints, inv_widths, channel_dim):
             slopes.data_ptr(), breakpoints.data_ptr(), inv_widths.data_ptr(), _num_threads(x.numel()), hist.data_ptr(),
         )  # fmt: skip
         check(rc, fn.__name__)
-    return dx, hist.to(slopes.dtype)
+    return dx, hist
+
+
+def _fold_inputs(x, params):
+    """The parameters in channel form and x's compute dtype, contiguous and detached, with
+    ``omega = softmax(theta)`` and the interior fractions ``cumsum(omega)[:, :N-1]``: the same
+    two torch ops as :func:`~pwlu.ops.npwlu_reference.npwlu_breakpoints`, so that the folded
+    breakpoints equal the reference's bit for bit."""
+    cf = [p.detach().contiguous() for p in npwlu_channel_form(*params, compute_dtype(x.dtype))]
+    omega = torch.softmax(cf[1], dim=-1)
+    fractions = torch.cumsum(omega[:, :-1], dim=-1)
+    return cf, omega, fractions
+
+
+def _fold(lib, cf, fractions):
+    """``(slopes, intercepts, breakpoints, inv_widths, shift)`` folded in C (``csrc/npwlu_fold.h``)."""
+    points, _, left, right, left_slope, right_slope = cf
+    c, n = points.shape[0], points.shape[1] - 1
+    sizes = (c * (n + 2), c * (n + 2), c * (n + 1), c * n, c)
+    out = torch.empty(sum(sizes), dtype=points.dtype)
+    fn = lib.npwlu_fold_tables_f64 if points.dtype == torch.float64 else lib.npwlu_fold_tables_f32
+    rc = fn(
+        points.data_ptr(), fractions.data_ptr(), left.data_ptr(), right.data_ptr(), left_slope.data_ptr(),
+        right_slope.data_ptr(), c, n, MIN_WIDTH, MIN_INTERVAL_WIDTH, out.data_ptr(),
+    )  # fmt: skip
+    check(rc, fn.__name__)
+    slopes, intercepts, breakpoints, inv_widths, shift = out.split(sizes)
+    return slopes.view(c, n + 2), intercepts.view(c, n + 2), breakpoints.view(c, n + 1), inv_widths.view(c, n), shift
+
+
+def forward_from_params(x, points, width_logits, left_bound, right_bound, left_slope, right_slope, channel_dim):
+    """Fold in C and run the forward (validated arguments); ``None`` without the library."""
+    lib = NPWLU_CPU.get()
+    if lib is None:
+        return None
+    cf, _, fractions = _fold_inputs(x, (points, width_logits, left_bound, right_bound, left_slope, right_slope))
+    slopes, intercepts, breakpoints, _, shift = _fold(lib, cf, fractions)
+    return forward(x, slopes, intercepts, breakpoints, shift, channel_dim)
+
+
+def backward_from_params(grad, x, points, width_logits, left_bound, right_bound, left_slope, right_slope, channel_dim):
+    """``(dx, (d_points, d_width_logits, d_left_bound, d_right_bound, d_left_slope, d_right_slope))``:
+    fold in C, the backward kernel, then the gradient epilogue in C in double (from the float64
+    histogram, not rounded to float first); ``None`` without the library."""
+    lib = NPWLU_CPU.get()
+    if lib is None:
+        return None
+    originals = (points, width_logits, left_bound, right_bound, left_slope, right_slope)
+    cf, omega, fractions = _fold_inputs(x, originals)
+    slopes, _, breakpoints, inv_widths, _ = _fold(lib, cf, fractions)
+    dx, hist = _backward(grad, x, slopes, breakpoints, inv_widths, channel_dim)
+    grads = [torch.empty(p.shape, dtype=p.dtype) for p in cf]  # each its own tensor: no aliasing
+    c, n = cf[0].shape[0], cf[0].shape[1] - 1
+    fn = lib.npwlu_param_grads_f64 if cf[0].dtype == torch.float64 else lib.npwlu_param_grads_f32
+    rc = fn(
+        hist.data_ptr(), cf[0].data_ptr(), omega.data_ptr(), fractions.data_ptr(), *(p.data_ptr() for p in cf[2:]),
+        breakpoints.data_ptr(), c, n, MIN_WIDTH, MIN_INTERVAL_WIDTH, *(g.data_ptr() for g in grads),
+    )  # fmt: skip
+    check(rc, fn.__name__)
+    return dx, tuple(g.reshape(p.shape).to(p.dtype) for g, p in zip(grads, originals))
 
 
 class _PlanArgs(ctypes.Structure):
@@ -119,10 +198,8 @@ def make_plan(x, params, channel_dim):
     if lib is None or not plannable(x, params) or (x.dtype == torch.float16 and not lib.npwlu_cpu_has_f16()):
         return None
     _, _, (outer, channels, inner) = _layout(x, channel_dim)
-    with torch.no_grad():
-        slopes, intercepts, breakpoints, _, shift = npwlu_fold_tables(
-            *npwlu_channel_form(*params, compute_dtype(x.dtype))
-        )
+    cf, _, fractions = _fold_inputs(x, params)
+    slopes, intercepts, breakpoints, _, shift = _fold(lib, cf, fractions)
     tables = _tables(slopes, intercepts, breakpoints, shift)
     *fields, snapshots = snapshot(params)
     struct = _PlanArgs(
@@ -145,6 +222,8 @@ class NPWLUCPUBackend:
     backward = staticmethod(backward)
     is_available = staticmethod(is_available)
     make_plan = staticmethod(make_plan)
+    forward_from_params = staticmethod(forward_from_params)
+    backward_from_params = staticmethod(backward_from_params)
 
 
 BACKEND = NPWLUCPUBackend()

@@ -20,6 +20,7 @@
  * Every exported function returns PWLU_OK or a PWLU_ERR_* code.
  */
 #include "pwlu_common.h"
+#include "npwlu_fold.h"
 
 int npwlu_cpu_abi_version(void) { return PWLU_ABI_VERSION; }
 int npwlu_cpu_has_avx512(void) { return PWLU_AVX512; }
@@ -524,4 +525,37 @@ int npwlu_forward_plan(const npwlu_plan *p, const void *x, void *y) {
                                  p->shift, (int)p->nthreads);
     return npwlu_forward_f32c(x, y, (int)p->dt, p->outer, p->C, p->inner, p->n, p->slopes, p->intercepts, p->bp,
                               p->shift, (int)p->nthreads);
+}
+
+/* Folding and gradient epilogue (npwlu_fold.h): the CPU backend's forward_from_params and
+ * backward_from_params run them around the kernels above. */
+int npwlu_fold_tables_f32(const float *pts, const float *fr, const float *bl, const float *br, const float *kl,
+                          const float *kr, int64_t C, int64_t n, double min_width, double min_iw, float *out) {
+    npwlu_fold_f(pts, fr, bl, br, kl, kr, C, n, min_width, min_iw, out);
+    return PWLU_OK;
+}
+int npwlu_fold_tables_f64(const double *pts, const double *fr, const double *bl, const double *br, const double *kl,
+                          const double *kr, int64_t C, int64_t n, double min_width, double min_iw, double *out) {
+    npwlu_fold_d(pts, fr, bl, br, kl, kr, C, n, min_width, min_iw, out);
+    return PWLU_OK;
+}
+int npwlu_param_grads_f32(const double *hist, const float *pts, const float *omega, const float *fr, const float *bl,
+                          const float *br, const float *kl, const float *kr, const float *bp, int64_t C, int64_t n,
+                          double min_width, double min_iw, float *dp, float *dlog, float *dl, float *dr, float *dkl,
+                          float *dkr) {
+    double *work = (double *)malloc((size_t)(2 * n + 1) * sizeof(double));
+    if (!work) return PWLU_ERR_NOMEM;
+    npwlu_grads_f(hist, pts, omega, fr, bl, br, kl, kr, bp, C, n, min_width, min_iw, work, dp, dlog, dl, dr, dkl, dkr);
+    free(work);
+    return PWLU_OK;
+}
+int npwlu_param_grads_f64(const double *hist, const double *pts, const double *omega, const double *fr,
+                          const double *bl, const double *br, const double *kl, const double *kr, const double *bp,
+                          int64_t C, int64_t n, double min_width, double min_iw, double *dp, double *dlog, double *dl,
+                          double *dr, double *dkl, double *dkr) {
+    double *work = (double *)malloc((size_t)(2 * n + 1) * sizeof(double));
+    if (!work) return PWLU_ERR_NOMEM;
+    npwlu_grads_d(hist, pts, omega, fr, bl, br, kl, kr, bp, C, n, min_width, min_iw, work, dp, dlog, dl, dr, dkl, dkr);
+    free(work);
+    return PWLU_OK;
 }
