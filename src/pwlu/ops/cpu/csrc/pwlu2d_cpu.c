@@ -153,11 +153,15 @@ static inline void kuhn_tables_load(const float *t, cell_tables *ct) {
 }
 
 /* u = (clamp(a) - lo) / width * N on one axis (N exactly right of the range, NaN stays NaN), its
- * cell index as float (clamped to N - 1; NaN gives N - 1) and a - lo. */
-PWLU_INLINE __m512 grid16(__m512 a, __m512 lo, __m512 hi, __m512 inv, __m512 nf, __m512 nm1, __m512 *fi, __m512 *dl) {
+ * cell index as float (clamped to N - 1; NaN gives N - 1), a - lo, and the lanes outside the
+ * range (a < lo or a >= hi; not NaN). */
+PWLU_INLINE __m512 grid16(__m512 a, __m512 lo, __m512 hi, __m512 inv, __m512 nf, __m512 nm1, __m512 *fi, __m512 *dl,
+                          __mmask16 *out) {
     *dl = _mm512_sub_ps(a, lo);
     __m512 u = _mm512_max_ps(_mm512_setzero_ps(), _mm512_mul_ps(*dl, inv)); /* NaN: the second operand */
-    u = _mm512_mask_mov_ps(u, _mm512_cmp_ps_mask(a, hi, _CMP_GE_OQ), nf);
+    const __mmask16 right = _mm512_cmp_ps_mask(a, hi, _CMP_GE_OQ);
+    *out = right | _mm512_cmp_ps_mask(a, lo, _CMP_LT_OQ);
+    u = _mm512_mask_mov_ps(u, right, nf);
     *fi = _mm512_min_ps(_mm512_roundscale_ps(u, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC), nm1);
     return u;
 }
@@ -179,8 +183,9 @@ PWLU_INLINE void forward_seg_lut_dt(const void *x, const void *y, void *z, const
         const __mmask16 m = tail_mask(e - k);
         const __m512 xv = ld16(x, k, m, dt), yv = ld16(y, k, m, dt);
         __m512 fi, fj, dxl, dyl;
-        const __m512 u = grid16(xv, xlo, xhi, ix, nf, nm1, &fi, &dxl);
-        const __m512 w = grid16(yv, ylo, yhi, iy, nf, nm1, &fj, &dyl);
+        __mmask16 ox, oy;
+        const __m512 u = grid16(xv, xlo, xhi, ix, nf, nm1, &fi, &dxl, &ox);
+        const __m512 w = grid16(yv, ylo, yhi, iy, nf, nm1, &fj, &dyl, &oy);
         const __m512 s = _mm512_sub_ps(u, fi), t = _mm512_sub_ps(w, fj);
         const __m512i cell = _mm512_cvttps_epi32(_mm512_fmadd_ps(fi, nf, fj)); /* exact: small integers */
         const __mmask16 upper_half = _mm512_test_epi32_mask(cell, half);
@@ -192,10 +197,14 @@ PWLU_INLINE void forward_seg_lut_dt(const void *x, const void *y, void *z, const
         __m512 zv = _mm512_fmadd_ps(lk[1], p, lk[0]);
         zv = _mm512_fmadd_ps(lk[2], _mm512_sub_ps(p, d), zv);          /* max(t - s, 0) */
         zv = _mm512_fmadd_ps(lk[3], _mm512_min_ps(s, t), zv);
-        zv = _mm512_mask3_fmadd_ps(kxl, _mm512_min_ps(zero, dxl), zv, mxl);
-        zv = _mm512_mask3_fmadd_ps(kxr, _mm512_max_ps(zero, _mm512_sub_ps(xv, xhi)), zv, mxr);
-        zv = _mm512_mask3_fmadd_ps(kyl, _mm512_min_ps(zero, dyl), zv, myl);
-        zv = _mm512_mask3_fmadd_ps(kyr, _mm512_max_ps(zero, _mm512_sub_ps(yv, yhi)), zv, myr);
+        /* the outer terms only where some lane is outside the grid (a NaN stays NaN through s or t):
+         * 5% less time on inputs mostly inside (interleaved A/B, 32x64x56x56) */
+        if (__builtin_expect((ox | oy) != 0, 0)) {
+            zv = _mm512_mask3_fmadd_ps(kxl, _mm512_min_ps(zero, dxl), zv, mxl);
+            zv = _mm512_mask3_fmadd_ps(kxr, _mm512_max_ps(zero, _mm512_sub_ps(xv, xhi)), zv, mxr);
+            zv = _mm512_mask3_fmadd_ps(kyl, _mm512_min_ps(zero, dyl), zv, myl);
+            zv = _mm512_mask3_fmadd_ps(kyr, _mm512_max_ps(zero, _mm512_sub_ps(yv, yhi)), zv, myr);
+        }
         st16(z, k, zv, m, dt);
     }
 }
