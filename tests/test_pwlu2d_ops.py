@@ -487,3 +487,54 @@ def test_fast_path_channels_fastest_specials(backend, layout, dtype):
         torch.testing.assert_close(
             fast[key].float(), ref[key], rtol=tol, atol=tol * scale, msg=lambda m, key=key: f"{key}: {m}"
         )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fast_path_long_rows_inside_and_outside_runs(backend, threads):
+    """Rows of 4,500 elements in runs of 512 (the CPU forward's windows of 32 vectors, after
+    each of which it chooses whether to branch around the outer terms): runs all inside the
+    grid, all outside, mixed, and inside again, with NaN and ±inf in runs of each kind and a
+    flat outer piece on a different side in each channel; the forward against the reference."""
+    select_backend(backend)
+    n, channels, run_len = 8, 4, 512
+    gen = torch.Generator().manual_seed(23)
+    kinds = ["inside", "outside", "outside", "outside", "inside", "inside", "mixed", "outside", "inside"]
+    length = run_len * len(kinds) - 108  # a partial last run and a tail
+    x = torch.empty(1, channels, length)
+    y = torch.empty(1, channels, length)
+    for r, kind in enumerate(kinds):
+        sl = slice(r * run_len, min((r + 1) * run_len, length))
+        shape = x[:, :, sl].shape
+        inside_x = torch.rand(shape, generator=gen) * 3.9 - 1.95  # grid [-2, 2] x [-1, 3]
+        inside_y = torch.rand(shape, generator=gen) * 3.9 - 0.95
+        side = torch.where(torch.rand(shape, generator=gen) < 0.5, -1.0, 1.0)
+        far = side * (2.5 + 3 * torch.rand(shape, generator=gen))  # outside on x's left or right
+        if kind == "inside":
+            x[:, :, sl], y[:, :, sl] = inside_x, inside_y
+        elif kind == "outside":
+            x[:, :, sl], y[:, :, sl] = far, inside_y
+            y[:, :, sl][..., 1::2] += 3 * side[..., 1::2] + 1.0  # and every other element outside on y too
+        else:
+            pick = torch.rand(shape, generator=gen) < 0.1
+            x[:, :, sl] = torch.where(pick, far, inside_x)
+            y[:, :, sl] = inside_y
+    specials = [(float("nan"), 0.5), (0.5, float("nan")), (float("inf"), 0.5), (-float("inf"), 0.5),
+                (0.5, float("inf")), (0.5, -float("inf"))]  # fmt: skip
+    for r in (0, 2, 3, 5, 6):  # an inside run under branching, outside runs with and without
+        for k, (a, b) in enumerate(specials):
+            pos = r * run_len + 37 + 16 * k
+            x[0, :, pos], y[0, :, pos] = a, b
+    params = [p.float() for p in random_params(n, channels, seed=23)]
+    for c in range(channels):
+        params[5 + c][c] = 0.0  # channel c: outer slope c (K_XL, K_XR, K_YL, K_YR) flat
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with pwlu.use_backend(backend):
+            z = pwlu.pwlu2d(x, y, *params)
+    finally:
+        torch.set_num_threads(previous)
+    ref = pwlu.pwlu2d_reference(x, y, *params)
+    torch.testing.assert_close(z, ref, rtol=2e-5, atol=2e-5, equal_nan=True)
+    assert torch.isnan(z).sum() == torch.isnan(ref).sum() > 0
