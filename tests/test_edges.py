@@ -471,3 +471,81 @@ def test_realigner_with_process_group_refuses_to_pickle_clearly():
     realigner.process_group = object()  # stands in for a torch.distributed group
     with pytest.raises(TypeError, match=r"state_dict"):
         pickle.dumps(realigner)
+
+
+# ----------------------------------------------------------------------------------------
+# the parameter check's one-call summary in C (run after every optimizer step)
+
+
+def _torch_summary(params, pairs):
+    """(all finite, largest magnitude, smallest width floored at MIN_WIDTH), in torch, written
+    from the check's definition: every value and every width right - left (float32 differences)."""
+    from pwlu.ops.folding import MIN_WIDTH
+
+    widths = [params[hi] - params[lo] for lo, hi in pairs]
+    flat = torch.cat([p.detach().reshape(-1) for p in params] + [w.detach().reshape(-1) for w in widths])
+    narrow = min(w.clamp(min=MIN_WIDTH).amin().item() for w in widths)
+    return bool(torch.isfinite(flat).all()), flat.abs().max().item(), narrow
+
+
+@pytest.mark.parametrize("kind", ["pwlu", "pwlu2d"])
+def test_native_parameter_summary_matches_torch(kind):
+    """The C summary (``validation.native_summary``) against the same quantities in torch, on
+    sane parameters, parameters with NaN or ±inf, a range whose width overflows float32 (finite
+    bounds), and widths below the floor, negative and zero; then the error messages with the
+    library loaded (the check takes the C summary first and torch only to name the value)."""
+    from pwlu.ops import validation
+    from pwlu.ops.cpu.build import PWLU_CPU
+    from pwlu.ops.pwlu2d_cpu_backend import PWLU2D_CPU
+
+    lib = (PWLU_CPU if kind == "pwlu" else PWLU2D_CPU).get()
+    if lib is None:
+        pytest.skip("the C library cannot be built here")
+    name = f"{kind}_param_summary_f32"
+    pairs = ((1, 2),) if kind == "pwlu" else ((1, 2), (3, 4))
+    gen = torch.Generator().manual_seed(3)
+    if kind == "pwlu":
+        base = [torch.randn(5, 17, generator=gen), torch.full((5,), -3.0), torch.full((5,), 3.0)]
+        base += [torch.randn(5, generator=gen) for _ in range(2)]
+    else:
+        base = [torch.randn(5, 9, 9, generator=gen), torch.full((5,), -3.0), torch.full((5,), 3.0)]
+        base += [torch.full((5,), -2.0), torch.full((5,), 4.0)] + [torch.randn(5, generator=gen) for _ in range(4)]
+    cases = {"sane": {}, "nan point": {(0, 7): float("nan")}, "inf slope": {(len(base) - 1, 2): float("inf")},
+             "-inf bound": {(1, 4): -float("inf")}, "width overflows": {(1, 1): -3e38, (2, 1): 3e38},
+             "narrow": {(2, 0): -3.0 + 1e-9}, "negative width": {(2, 3): -4.0},
+             "largest is a width": {(1, 2): -9.0, (2, 2): 8.0}}  # fmt: skip
+    if kind == "pwlu2d":
+        cases["y width overflows"] = {(3, 4): -2e38, (4, 4): 2e38}
+    for case, writes in cases.items():
+        params = [p.clone() for p in base]
+        for (k, index), value in writes.items():
+            params[k].view(-1)[index] = value  # (parameter, flat index)
+        native = validation.native_summary(torch.float32, tuple(params), pairs, lib, name)
+        finite, big, narrow = _torch_summary(params, pairs)
+        assert native is not None, case
+        assert native[0] == finite, case
+        if finite:
+            assert native[1:] == (big, narrow), case
+    # the checks raise the same errors with the library loaded
+    if kind == "pwlu":
+        x = torch.randn(2, 5, 4)
+        bad = [p.clone() for p in base]
+        bad[1][1], bad[2][1] = -3e38, 3e38
+        with pytest.raises(ValueError, match="range right_bound - left_bound.*overflows float32"):
+            pwlu.pwlu(x, *bad)
+        bad = [p.clone() for p in base]
+        bad[0][2, 5] = float("nan")
+        with pytest.raises(ValueError, match=r"points holds nan at index \(2, 5\)"):
+            pwlu.pwlu(x, *bad)
+        assert torch.isfinite(pwlu.pwlu(x, *base)).all()
+    else:
+        x, y = torch.randn(2, 5, 4), torch.randn(2, 5, 4)
+        bad = [p.clone() for p in base]
+        bad[3][4], bad[4][4] = -2e38, 2e38
+        with pytest.raises(ValueError, match="range y_right_bound - y_left_bound.*at index \\(4,\\) overflows"):
+            pwlu.pwlu2d(x, y, *bad)
+        bad = [p.clone() for p in base]
+        bad[8][1] = -float("inf")
+        with pytest.raises(ValueError, match="y_right_slope holds -inf at index"):
+            pwlu.pwlu2d(x, y, *bad)
+        assert torch.isfinite(pwlu.pwlu2d(x, y, *base)).all()

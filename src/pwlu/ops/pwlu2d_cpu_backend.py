@@ -38,6 +38,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.pwlu2d_tables.restype = i32
     lib.pwlu2d_geometry_f32.argtypes = [p, i64, i32, ctypes.c_float, p]
     lib.pwlu2d_geometry_f32.restype = i32
+    lib.pwlu2d_param_summary_f32.argtypes = [p, p, i32, p, i32, ctypes.c_float, p]
+    lib.pwlu2d_param_summary_f32.restype = i32
     lib.pwlu2d_param_grads_f64.argtypes = [p, p, p, p, i64, i32, ctypes.c_float, p, p]
     lib.pwlu2d_param_grads_f64.restype = i32
     lib.pwlu2d_cpu_abi_version.restype = i32

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import math
 import operator
 import threading
@@ -70,8 +71,7 @@ def check_params(
         )
     if points.shape[-1] < 2:
         raise ValueError(
-            f"pwlu: points must hold N+1 >= 2 values (N >= 1 intervals), but got "
-            f"shape {tuple(points.shape)}"
+            f"pwlu: points must hold N+1 >= 2 values (N >= 1 intervals), but got shape {tuple(points.shape)}"
         )
     expected = () if points.dim() == 1 else (points.shape[0],)
     for name, p in zip(_PARAM_NAMES, params):
@@ -150,23 +150,64 @@ def _readable(params: tuple[Tensor, ...]) -> bool:
     return True
 
 
+def native_summary(
+    dtype: torch.dtype, params: tuple[Tensor, ...], pairs: tuple[tuple[int, int], ...], library, name: str
+) -> tuple[bool, float, float] | None:
+    """``(all finite, largest magnitude, smallest width floored at MIN_WIDTH)`` of ``params`` and
+    of the widths ``params[hi] - params[lo]`` of ``pairs``, in one call of ``library``'s ``name``
+    (``param_summary_f32`` in ``csrc/pwlu_common.h``): what :func:`_check_values` reads with some
+    fifteen small torch ops, after every optimizer step. ``None`` where it does not apply (a compute
+    dtype other than float32, parameters not plain dense float32 CPU tensors, a pair of unequal
+    lengths, the library not loaded): the caller computes the same in torch."""
+    if dtype != torch.float32 or library is None:
+        return None
+    for p in params:
+        if type(p) not in (Tensor, nn.Parameter) or p.dtype != torch.float32 or not p.is_cpu or not p.is_contiguous():
+            return None
+    if any(params[lo].numel() != params[hi].numel() for lo, hi in pairs):
+        return None
+    count = len(params)
+    out = (ctypes.c_float * 3)()
+    getattr(library, name)(
+        (ctypes.c_void_p * count)(*(p.data_ptr() for p in params)),
+        (ctypes.c_int64 * count)(*(p.numel() for p in params)),
+        count,
+        (ctypes.c_int * (2 * len(pairs)))(*(i for pair in pairs for i in pair)),
+        len(pairs),
+        MIN_WIDTH,
+        out,
+    )
+    return bool(out[0]), float(out[1]), float(out[2])
+
+
+def _pwlu_library():
+    from .cpu.build import PWLU_CPU  # here: the build module imports this package
+
+    return PWLU_CPU.loaded()  # never a build here: the backend's selection builds it
+
+
 def _check_values(dtype: torch.dtype, params: tuple[Tensor, ...]) -> None:
+    n = params[0].shape[-1] - 1
+    summary = native_summary(dtype, params, ((1, 2),), _pwlu_library(), "pwlu_param_summary_f32")
+    if summary is not None and _fold_fits(dtype, n, *summary):
+        return
     with torch.no_grad():
         values = [p.detach().to(dtype) for p in params]
         left, right = values[1], values[2]
         width = right - left
         flat = torch.cat([v.reshape(-1) for v in values] + [width.reshape(-1)])
         points = values[0].reshape(-1, values[0].shape[-1])
-        n = points.shape[-1] - 1
         # Finite parameters whose fold overflows would give inf * 0 = NaN from finite input. One
         # read gives: all finite, the largest magnitude M, the smallest width w as the fold floors
         # it. The fold's slopes are at most 2 M N / w and its intercepts at most M (1 + 2 N + M)
         # (a width is at most M): below the dtype's largest value nothing can overflow, the case
         # of every sane PWLU; else the per-channel bounds below decide.
-        summary = torch.stack([torch.isfinite(flat).all().to(dtype), flat.abs().amax(), width.clamp(min=MIN_WIDTH).amin()])
-        finite, big, w = summary.tolist()
-        if finite and max(2 * big * n / w, big * (1 + 2 * n + big)) < torch.finfo(dtype).max:
-            return
+        if summary is None:
+            stacked = torch.stack(
+                [torch.isfinite(flat).all().to(dtype), flat.abs().amax(), width.clamp(min=MIN_WIDTH).amin()]
+            )
+            if _fold_fits(dtype, n, *stacked.tolist()):
+                return
         # the fold's steepest interval slope |P[i+1] - P[i]| N / width and a bound on its intercepts
         floored = torch.where(width < MIN_WIDTH, torch.full_like(width, MIN_WIDTH), width).reshape(-1)
         rise = (points[:, 1:] - points[:, :-1]).abs().amax(-1) if n > 0 else points.new_zeros(points.shape[0])
@@ -207,6 +248,11 @@ def _check_values(dtype: torch.dtype, params: tuple[Tensor, ...]) -> None:
             f"slopes or intercepts that overflow {dtype_name} (the compute dtype of this input); scale the "
             "points down or widen the range"
         )
+
+
+def _fold_fits(dtype: torch.dtype, n: int, finite: float, big: float, w: float) -> bool:
+    """Whether parameters of this summary fold without overflow (see :func:`_check_values`)."""
+    return bool(finite) and max(2 * big * n / w, big * (1 + 2 * n + big)) < torch.finfo(dtype).max
 
 
 def _remember(key: tuple[int, ...], params: tuple[Tensor, ...], dtype: torch.dtype) -> None:

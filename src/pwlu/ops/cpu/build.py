@@ -336,6 +336,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         fn.restype = i32
     lib.pwlu_forward_plan.argtypes = [p, p, p]
     lib.pwlu_forward_plan.restype = i32
+    lib.pwlu_param_summary_f32.argtypes = [p, p, i32, p, i32, ctypes.c_float, p]
+    lib.pwlu_param_summary_f32.restype = i32
     for name in ("pwlu_cpu_abi_version", "pwlu_cpu_has_avx512", "pwlu_cpu_has_avx2", "pwlu_cpu_has_f16"):
         getattr(lib, name).restype = i32
 

@@ -21,6 +21,10 @@
 
 int pwlu2d_cpu_abi_version(void) { return PWLU_ABI_VERSION; }
 int pwlu2d_cpu_has_f16(void) { return PWLU_F16_KERNEL; }
+int pwlu2d_param_summary_f32(const float *const *p, const int64_t *len, int count, const int *pairs, int npairs,
+                             float min_width, float *out) {
+    return param_summary_f32(p, len, count, pairs, npairs, min_width, out);
+}
 
 /* One element's position on one axis, branch-free (the loops vectorise): u in [0, N] (0 left
  * of the range, N right of it), the cell index (0 for NaN: NaN > 0 is false) and u - index. */

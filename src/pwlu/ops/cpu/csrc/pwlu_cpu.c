@@ -36,6 +36,10 @@ int pwlu_cpu_abi_version(void) { return PWLU_ABI_VERSION; }
 int pwlu_cpu_has_avx512(void) { return PWLU_AVX512; }
 int pwlu_cpu_has_avx2(void) { return PWLU_AVX2; }
 int pwlu_cpu_has_f16(void) { return PWLU_F16_KERNEL; }
+int pwlu_param_summary_f32(const float *const *p, const int64_t *len, int count, const int *pairs, int npairs,
+                           float min_width, float *out) {
+    return param_summary_f32(p, len, count, pairs, npairs, min_width, out);
+}
 
 /* ---- one call's arguments, per compute type ---- */
 typedef struct {
