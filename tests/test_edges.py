@@ -154,10 +154,17 @@ def test_finite_points_whose_fold_overflows_are_rejected(backend):
     with pwlu.use_backend(backend):
         y = pwlu.pwlu(x.double(), *(p.double() for p in params))
     assert torch.isfinite(y).all()
-    # an outer slope whose intercept overflows: B_L far from 0 times a huge K_L
-    big = _params(left_bound=torch.tensor(1e30), right_bound=torch.tensor(3e30), left_slope=torch.tensor(1e10))
-    with pwlu.use_backend(backend), pytest.raises(ValueError, match="overflow float32"):
+    # an outer slope whose intercept overflows: a range around 0 reaching far (B_L = -1e30, the
+    # intercept at x = 0 is K_L * 1e30) times a huge K_L; the error names the slope
+    big = _params(left_bound=torch.tensor(-1e30), right_bound=torch.tensor(3e30), left_slope=torch.tensor(1e10))
+    with pwlu.use_backend(backend), pytest.raises(ValueError, match="left_slope = 1e.10 .*overflow float32"):
         pwlu.pwlu(x, *big)
+    # the same slope on a range far from 0 folds without overflow (intercepts at x = B_L): accepted,
+    # and the outputs, -1e40 in exact arithmetic, are -inf as the reference's (no NaN)
+    far = _params(left_bound=torch.tensor(1e30), right_bound=torch.tensor(3e30), left_slope=torch.tensor(1e10))
+    with pwlu.use_backend(backend):
+        y = pwlu.pwlu(x, *far)
+    assert torch.equal(y, pwlu.pwlu_reference(x, *far)) and bool((y == -float("inf")).all())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -549,3 +556,116 @@ def test_native_parameter_summary_matches_torch(kind):
         with pytest.raises(ValueError, match="y_right_slope holds -inf at index"):
             pwlu.pwlu2d(x, y, *bad)
         assert torch.isfinite(pwlu.pwlu2d(x, y, *base)).all()
+
+
+# ----------------------------------------------------------------------------------------
+# finite parameters whose folded tables overflow: N-PWLU's narrow intervals, 2-D PWLU's vertex
+# differences, outer pieces; and parameters far out that fold fine
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "reference"])
+def test_npwlu_points_over_a_narrow_interval_whose_fold_overflows(backend):
+    """Regression: an interval 1.7e-6 wide (learned widths) under a rise of 1e33 folds to a
+    slope of 6e38, which overflows float32; the CPU path returned NaN for finite inputs in that
+    interval (inf * 0), though PWLU's check (uniform intervals) passed. Now every path raises,
+    naming the points and the interval; float64 holds the same fold."""
+    _backend_or_skip(backend)
+    points = torch.tensor([[0.0, 0.0, 1e33, 1e33, 0.0]])
+    logits = torch.tensor([[0.0, -14.0, 0.0, 0.0]])
+    lb, rb, ks = torch.tensor([-3.0]), torch.tensor([3.0]), torch.zeros(1)
+    b = pwlu.ops.npwlu_reference.npwlu_breakpoints(logits, lb, rb)[0][0]
+    x = torch.linspace(b[1].item(), b[2].item(), 5).reshape(1, 1, 5)
+    args = (points, logits, lb, rb, ks, ks)
+    match = r"npwlu: the points \(largest 1e\+33, rise 1e\+33 over interval 1 of width 1\.6.*overflow float32"
+    with pytest.raises(ValueError, match=match):
+        if backend == "reference":
+            pwlu.npwlu_reference(x, *args)
+        else:
+            with pwlu.use_backend(backend):
+                pwlu.npwlu(x, *args)
+    if backend != "reference":
+        with pwlu.use_backend(backend):
+            y = pwlu.npwlu(x.double(), *(a.double() for a in args))
+        assert torch.isfinite(y).all()
+        # the same rise over wide intervals folds: accepted, finite
+        with pwlu.use_backend(backend):
+            y = pwlu.npwlu(x, points, torch.zeros(1, 4), lb, rb, ks, ks)
+        assert torch.isfinite(y).all()
+
+
+def test_npwlu_width_logits_that_overflow_the_compute_dtype():
+    """Regression: float64 width logits of 1e39 (finite there) with a float32 input gave NaN;
+    now they are rejected as points that overflow the compute dtype are."""
+    m = pwlu.NPWLU(None, num_intervals=4).double()
+    with torch.no_grad():
+        m.width_logits[1] = 1e39
+    with pytest.raises(ValueError, match=r"width_logits holds 1e\+39 at index \(1,\), which overflows float32"):
+        m(torch.linspace(-4, 4, 9))
+    assert torch.isfinite(m(torch.linspace(-4, 4, 9, dtype=torch.float64))).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "reference"])
+def test_pwlu2d_vertex_values_whose_differences_overflow(backend):
+    """Regression: finite vertex values 2e38 and -2e38 at neighbouring vertices gave NaN and -inf
+    for finite inputs inside the grid (their difference, in the kernels' tables, overflows
+    float32). Now rejected, naming the two vertices, along x, y and the diagonal; values as
+    large whose differences fit are accepted and finite."""
+    _backend_or_skip(backend)
+    x = torch.tensor([[-3.0, -1.5, -2.0, 1.0]]).expand(3, 4).reshape(1, 3, 4)
+    y = torch.tensor([[-3.0, -3.0, -1.0, 2.0]]).expand(3, 4).reshape(1, 3, 4)
+
+    def call(m):
+        if backend == "reference":
+            params = [getattr(m, name) for name in pwlu.ops.pwlu2d_reference.PWLU2D_PARAMETER_NAMES]
+            return pwlu.pwlu2d_reference(x, y, *params)
+        with pwlu.use_backend(backend):
+            return m(x, y)
+
+    for (i, j), neighbour, name in (((0, 0), (1, 0), "x"), ((0, 1), (0, 2), "y"), ((1, 0), (2, 1), "diagonal")):
+        m = pwlu.PWLU2D(3, num_intervals=2)
+        with torch.no_grad():
+            m.values[1, i, j], m.values[1, neighbour[0], neighbour[1]] = 2e38, -2e38
+        match = rf"values of channel 1 hold 2e\+38 at vertex \({i}, {j}\) and -2e\+38 at its {name} neighbour"
+        with pytest.raises(ValueError, match=match + r".*overflows float32"):
+            call(m)
+    m = pwlu.PWLU2D(3, num_intervals=2)
+    with torch.no_grad():
+        m.values[1].fill_(1.5e38)
+        m.values[1, 1, 1] = -1.5e38
+    assert torch.isfinite(call(m)).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "reference"])
+def test_fold_check_names_the_outer_slope_and_accepts_far_ranges_that_fold(backend):
+    """Regression: the check's per-channel bound blamed the points (advising a wider range) when an
+    outer slope times the range overflowed, and rejected a range of [0, 1e38] whose fold is
+    finite. It now folds exactly past its fast bound."""
+    _backend_or_skip(backend)
+    run = pwlu.pwlu_reference if backend == "reference" else pwlu.pwlu
+    bad = _params(
+        points=torch.tensor([0.0, 1.0, 2.0, 3.0, 3.0]), left_bound=torch.tensor(-1e37),
+        right_bound=torch.tensor(1e37), right_slope=torch.tensor(40.0),
+    )  # fmt: skip
+    with pwlu.use_backend(backend if backend != "reference" else "torch"):
+        with pytest.raises(ValueError, match=r"right_slope = 40 over the range \[-1e\+37, 1e\+37\].*overflow float32"):
+            run(torch.randn(4), *bad)
+        far = _params(
+            points=torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0]), left_bound=torch.tensor(0.0),
+            right_bound=torch.tensor(1e38), left_slope=torch.tensor(4.0), right_slope=torch.tensor(1.0),
+        )  # fmt: skip
+        x = torch.tensor([-1.0, 0.0, 5e37])
+        y = run(x, *far)
+    torch.testing.assert_close(y, torch.tensor([-4.0, 0.0, 2.0]))
+
+
+@pytest.mark.parametrize("op", ["pwlu", "npwlu"])
+def test_zero_channels(op):
+    """Regression: a channel-wise call with no channels raised a raw RuntimeError from the check
+    (amax of an empty tensor); it returns the empty output, as pwlu2d does."""
+    x = torch.randn(2, 0, 5)
+    empty = [torch.zeros(0) for _ in range(4)]
+    if op == "pwlu":
+        y = pwlu.pwlu(x, torch.zeros(0, 5), *empty)
+    else:
+        y = pwlu.npwlu(x, torch.zeros(0, 5), torch.zeros(0, 4), *empty)
+    assert y.shape == (2, 0, 5)

@@ -538,3 +538,45 @@ def test_fast_path_long_rows_inside_and_outside_runs(backend, threads):
     ref = pwlu.pwlu2d_reference(x, y, *params)
     torch.testing.assert_close(z, ref, rtol=2e-5, atol=2e-5, equal_nan=True)
     assert torch.isnan(z).sum() == torch.isnan(ref).sum() > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["nchw-14x14", "channels-last"])
+def test_fast_path_short_rows_inside_and_outside_runs(backend, layout):
+    """Rows shorter than the CPU forward's window of 32 vectors (14x14 maps; the channels-fastest
+    path's 256-row tiles), whose windows span several rows: channels (or spatial blocks) all
+    inside the grid, all outside, then inside again with NaN and ±inf, and a flat outer piece in
+    some channels; the forward against the reference."""
+    select_backend(backend)
+    n, gen = 8, torch.Generator().manual_seed(29)
+    shape = (2, 64, 14, 14) if layout == "nchw-14x14" else (2, 40, 24, 24)
+    channels = shape[1]
+    x = torch.rand(shape, generator=gen) * 3.9 - 1.95  # grid [-2, 2] x [-1, 3]
+    y = torch.rand(shape, generator=gen) * 3.9 - 0.95
+    side = torch.where(torch.rand(shape, generator=gen) < 0.5, -1.0, 1.0)
+    far = side * (2.5 + 3 * torch.rand(shape, generator=gen))
+    if layout == "nchw-14x14":
+        outside = torch.zeros(shape, dtype=torch.bool)
+        outside[:, 16:48] = True  # 32 channels of 196 elements: windows of 512 across rows
+    else:
+        outside = torch.zeros(shape, dtype=torch.bool)
+        outside[:, :, :12] = True  # the first half of each image's rows (tiles of 256 rows)
+    x = torch.where(outside, far, x)
+    y = torch.where(outside & (torch.rand(shape, generator=gen) < 0.5), y + 3 * side + 1.0, y)
+    specials = [(float("nan"), 0.5), (0.5, float("nan")), (float("inf"), 0.5), (-float("inf"), 0.5),
+                (0.5, float("inf")), (0.5, -float("inf"))]  # fmt: skip
+    for k, (a, b) in enumerate(specials):
+        for c in (k, 20 + k, channels - 1 - k):  # inside, outside and late channels
+            x[1, c, 13, 3 + k], y[1, c, 13, 3 + k] = a, b
+            x[0, c, 2, 5 + k], y[0, c, 2, 5 + k] = a, b
+    params = [p.float() for p in random_params(n, channels, seed=29)]
+    for c in range(4):
+        params[5 + c][3 * c + 1] = 0.0  # a flat piece on side c in channel 3c + 1
+        params[5 + c][20 + 3 * c] = 0.0  # and in an outside channel
+    if layout == "channels-last":
+        x, y = x.to(memory_format=torch.channels_last), y.to(memory_format=torch.channels_last)
+    with pwlu.use_backend(backend):
+        z = pwlu.pwlu2d(x, y, *params)
+    ref = pwlu.pwlu2d_reference(x, y, *params)
+    torch.testing.assert_close(z, ref, rtol=2e-5, atol=2e-5, equal_nan=True)
+    assert torch.isnan(z).sum() == torch.isnan(ref).sum() > 0

@@ -19,11 +19,13 @@ Degenerate intervals. The definition is exact, with two floors, both documented 
 
 from __future__ import annotations
 
+import math
 import weakref
 
 import torch
 from torch import Tensor, nn
 
+from . import validation
 from .folding import compute_dtype, effective_bounds
 from .reference import _channel_view, _OuterTerm
 from .validation import _readable, check_params
@@ -69,7 +71,9 @@ def check_npwlu_params(
             f"npwlu: width_logits must have shape {expected} (one logit per interval, {mode}: points has "
             f"shape {tuple(points.shape)}, so N={points.shape[-1] - 1}), but got shape {tuple(theta.shape)}"
         )
-    _check_logits_finite(theta)
+    dtype = compute_dtype(x.dtype)
+    _check_logits_finite(theta, dtype)
+    _check_fold(dtype, (points, theta, left_bound, right_bound, left_slope, right_slope))
     return cd
 
 
@@ -78,19 +82,26 @@ def check_npwlu_params(
 _CHECKED_LOGITS: dict[int, tuple[int, int]] = {}
 
 
-def _check_logits_finite(theta: Tensor) -> None:
+def _check_logits_finite(theta: Tensor, dtype: torch.dtype) -> None:
     if torch.compiler.is_compiling():
         return
     if not _readable((theta,)):
         return
     key = id(theta)
-    if _CHECKED_LOGITS.get(key) == (theta._version, theta.data_ptr()):
+    if _CHECKED_LOGITS.get(key) == (theta._version, theta.data_ptr(), dtype):
         return
     with torch.no_grad():
-        bad = ~torch.isfinite(theta.detach())
+        logits = theta.detach()
+        bad = ~torch.isfinite(logits.to(dtype))
         if bool(bad.any()):
             index = tuple(torch.nonzero(bad)[0].tolist())
-            value = theta.detach()[index].item()
+            value = logits[index].item()
+            if math.isfinite(value):
+                raise ValueError(
+                    f"npwlu: width_logits holds {value!r} at index {index}, which overflows "
+                    f"{str(dtype).replace('torch.', '')} (the compute dtype of this input); the width logits "
+                    "must be finite in it"
+                )
             raise ValueError(
                 f"npwlu: width_logits holds {value!r} at index {index} ({int(bad.sum())} non-finite value(s) in "
                 "all); the width logits must be finite"
@@ -98,7 +109,56 @@ def _check_logits_finite(theta: Tensor) -> None:
     if type(theta) is nn.Parameter:
         if key not in _CHECKED_LOGITS:
             weakref.finalize(theta, _CHECKED_LOGITS.pop, key, None)
-        _CHECKED_LOGITS[key] = (theta._version, theta.data_ptr())
+        _CHECKED_LOGITS[key] = (theta._version, theta.data_ptr(), dtype)
+
+
+def _check_fold(dtype: torch.dtype, params: tuple[Tensor, ...]) -> None:
+    """Reject finite parameters whose N-PWLU fold overflows ``dtype`` (an interval may be as narrow
+    as :data:`MIN_INTERVAL_WIDTH`, so its slope ``(Y[j+1] - Y[j]) / w_j`` can overflow where
+    PWLU's uniform intervals, which :func:`check_params` bounds, do not): the fast paths would
+    return ``inf * 0 = NaN`` from finite input. One read bounds it (the largest magnitude M of the
+    points, bounds and range: slopes at most 2 M / MIN_INTERVAL_WIDTH, intercepts at most M plus
+    a slope times M); only past that bound are the tables folded and read. Cached as
+    :func:`pwlu.ops.validation.check_finite` (``nn.Parameter`` sets, by version)."""
+    if torch.compiler.is_compiling() or not _readable(params) or params[0].numel() == 0:
+        return
+    key = ("npwlu fold", *map(id, params))
+    state = validation._CHECKED.get(key)
+    if state is not None and state == (dtype, *map(validation._version, params), *map(validation._data_ptr, params)):
+        return
+    points, theta, left, right, k_left, k_right = params
+    summary = validation.native_summary(
+        dtype, (points, left, right), ((1, 2),), validation._pwlu_library(), "pwlu_param_summary_f32"
+    )
+    with torch.no_grad():
+        if summary is None:
+            pts, lo, hi = (p.detach().to(dtype) for p in (points, left, right))
+            flat = torch.cat([pts.reshape(-1), lo.reshape(-1), hi.reshape(-1), (hi - lo).reshape(-1)])
+            summary = (True, flat.abs().amax().item(), 0.0)
+        big = summary[1]
+        steepest = 2 * big / MIN_INTERVAL_WIDTH
+        if big + steepest * big >= torch.finfo(dtype).max:
+            from .npwlu_folding import npwlu_channel_form, npwlu_fold_tables  # here: it imports this module
+
+            form = npwlu_channel_form(*(p.detach() for p in params), dtype)
+            channels = form[0].shape[0]
+            form = (*form[:2], *(p.expand(channels) for p in form[2:]))
+            slopes, intercepts, b = npwlu_fold_tables(*form)[:3]
+            bad = ~(torch.isfinite(slopes[:, 1:-1]) & torch.isfinite(intercepts[:, 1:-1]))
+            if bool(bad.any()):
+                channel, interval = torch.nonzero(bad)[0].tolist()
+                where = f" of channel {channel}" if channels > 1 else ""
+                pts = form[0][channel]
+                width = (b[channel, interval + 1] - b[channel, interval]).item()
+                raise ValueError(
+                    f"npwlu: the points{where} (largest {pts.abs().max().item():.6g}, rise "
+                    f"{(pts[interval + 1] - pts[interval]).item():.6g} over interval {interval} of width {width:.6g}, "
+                    f"floored at {MIN_INTERVAL_WIDTH:g}) give slopes or intercepts that overflow "
+                    f"{str(dtype).replace('torch.', '')} (the compute dtype of this input); scale the points down "
+                    "or keep the intervals wider (width_logits)"
+                )
+    if all(type(p) is nn.Parameter for p in params):
+        validation._remember(key, params, dtype)
 
 
 def npwlu_breakpoints(width_logits: Tensor, left_bound: Tensor, right_bound: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -110,15 +110,18 @@ def _pwlu2d_library():
 def _check_values(dtype: torch.dtype, params: tuple[Tensor, ...]) -> None:
     pairs = ((1, 2), (3, 4))  # the x and the y range
     summary = validation.native_summary(dtype, params, pairs, _pwlu2d_library(), "pwlu2d_param_summary_f32")
-    if summary is not None and summary[0]:
+    # the kernels' tables hold differences of neighbouring vertex values (at most 2 M for values
+    # of magnitude M): below half the dtype's largest value nothing overflows
+    if summary is not None and summary[0] and 2 * summary[1] < torch.finfo(dtype).max:
         return
     with torch.no_grad():
         values = [p.detach().to(dtype) for p in params]
         widths = (("x", values[2] - values[1], 1, 2), ("y", values[4] - values[3], 3, 4))
         flat = torch.cat([v.reshape(-1) for v in values] + [w.reshape(-1) for _, w, _, _ in widths])
-        if bool(torch.isfinite(flat).all()):
-            return
         short = str(dtype).replace("torch.", "")
+        if bool(torch.isfinite(flat).all()):
+            _check_differences(values[0], short)
+            return
         for name, original, v in zip(PWLU2D_PARAMETER_NAMES, params, values):
             bad = ~torch.isfinite(v)
             if bool(bad.any()):
@@ -145,6 +148,29 @@ def _check_values(dtype: torch.dtype, params: tuple[Tensor, ...]) -> None:
                     f"{values[lo][index].item()!r}{where} overflows {short} (the compute dtype of this input); "
                     "keep the bounds within half the dtype's largest value"
                 )
+
+
+def _check_differences(values: Tensor, short: str) -> None:
+    """Reject finite vertex values whose differences along a cell's edges or diagonal (the kernels'
+    tables, SPEC section 10's triangles) overflow the compute dtype: the fast paths would return
+    NaN or inf from finite inputs inside the grid."""
+    v = values.reshape(-1, values.shape[-2], values.shape[-1])
+    corner = v[:, :-1, :-1]
+    for name, (di, dj), other in (
+        ("x", (1, 0), v[:, 1:, :-1]),
+        ("y", (0, 1), v[:, :-1, 1:]),
+        ("diagonal", (1, 1), v[:, 1:, 1:]),
+    ):
+        bad = ~torch.isfinite(other - corner)
+        if bool(bad.any()):
+            c, i, j = torch.nonzero(bad)[0].tolist()
+            where = f" of channel {c}" if values.dim() == 3 else ""
+            raise ValueError(
+                f"pwlu2d: values{where} hold {v[c, i, j].item():.6g} at vertex ({i}, {j}) and "
+                f"{v[c, i + di, j + dj].item():.6g} at its {name} neighbour ({i + di}, {j + dj}), whose difference "
+                f"overflows {short} (the compute dtype of this input); keep the vertex values within half the "
+                "dtype's largest value"
+            )
 
 
 def _channel_view(p: Tensor, ndim: int, channel_dim: int | None) -> Tensor:

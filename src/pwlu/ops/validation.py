@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch._C import _functorch
 
-from .folding import MIN_WIDTH
+from .folding import MIN_WIDTH, fold_tables
 
 _PARAM_NAMES = ("left_bound", "right_bound", "left_slope", "right_slope")
 PARAMETER_NAMES = ("points",) + _PARAM_NAMES  #: the five parameters, in argument order
@@ -187,6 +187,8 @@ def _pwlu_library():
 
 
 def _check_values(dtype: torch.dtype, params: tuple[Tensor, ...]) -> None:
+    if params[0].numel() == 0:  # no channels: nothing to fold
+        return
     n = params[0].shape[-1] - 1
     summary = native_summary(dtype, params, ((1, 2),), _pwlu_library(), "pwlu_param_summary_f32")
     if summary is not None and _fold_fits(dtype, n, *summary):
@@ -201,20 +203,13 @@ def _check_values(dtype: torch.dtype, params: tuple[Tensor, ...]) -> None:
         # read gives: all finite, the largest magnitude M, the smallest width w as the fold floors
         # it. The fold's slopes are at most 2 M N / w and its intercepts at most M (1 + 2 N + M)
         # (a width is at most M): below the dtype's largest value nothing can overflow, the case
-        # of every sane PWLU; else the per-channel bounds below decide.
+        # of every sane PWLU; else the exact fold below decides.
         if summary is None:
             stacked = torch.stack(
                 [torch.isfinite(flat).all().to(dtype), flat.abs().amax(), width.clamp(min=MIN_WIDTH).amin()]
             )
             if _fold_fits(dtype, n, *stacked.tolist()):
                 return
-        # the fold's steepest interval slope |P[i+1] - P[i]| N / width and a bound on its intercepts
-        floored = torch.where(width < MIN_WIDTH, torch.full_like(width, MIN_WIDTH), width).reshape(-1)
-        rise = (points[:, 1:] - points[:, :-1]).abs().amax(-1) if n > 0 else points.new_zeros(points.shape[0])
-        steepest = rise * (n / floored)
-        reach = points.abs().amax(-1) + rise * n + floored * torch.maximum(values[3].abs(), values[4].abs()).reshape(-1)
-        if bool(torch.isfinite(torch.cat([flat, steepest, reach])).all()):
-            return
         for name, original, v in zip(PARAMETER_NAMES, params, values):
             bad = ~torch.isfinite(v)
             if bool(bad.any()):
@@ -240,13 +235,30 @@ def _check_values(dtype: torch.dtype, params: tuple[Tensor, ...]) -> None:
                 f"overflows {dtype_name} (the compute dtype of this input); keep the boundaries within half the "
                 "dtype's largest value"
             )
-        channel = int(torch.nonzero(~(torch.isfinite(steepest) & torch.isfinite(reach)))[0])
-        where = f" of channel {channel}" if points.shape[0] > 1 else ""
+        # the bound above is loose: fold exactly (the tables every backend computes) and name the
+        # piece that overflows, an interval (the points) or an outer piece (its slope over the range)
+        channels = points.shape[0]
+        rest = [v.reshape(-1).expand(channels) for v in values[1:]]
+        slopes, intercepts = fold_tables(points, *rest)[:2]
+        bad = ~(torch.isfinite(slopes) & torch.isfinite(intercepts))
+        if not bool(bad.any()):
+            return
+        channel, region = torch.nonzero(bad)[0].tolist()
+        where = f" of channel {channel}" if channels > 1 else ""
+        floored = max(rest[1][channel].item() - rest[0][channel].item(), MIN_WIDTH)
+        if 1 <= region <= n:
+            rise = (points[channel, 1:] - points[channel, :-1]).abs().max().item()
+            raise ValueError(
+                f"pwlu: the points{where} (largest {points[channel].abs().max().item():.6g}, steepest rise "
+                f"{rise:.6g} over an interval of {floored / n:.6g}) give slopes or intercepts that overflow "
+                f"{dtype_name} (the compute dtype of this input); scale the points down or widen the range"
+            )
+        side = "left" if region == 0 else "right"
+        slope = rest[2 if side == "left" else 3][channel].item()
         raise ValueError(
-            f"pwlu: the points{where} (largest {points[channel].abs().max().item():.6g}, steepest rise "
-            f"{rise[channel].item():.6g} over an interval of {floored[channel].item() / max(n, 1):.6g}) give "
-            f"slopes or intercepts that overflow {dtype_name} (the compute dtype of this input); scale the "
-            "points down or widen the range"
+            f"pwlu: {side}_slope{where} = {slope:.6g} over the range [{rest[0][channel].item():.6g}, "
+            f"{rest[1][channel].item():.6g}] gives outer-piece intercepts that overflow {dtype_name} (the "
+            f"compute dtype of this input); reduce {side}_slope or narrow the range"
         )
 
 

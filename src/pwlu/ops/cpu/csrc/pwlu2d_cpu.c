@@ -213,13 +213,24 @@ PWLU_INLINE int forward16(const void *x, const void *y, void *z, const int dt, i
 
 #define FWD_WINDOW 32 /* vectors per window of the adaptive loop */
 
+/* The adaptive loop's state, kept by each thread across its row segments (short rows, such as
+ * 14x14 maps or the 256-row tiles of the channels-fastest path, fill a window over several). */
+typedef struct {
+    int branchy, vecs, hits, window;
+} fwd_mode;
+static inline void fwd_mode_init(fwd_mode *s) {
+    s->branchy = 1;
+    s->vecs = s->hits = s->window = 0;
+}
+
 /* One row segment of channel c, N <= LUT_MAX_N; dt a constant in each instantiation. In windows
- * of FWD_WINDOW vectors: the next window branches around the outer terms where at most 1 in 8
- * vectors of this one had a lane outside the grid (where most lie inside, 5-10% less time), and
- * computes them in every vector otherwise (a branch taken at random costs more than it saves:
- * 16% more time with 78% of vectors outside, interleaved A/B at 32x64x56x56). */
+ * of FWD_WINDOW vectors: the next window branches around the outer terms where at most 1 in 4
+ * vectors of the last measured window had a lane outside the grid (inputs mostly inside: up to
+ * 12% less time), and computes them in every vector otherwise (a branch taken at random costs
+ * more than it saves: 12-16% more time with 78% of vectors outside, interleaved A/B at
+ * 32x64x56x56); branch-free, it measures again every 4th window. */
 PWLU_INLINE void forward_seg_lut_dt(const void *x, const void *y, void *z, const int dt, int64_t b, int64_t e,
-                                    const cell_tables *ct, const float *geo, int n) {
+                                    const cell_tables *ct, const float *geo, int n, fwd_mode *s) {
     fwd_consts f;
     f.xlo = _mm512_set1_ps(geo[0]), f.xhi = _mm512_set1_ps(geo[1]), f.ix = _mm512_set1_ps(geo[2]);
     f.ylo = _mm512_set1_ps(geo[3]), f.yhi = _mm512_set1_ps(geo[4]), f.iy = _mm512_set1_ps(geo[5]);
@@ -228,28 +239,34 @@ PWLU_INLINE void forward_seg_lut_dt(const void *x, const void *y, void *z, const
     f.mxl = geo[6] != 0.0f ? 0xFFFF : 0, f.mxr = geo[7] != 0.0f ? 0xFFFF : 0;
     f.myl = geo[8] != 0.0f ? 0xFFFF : 0, f.myr = geo[9] != 0.0f ? 0xFFFF : 0;
     f.nf = _mm512_set1_ps((float)n), f.nm1 = _mm512_set1_ps((float)(n - 1));
-    int branchy = 1;
-    for (int64_t k = b, window = 0; k < e; window++) {
-        const int64_t end = e - k > 16 * FWD_WINDOW ? k + 16 * FWD_WINDOW : e;
+    for (int64_t k = b; k < e;) {
+        const int64_t room = (int64_t)(FWD_WINDOW - s->vecs) * 16, k0 = k;
+        const int64_t end = e - k > room ? k + room : e;
+        const int counting = s->branchy || s->window % 4 == 0;
         int hits = 0;
-        if (branchy) {
+        if (s->branchy) {
             for (; k < end; k += 16) hits += forward16(x, y, z, dt, k, e, ct, &f, 1);
-        } else if (window % 4 == 0) {
+        } else if (counting) {
             for (; k < end; k += 16) hits += forward16(x, y, z, dt, k, e, ct, &f, 0);
         } else {
             for (; k < end; k += 16) (void)forward16(x, y, z, dt, k, e, ct, &f, 0);
-            continue;
         }
-        branchy = hits * 4 <= FWD_WINDOW;
+        s->hits += hits;
+        s->vecs += (int)((end - k0 + 15) / 16);
+        if (s->vecs >= FWD_WINDOW) {
+            if (counting) s->branchy = s->hits * 4 <= FWD_WINDOW;
+            s->vecs = s->hits = 0;
+            s->window++;
+        }
     }
 }
 
 static void forward_seg_lut(const void *x, const void *y, void *z, int dt, int64_t b, int64_t e,
-                            const cell_tables *ct, const float *geo, int n) {
+                            const cell_tables *ct, const float *geo, int n, fwd_mode *mode) {
     switch (dt) {
-    case PWLU_F32: forward_seg_lut_dt(x, y, z, PWLU_F32, b, e, ct, geo, n); break;
-    case PWLU_F16: forward_seg_lut_dt(x, y, z, PWLU_F16, b, e, ct, geo, n); break;
-    default: forward_seg_lut_dt(x, y, z, PWLU_BF16, b, e, ct, geo, n);
+    case PWLU_F32: forward_seg_lut_dt(x, y, z, PWLU_F32, b, e, ct, geo, n, mode); break;
+    case PWLU_F16: forward_seg_lut_dt(x, y, z, PWLU_F16, b, e, ct, geo, n, mode); break;
+    default: forward_seg_lut_dt(x, y, z, PWLU_BF16, b, e, ct, geo, n, mode);
     }
 }
 
@@ -300,6 +317,8 @@ static int forward_rows_lut(const void *x, const void *y, void *z, int dt, int64
     float *buf = (float *)aligned_alloc(64, (size_t)(3 * 16 * R) * sizeof(float));
     if (!buf) return PWLU_ERR_NOMEM;
     float *bx = buf, *by = bx + 16 * R, *bz = by + 16 * R;
+    fwd_mode mode;
+    fwd_mode_init(&mode);
     for (int64_t c0 = 0; c0 < C; c0 += 16) {
         const int nc = C - c0 < 16 ? (int)(C - c0) : 16;
         for (int64_t r0 = rb; r0 < re; r0 += R) {
@@ -309,7 +328,8 @@ static int forward_rows_lut(const void *x, const void *y, void *z, int dt, int64
             for (int j = 0; j < nc; j++) {
                 cell_tables ct;
                 kuhn_tables_load(tabs + (c0 + j) * KUHN_FLOATS, &ct);
-                forward_seg_lut(bx + j * R, by + j * R, bz + j * R, PWLU_F32, 0, nr, &ct, geometry + (c0 + j) * 10, n);
+                forward_seg_lut(bx + j * R, by + j * R, bz + j * R, PWLU_F32, 0, nr, &ct, geometry + (c0 + j) * 10, n,
+                                &mode);
             }
             channels_to_rows(bz, z, r0, nr, c0, nc, C, dt, R);
         }
@@ -376,13 +396,17 @@ static int forward_f32c_tabs(const void *x, const void *y, void *z, int dt, int6
         int64_t pb, pe;
         split(total, th, nth, ALIGN_ELEMS, &pb, &pe);
         if (pb < pe) {
+#if PWLU_AVX512
+            fwd_mode mode;
+            fwd_mode_init(&mode);
+#endif
             for (seg_iter sg = seg_first(pb, pe, inner, C); sg.b < pe; seg_next(&sg, pe, inner, C)) {
                 const float *v = values + sg.c * vsize, *geo = geometry + sg.c * 10;
 #if PWLU_AVX512
                 if (tabs && sg.e - sg.b >= LUT_MIN_SEG) {
                     cell_tables ct;
                     kuhn_tables_load(tabs + sg.c * KUHN_FLOATS, &ct);
-                    forward_seg_lut(x, y, z, dt, sg.b, sg.e, &ct, geo, n);
+                    forward_seg_lut(x, y, z, dt, sg.b, sg.e, &ct, geo, n, &mode);
                     continue;
                 }
 #endif
