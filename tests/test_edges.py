@@ -659,13 +659,15 @@ def test_fold_check_names_the_outer_slope_and_accepts_far_ranges_that_fold(backe
 
 
 @pytest.mark.parametrize("op", ["pwlu", "npwlu"])
-def test_zero_channels(op):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # float64: the check's torch path
+def test_zero_channels(op, dtype):
     """Regression: a channel-wise call with no channels raised a raw RuntimeError from the check
-    (amax of an empty tensor); it returns the empty output, as pwlu2d does."""
-    x = torch.randn(2, 0, 5)
-    empty = [torch.zeros(0) for _ in range(4)]
+    (amax of an empty tensor; in float32 only before the C library was loaded); it returns the
+    empty output, as pwlu2d does."""
+    x = torch.randn(2, 0, 5, dtype=dtype)
+    empty = [torch.zeros(0, dtype=dtype) for _ in range(4)]
     if op == "pwlu":
-        y = pwlu.pwlu(x, torch.zeros(0, 5), *empty)
+        y = pwlu.pwlu(x, torch.zeros(0, 5, dtype=dtype), *empty)
     else:
-        y = pwlu.npwlu(x, torch.zeros(0, 5), torch.zeros(0, 4), *empty)
+        y = pwlu.npwlu(x, torch.zeros(0, 5, dtype=dtype), torch.zeros(0, 4, dtype=dtype), *empty)
     assert y.shape == (2, 0, 5)
