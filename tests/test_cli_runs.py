@@ -293,3 +293,53 @@ def test_bad_values_are_one_line_errors(run_dirs, tmp_path, capsys, args, needle
     value = args[len(args) - args[::-1].index(needle)]  # the value after the last occurrence
     _refused(main([*args, "--out", str(out)]), capsys, needle, value)
     assert not out.exists() and _snapshot(run_dirs / "finished") == before
+
+
+def test_export_never_overwrites_silently(run_dirs, tmp_path, capsys):
+    """Regression: ``pwlu export --out`` replaced any existing file without a word, the run's own
+    checkpoint included (an unfinished run could then not be resumed). An existing file is
+    refused unless ``--overwrite``; the checkpoint itself always."""
+    run = _copy(run_dirs, "unfinished", tmp_path)
+    ckpt = run / "checkpoint.pt"
+    before = _snapshot(run)
+    _refused(
+        main(["export", str(ckpt), "--format", "torchscript", "--out", str(ckpt)]), capsys, str(ckpt), "checkpoint"
+    )
+    _refused(
+        main(["export", str(ckpt), "--format", "torchscript", "--out", str(ckpt), "--overwrite"]),
+        capsys, "is the checkpoint being exported",
+    )  # fmt: skip
+    other = tmp_path / "other.pt"
+    other.write_bytes(b"someone else's file")
+    _refused(
+        main(["export", str(ckpt), "--format", "torchscript", "--out", str(other)]), capsys, str(other), "--overwrite"
+    )
+    assert other.read_bytes() == b"someone else's file" and _snapshot(run) == before
+    # the default file next to the checkpoint, once written, is not replaced either
+    assert main(["export", str(ckpt), "--format", "torchscript"]) == 0
+    capsys.readouterr()
+    default = run / "model.pt"
+    written = _snapshot(default)
+    _refused(main(["export", str(ckpt), "--format", "torchscript"]), capsys, str(default), "already exists")
+    assert _snapshot(default) == written
+    assert main(["export", str(ckpt), "--format", "torchscript", "--out", str(other), "--overwrite"]) == 0
+    assert other.read_bytes() != b"someone else's file"
+    capsys.readouterr()
+    assert main(["train", *FAST, "--epochs", "2", "--warmup-epochs", "1", "--out", str(run), "--resume"]) == 0
+
+
+def test_fine_tune_resumes_from_another_working_directory(run_dirs, tmp_path, capsys, monkeypatch):
+    """Regression: a fine-tuning run started with a relative ``--init-from`` recorded that path
+    as given, so that resuming from another working directory failed (the file "does not
+    exist") and the absolute path of the same file was refused as another option. The path is
+    recorded absolute."""
+    source = _copy(run_dirs, "finished", tmp_path)
+    monkeypatch.chdir(tmp_path)
+    args = ["train", *FAST, "--epochs", "2", "--warmup-epochs", "0", "--out", str(tmp_path / "tuned")]
+    assert main([*args, "--init-from", "finished/checkpoint.pt", "--stop-after", "1"]) == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert main([*args, "--init-from", str(source / "checkpoint.pt"), "--resume"]) == 0, capsys.readouterr().err
+    assert main([*args, "--init-from", "../finished/checkpoint.pt", "--resume"]) == 0, capsys.readouterr().err

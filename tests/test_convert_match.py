@@ -179,6 +179,13 @@ def test_bad_arguments_and_default_stays_relu():
     with pytest.raises(ValueError, match="exclude each other"):
         pwlu.convert_activations(copy.deepcopy(model), init="match", calibration=_batches(),
                                  activation_kwargs={"init": "silu"})  # fmt: skip
+    # calibration or a fit without init="match" was silently ignored (a ReLU-initialised model)
+    with pytest.raises(ValueError, match=r"calibration= is used only with init='match'.*init is 'relu'"):
+        pwlu.convert_activations(copy.deepcopy(model), calibration=_batches())
+    with pytest.raises(ValueError, match=r"fit='interpolate' is used only with init='match'"):
+        pwlu.convert_activations(copy.deepcopy(model), example_input=_batches(1)[0], fit="interpolate")
+    with pytest.raises(ValueError, match="'no-such-fit'"):
+        pwlu.convert_activations(copy.deepcopy(model), calibration=_batches(), fit="no-such-fit")
 
 
 class TwoPaths(nn.Module):

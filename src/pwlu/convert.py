@@ -611,7 +611,8 @@ def convert_activations(
     Raises:
         ValueError: unknown activation name, bad mode or num_intervals, a model without a
             derivable example input; ``init="match"`` without ``calibration`` or with an
-            activation other than PWLU, an empty ``calibration``, a bad ``init`` or ``fit``.
+            activation other than PWLU, an empty ``calibration``, a bad ``init`` or ``fit``,
+            ``calibration`` or another ``fit`` without ``init="match"``.
         ConversionError: the example forward pass fails, an activation is reused in a way that
             cannot be split, one call site sees different channel counts, or the model (or a
             submodule) is a ``torch.jit.script`` module, whose compiled forward cannot change;
@@ -643,9 +644,15 @@ def convert_activations(
         kwargs.setdefault("num_intervals", num_intervals)
     if init not in ("relu", "match"):
         raise ValueError(f"convert_activations: init must be 'relu' or 'match', but got {init!r}")
+    if fit not in FITS:
+        raise ValueError(f"convert_activations: fit must be one of {FITS}, but got {fit!r}")
+    if init != "match" and (calibration is not None or fit != "lstsq"):
+        given = "calibration=" if calibration is not None else f"fit={fit!r}"
+        raise ValueError(
+            f"convert_activations: {given} is used only with init='match' (fitting each PWLU to the activation it "
+            f"replaces), but init is {init!r}; pass init='match', or drop it"
+        )
     if init == "match":
-        if fit not in FITS:
-            raise ValueError(f"convert_activations: fit must be one of {FITS}, but got {fit!r}")
         if factory is not get_activation("pwlu"):
             raise ValueError(f"convert_activations: init='match' needs activation='pwlu', but got {activation!r}")
         if "init" in kwargs:

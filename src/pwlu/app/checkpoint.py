@@ -85,6 +85,7 @@ def export_checkpoint(
     out: str | os.PathLike | None = None,
     image_size: int | None = None,
     rtol: float = 1e-5,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Export a checkpoint to ``fmt`` and verify it against eager PyTorch on a random batch.
 
@@ -94,19 +95,25 @@ def export_checkpoint(
         out: output file; default next to the checkpoint, ``model.onnx`` or ``model.pt``.
         image_size (int, optional): image side, needed only for ``imagefolder`` datasets.
         rtol (float): largest accepted max relative error of the exported file.
+        overwrite (bool): replace an existing ``out`` (never the checkpoint itself).
 
     Returns:
         dict with ``path``, ``format``, ``method``, ``max_rel_err``, ``input_shape``.
 
     Raises:
-        ValueError: unknown format. ConfigError: a bad ``image_size``, an unwritable ``out``, or a
-        checkpoint that does not match its config. ExportError: export failed or the outputs differ.
+        ValueError: unknown format. ConfigError: a bad ``image_size``, an unwritable ``out``, an
+        existing ``out`` without ``overwrite``, ``out`` naming the checkpoint, or a checkpoint that
+        does not match its config. ExportError: export failed or the outputs differ.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; expected one of {', '.join(FORMATS)}")
     model, example = model_from_checkpoint(checkpoint, image_size)
     path = pathlib.Path(out) if out is not None else pathlib.Path(checkpoint).with_name("model" + SUFFIXES[fmt])
     check_writable_file(path)
+    if path.exists() and path.resolve() == pathlib.Path(checkpoint).resolve():
+        raise ConfigError(f"--out {path} is the checkpoint being exported; choose another file")
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise ConfigError(f"--out {path} already exists; pass --overwrite to replace it, or choose another file")
     path.parent.mkdir(parents=True, exist_ok=True)
     how = "torch.onnx.export (dynamo)"
     try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import os
 import pathlib
 import statistics  # the standard library's
 import sys
@@ -33,7 +34,9 @@ def _add_train_options(p: argparse.ArgumentParser, single: bool = True) -> None:
         p.add_argument("--merges", default=d.merges,
                        help="residual merges: add, or pwlu2d (a learned 2-D PWLU per merge)")  # fmt: skip
         p.add_argument("--merge-intervals", type=int, default=d.merge_intervals, help="2-D PWLU intervals N per axis")
-        p.add_argument("--fix-init", type=float, default=None, metavar="X", help="fix-init-X: range [-X, X], no phase I")
+        p.add_argument(
+            "--fix-init", type=float, default=None, metavar="X", help="fix-init-X: range [-X, X], no phase I"
+        )
         p.add_argument("--rebound-every", type=int, default=None, help="function-preserving re-bound every k steps")
         p.add_argument("--init-from", default=None, metavar="CHECKPOINT",
                        help="fine-tune a `pwlu train` checkpoint (same --model and --dataset); with another "
@@ -46,7 +49,12 @@ def _add_train_options(p: argparse.ArgumentParser, single: bool = True) -> None:
     p.add_argument("--dataset", default=d.dataset, help="fashion-mnist, cifar10, synthetic or imagefolder:PATH")
     p.add_argument("--data-dir", default=None, help="directory holding the dataset files")
     p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs, help="phase I length in epochs, may be fractional (paper: 5 of 100)")
+    p.add_argument(
+        "--warmup-epochs",
+        type=float,
+        default=d.warmup_epochs,
+        help="phase I length in epochs, may be fractional (paper: 5 of 100)",
+    )
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate of the one-cycle cosine schedule")
     p.add_argument("--weight-decay", type=float, default=None, help="default: per architecture (SPEC section 7)")
@@ -60,6 +68,8 @@ def _add_train_options(p: argparse.ArgumentParser, single: bool = True) -> None:
 def _config(args: argparse.Namespace, **overrides) -> TrainConfig:
     values = {k: v for k, v in vars(args).items() if k in TRAIN_FIELDS}
     values.update(overrides)
+    if values.get("init_from"):  # recorded absolute: a run resumes from any working directory
+        values["init_from"] = os.path.abspath(values["init_from"])
     return TrainConfig(**values)
 
 
@@ -168,7 +178,14 @@ def cmd_compare(args) -> int:
     data = prepare_data(configs[0])
     rows = []
     for cfg, res in zip(configs, _run_grid(configs, data, plan)):
-        rows.append({"model": cfg.model, "activation": cfg.activation, "seed": cfg.seed, "final_test_acc": res["final_test_acc"]})
+        rows.append(
+            {
+                "model": cfg.model,
+                "activation": cfg.activation,
+                "seed": cfg.seed,
+                "final_test_acc": res["final_test_acc"],
+            }
+        )
     print(_write_table(rows, ["model", "activation"], pathlib.Path(args.out), "Activation comparison"))
     return 0
 
@@ -251,7 +268,9 @@ def cmd_export(args) -> int:
     from .checkpoint import export_checkpoint
 
     try:
-        res = export_checkpoint(args.checkpoint, args.format, args.out, image_size=args.image_size)
+        res = export_checkpoint(
+            args.checkpoint, args.format, args.out, image_size=args.image_size, overwrite=args.overwrite
+        )
     except ExportError as e:
         raise ValueError(str(e)) from None
     print(f"wrote {res['path']} ({res['format']}, {res['method']}); verified on input {tuple(res['input_shape'])}: "
@@ -296,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", required=True, choices=["onnx", "torchscript"])
     p.add_argument("--out", default=None, help="output file (default: model.onnx / model.pt next to the checkpoint)")
     p.add_argument("--image-size", type=int, default=None, help="image side (needed for imagefolder datasets)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file (never the checkpoint)")
     p.set_defaults(func=cmd_export)
     return parser
 
