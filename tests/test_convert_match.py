@@ -550,3 +550,14 @@ def normalise_first(data, mean, std):
     from pwlu.app.data import normalise
 
     return normalise(data.test_x[:16], mean, std)
+
+
+def test_calibration_forward_failure_names_the_calibration_batch():
+    """Regression: a forward pass that failed on the first calibration batch (here BatchNorm in
+    training mode on a batch of one) blamed an ``example_input`` the user never passed."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.GELU(), nn.Linear(8, 2)).train()
+    match = r"first calibration batch's model input \(a tensor of shape \(1, 4\)\) failed .*pass calibration batches"
+    with pytest.raises(ConversionError, match=match):
+        pwlu.convert_activations(model, init="match", calibration=[torch.randn(1, 4)])
+    with pytest.raises(ConversionError, match=r"the forward pass with example_input failed"):
+        pwlu.convert_activations(model, example_input=torch.randn(1, 4))

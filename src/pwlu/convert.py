@@ -186,7 +186,9 @@ class _FunctionalCalls(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def _profile(model: nn.Module, example_input: Any) -> tuple[dict[int, list[_Call]], dict[int, int], dict[str, int]]:
+def _profile(
+    model: nn.Module, example_input: Any, source: str = "example_input"
+) -> tuple[dict[int, list[_Call]], dict[int, int], dict[str, int]]:
     """One forward pass, side-effect free: the calls of every activation (by ``id``), the
     number of calls of every module, and the functional activation calls (``F.relu``...) made
     outside activation modules, by name. Buffers (batch-norm statistics) and the RNG are restored."""
@@ -227,9 +229,10 @@ def _profile(model: nn.Module, example_input: Any) -> tuple[dict[int, list[_Call
     except ConversionError:
         raise
     except Exception as e:
+        what = "an example_input" if source == "example_input" else "calibration batches"
         raise ConversionError(
-            f"convert_activations: the forward pass with example_input failed ({type(e).__name__}: {e}); "
-            "pass an example_input that the model accepts in its current train/eval mode"
+            f"convert_activations: the forward pass with {source} failed ({type(e).__name__}: {e}); "
+            f"pass {what} that the model accepts in its current train/eval mode"
         ) from e
     finally:
         for h in handles:
@@ -406,6 +409,17 @@ def _why_nothing(model: nn.Module, functional: dict[str, int]) -> str:
 
 #: Inputs kept per channel and call site for the least-squares fit of ``init="match"``.
 MATCH_SAMPLES = 4096
+
+
+def _describe(value: Any) -> str:
+    """A short description of a model input for error messages: shapes, not values."""
+    if isinstance(value, Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    if isinstance(value, Mapping):
+        return "a dict of " + ", ".join(f"{k}: {_describe(v)}" for k, v in list(value.items())[:4])
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of " + ", ".join(_describe(v) for v in value[:4])
+    return type(value).__name__
 
 
 def _model_input(batch: Any) -> Any:
@@ -652,6 +666,7 @@ def convert_activations(
             f"convert_activations: {given} is used only with init='match' (fitting each PWLU to the activation it "
             f"replaces), but init is {init!r}; pass init='match', or drop it"
         )
+    source = "example_input"  # what the profiling forward pass runs on, for its error
     if init == "match":
         if factory is not get_activation("pwlu"):
             raise ValueError(f"convert_activations: init='match' needs activation='pwlu', but got {activation!r}")
@@ -675,12 +690,14 @@ def convert_activations(
         calibration = itertools.chain([first], batches)
         if example_input is None:
             example_input = _model_input(first)
+            source = f"the first calibration batch's model input ({_describe(example_input)})"
     if example_input is None:
         example_input = _default_input(model)
+        source = f"the default example input ({_describe(example_input)})"
 
     # 1. one module per name, then one module per call site.
     _untie(model, patterns)
-    calls, counts, functional = _profile(model, example_input)
+    calls, counts, functional = _profile(model, example_input, source)
     modules = dict(model.named_modules())
     reused = []
     for name, m in modules.items():
@@ -692,7 +709,7 @@ def convert_activations(
     for name, num_calls, owner_calls in reused:
         model = _split_call_sites(model, name, num_calls, owner_calls)
     if reused:
-        calls, counts, functional = _profile(model, example_input)
+        calls, counts, functional = _profile(model, example_input, source)
 
     # 2. plan every replacement before changing anything.
     param = next(model.parameters(), None)
