@@ -343,3 +343,27 @@ def test_fine_tune_resumes_from_another_working_directory(run_dirs, tmp_path, ca
     capsys.readouterr()
     assert main([*args, "--init-from", str(source / "checkpoint.pt"), "--resume"]) == 0, capsys.readouterr().err
     assert main([*args, "--init-from", "../finished/checkpoint.pt", "--resume"]) == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (
+            ["compare", "--models", "cnn", "--activations", "relu", "--seeds", "0", "0"],
+            "--seeds names 0 more than once",
+        ),
+        (["compare", "--models", "cnn", "--activations", "relu", "relu", "--seeds", "0"], "--activations names relu"),
+        (["compare", "--models", "cnn", "cnn", "--activations", "relu", "--seeds", "0"], "--models names cnn"),
+        (["ablate", "--variants", "N=4", "N=4", "--seeds", "0"], "--variants names N=4"),
+        (["ablate", "--variants", "N=4", "--seeds", "1", "1"], "--seeds names 1"),
+    ],
+)
+def test_grid_options_naming_a_value_twice_are_refused(tmp_path, capsys, args, needle):
+    """Regression: ``compare --seeds 0 0`` trained cnn_relu_s0, then stopped on the second copy
+    with "already holds a finished run; pass --resume" (an option compare does not have), and
+    wrote no table. A repeated value is refused before anything runs."""
+    out = tmp_path / "grid"
+    _refused(
+        main([args[0], *FAST, "--epochs", "1", "--warmup-epochs", "0", *args[1:], "--out", str(out)]), capsys, needle
+    )
+    assert not out.exists()

@@ -162,9 +162,18 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _no_repeats(option: str, values: list) -> None:
+    """A grid option naming a value twice would train the same run directory twice: refused."""
+    repeated = sorted({str(v) for v in values if values.count(v) > 1})
+    if repeated:
+        raise ConfigError(f"{option} names {', '.join(repeated)} more than once; give each value once")
+
+
 def cmd_compare(args) -> int:
     from .train import check_writable_dir, prepare_data
 
+    for option, values in (("--models", args.models), ("--activations", args.activations), ("--seeds", args.seeds)):
+        _no_repeats(option, values)
     configs = [
         _config(args, model=model, activation=act, seed=seed, out=f"{args.out}/runs/{model}_{act}_s{seed}")
         for model in args.models
@@ -215,6 +224,8 @@ def cmd_ablate(args) -> int:
     for name in args.variants:
         if name not in ABLATIONS:
             raise ConfigError(f"unknown ablation {name!r}; expected one of {', '.join(ABLATIONS)}")
+    _no_repeats("--variants", args.variants)
+    _no_repeats("--seeds", args.seeds)
     runs = []
     for name in args.variants:
         for seed in args.seeds:
