@@ -90,6 +90,41 @@ def test_train_over_an_existing_run_needs_overwrite(run_dirs, tmp_path, capsys):
     assert _snapshot(out) == before
 
 
+def test_overwrite_leaves_nothing_of_the_old_run(run_dirs, tmp_path, capsys, monkeypatch):
+    """Regression: ``train --overwrite`` kept the old run's files until the new run wrote its
+    own. The old ``model.pt`` exported from it and its plots stayed beside the new checkpoint as
+    if made from it, and a new run killed before its first epoch ended left the old checkpoint
+    and metrics in place, so that ``--resume`` continued the old run. ``--overwrite`` now removes
+    them (and says so) once every check has passed."""
+    import pwlu.app.train as train_mod
+
+    out = _copy(run_dirs, "finished", tmp_path)
+    assert main(["export", str(out / "checkpoint.pt"), "--format", "torchscript"]) == 0
+    for name in ("shapes.png", "iou.png"):
+        (out / name).write_bytes(b"old plot")
+    (out / "notes.txt").write_text("the user's own file")
+    capsys.readouterr()
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "evaluate", killed)  # killed at the end of the first epoch
+    assert main(["train", *ONE_EPOCH, "--seed", "7", "--out", str(out), "--overwrite"]) == 130
+    err = capsys.readouterr().err
+    left = sorted(p.name for p in out.iterdir())
+    assert left == ["notes.txt"], left
+    for name in ("checkpoint.pt", "metrics.json", "model.pt", "shapes.png", "iou.png"):
+        assert name in err, err
+    monkeypatch.undo()
+    # nothing to resume: the old run is gone, and a refused --overwrite removes nothing
+    assert main(["train", *ONE_EPOCH, "--seed", "7", "--out", str(out)]) == 0
+    assert json.loads((out / "metrics.json").read_text())["config"]["seed"] == 7
+    capsys.readouterr()
+    before = _snapshot(out)
+    _refused(main(["train", *ONE_EPOCH, "--seed", "7", "--lr", "-1", "--out", str(out), "--overwrite"]), capsys, "--lr")
+    assert _snapshot(out) == before
+
+
 # 2. --resume with another configuration ---------------------------------------------------------
 
 

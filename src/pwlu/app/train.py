@@ -11,6 +11,7 @@ import json
 import math
 import os
 import pathlib
+import sys
 import time
 import warnings
 from typing import Any
@@ -28,6 +29,10 @@ from .models import WEIGHT_DECAY, build_model
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.json"
+#: What a run directory holds of one run: the files :func:`train` writes, and those that
+#: ``pwlu export`` (its default ``--out``) and ``pwlu plot --out <run>`` derive from them.
+#: ``--overwrite`` removes these (only these) before the new run starts.
+RUN_FILES = (CHECKPOINT, METRICS, "metrics.csv", "model.onnx", "model.pt", "shapes.png", "iou.png")
 
 
 def make_activation_factory(cfg: TrainConfig):
@@ -105,6 +110,22 @@ def _write_metrics(out: pathlib.Path, cfg: TrainConfig, history: list[dict], don
         writer = csv.DictWriter(f, fieldnames=list(history[0]) if history else ["epoch"])
         writer.writeheader()
         writer.writerows(history)
+
+
+def clear_old_run(out: pathlib.Path) -> list[str]:
+    """Remove the :data:`RUN_FILES` an earlier run left in ``out`` (``--overwrite``); returns their names.
+
+    Without this, the old checkpoint and metrics stayed until the new run's first epoch ended (a
+    run killed sooner left the old run to ``--resume``), and a ``model.pt`` or plot made from the
+    old run stayed beside the new one as if made from it.
+    """
+    removed = []
+    for name in RUN_FILES:
+        path = out / name
+        if path.is_file() or path.is_symlink():
+            path.unlink()
+            removed.append(name)
+    return removed
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
@@ -359,6 +380,9 @@ def train(cfg: TrainConfig, data: TensorData | None = None, resume: bool = False
         model = build(cfg, data)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        removed = clear_old_run(out) if overwrite else []
+        if removed:
+            print(f"pwlu: --overwrite: removed the previous run's {', '.join(removed)} from {out}", file=sys.stderr)
     if (cfg.activation in ("pwlu", "npwlu") or cfg.merges == "pwlu2d") and cfg.fix_init is not None:
         fix_init(model, cfg.fix_init)
     steps_per_epoch = math.ceil(len(data.train_y) / (cfg.batch_size * world))
