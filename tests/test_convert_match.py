@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import math
 import pathlib
 import re
@@ -137,6 +138,43 @@ def test_dataloader_and_prelu_per_channel():
     assert ((conv(x) - model(x)).norm() / model(x).norm()).item() < 0.05
     with pytest.raises(ConversionError, match="PReLU"):
         pwlu.convert_activations(copy.deepcopy(model), mode="layer", init="match", calibration=_batches())
+
+
+def test_max_calibration_batches_ends_an_endless_iterator():
+    """Regression: calibration= was iterated to its end, so an endless iterator (``itertools.cycle``,
+    an infinite sampler's DataLoader) never returned. ``max_calibration_batches`` stops it; the
+    PWLUs equal those calibrated on exactly those batches, and no batch past the limit is drawn."""
+    model = _trained_bn(_net(nn.GELU()))
+    batches = _batches(2)
+    drawn = []
+
+    def endless():
+        for b in itertools.cycle(batches):
+            drawn.append(b)
+            yield b
+
+    conv = pwlu.convert_activations(
+        copy.deepcopy(model), init="match", calibration=endless(), max_calibration_batches=3
+    )
+    assert len(drawn) == 3
+    ref = pwlu.convert_activations(copy.deepcopy(model), init="match", calibration=[*batches, batches[0]])
+    for key, value in ref.state_dict().items():
+        assert torch.equal(conv.state_dict()[key], value), key
+    # a limit above the batches there are takes them all
+    more = pwlu.convert_activations(copy.deepcopy(model), init="match", calibration=batches, max_calibration_batches=9)
+    fewer = pwlu.convert_activations(
+        copy.deepcopy(model), init="match", calibration=batches[:1], max_calibration_batches=1
+    )
+    two = pwlu.convert_activations(copy.deepcopy(model), init="match", calibration=batches)
+    assert torch.equal(more[2].running_std, two[2].running_std)
+    assert not torch.equal(fewer[2].running_std, two[2].running_std)
+    for bad in (0, -2, 2.5, True, "3"):
+        with pytest.raises(ValueError, match=f"max_calibration_batches.*{re.escape(repr(bad))}"):
+            pwlu.convert_activations(
+                copy.deepcopy(model), init="match", calibration=batches, max_calibration_batches=bad
+            )
+    with pytest.raises(ValueError, match="max_calibration_batches.*init='match'"):
+        pwlu.convert_activations(copy.deepcopy(model), example_input=batches[0], max_calibration_batches=2)
 
 
 def test_calibration_restores_modes_buffers_and_rng():

@@ -534,6 +534,7 @@ def convert_activations(
     init: str = "relu",
     calibration: Iterable[Any] | None = None,
     fit: str = "lstsq",
+    max_calibration_batches: int | None = None,
 ) -> nn.Module:
     """Replace every activation of ``model`` by PWLU or a baseline, one new module per call site.
 
@@ -599,6 +600,9 @@ def convert_activations(
             ``example_input`` is. Iterated once. Its first input is the example input when
             ``example_input`` is not given. A few batches (~1-2k samples) suffice.
         fit (str): for ``init="match"``: ``"lstsq"`` (default) or ``"interpolate"``.
+        max_calibration_batches (int, optional): for ``init="match"``: calibrate on at most this
+            many batches (none is drawn past them). Default: all of them, so an endless iterator
+            (``itertools.cycle``, a DataLoader with an infinite sampler) needs it.
 
     Function matching (``init="match"``): the calibration batches run through the *original*
     model in eval mode under ``no_grad`` (batch norm uses its running statistics, dropout is
@@ -626,7 +630,8 @@ def convert_activations(
         ValueError: unknown activation name, bad mode or num_intervals, a model without a
             derivable example input; ``init="match"`` without ``calibration`` or with an
             activation other than PWLU, an empty ``calibration``, a bad ``init`` or ``fit``,
-            ``calibration`` or another ``fit`` without ``init="match"``.
+            ``calibration``, another ``fit`` or ``max_calibration_batches`` without ``init="match"``,
+            a ``max_calibration_batches`` that is not a positive int.
         ConversionError: the example forward pass fails, an activation is reused in a way that
             cannot be split, one call site sees different channel counts, or the model (or a
             submodule) is a ``torch.jit.script`` module, whose compiled forward cannot change;
@@ -660,8 +665,20 @@ def convert_activations(
         raise ValueError(f"convert_activations: init must be 'relu' or 'match', but got {init!r}")
     if fit not in FITS:
         raise ValueError(f"convert_activations: fit must be one of {FITS}, but got {fit!r}")
-    if init != "match" and (calibration is not None or fit != "lstsq"):
-        given = "calibration=" if calibration is not None else f"fit={fit!r}"
+    if max_calibration_batches is not None and (
+        isinstance(max_calibration_batches, bool)
+        or not isinstance(max_calibration_batches, int)
+        or max_calibration_batches < 1
+    ):
+        raise ValueError(
+            f"convert_activations: max_calibration_batches must be None or an int >= 1, but got {max_calibration_batches!r}"
+        )
+    if init != "match" and (calibration is not None or fit != "lstsq" or max_calibration_batches is not None):
+        given = (
+            "calibration=" if calibration is not None
+            else f"fit={fit!r}" if fit != "lstsq"
+            else f"max_calibration_batches={max_calibration_batches!r}"
+        )  # fmt: skip
         raise ValueError(
             f"convert_activations: {given} is used only with init='match' (fitting each PWLU to the activation it "
             f"replaces), but init is {init!r}; pass init='match', or drop it"
@@ -688,6 +705,8 @@ def convert_activations(
         except StopIteration:
             raise ValueError("convert_activations: calibration= yielded no batch") from None
         calibration = itertools.chain([first], batches)
+        if max_calibration_batches is not None:
+            calibration = itertools.islice(calibration, max_calibration_batches)
         if example_input is None:
             example_input = _model_input(first)
             source = f"the first calibration batch's model input ({_describe(example_input)})"
