@@ -412,6 +412,50 @@ def test_convert_warns_about_functional_calls_also_when_something_was_converted(
     assert isinstance(model[1], pwlu.PWLU)
 
 
+class _SquaredReLU(nn.Module):  # an activation module of a type convert_activations does not replace
+    def forward(self, x):
+        return F.relu(x) ** 2
+
+
+class _Head(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return F.gelu(self.fc(x))
+
+
+class SqueezeExcitation(nn.Module):  # by name an SE block: what runs inside stays, without a word
+    def forward(self, x):
+        return x * torch.sigmoid(F.relu(x))
+
+
+def test_functional_call_warnings_say_where_the_calls_are():
+    """Regression: a model whose activations were modules of types that are not replaced
+    (transformers' ReLUSquaredActivation calls F.relu inside) was told that "its forward calls
+    activations as functions ... write them as modules", which they already were. The warning now
+    tells calls in forward code (naming the submodule) from modules of types not replaced, and
+    ignores calls inside squeeze-and-excitation blocks (left alone by design)."""
+    x = torch.randn(2, 4)
+    with pytest.warns(UserWarning) as record:
+        pwlu.convert_activations(nn.Sequential(nn.Linear(4, 4), _SquaredReLU()), example_input=x)
+    (message,) = [str(w.message) for w in record]
+    assert "converted nothing" in message and "'1' (_SquaredReLU: relu x1)" in message, message
+    assert "not replaced" in message and "write them as modules" not in message, message
+    with pytest.warns(UserWarning) as record:
+        model = pwlu.convert_activations(
+            nn.Sequential(nn.Linear(4, 4), nn.SiLU(), _Head(), _SquaredReLU(), SqueezeExcitation()), example_input=x
+        )
+    assert isinstance(model[1], pwlu.PWLU)
+    (message,) = [str(w.message) for w in record]
+    assert "gelu x1 in '2' (_Head)" in message and "'3' (_SquaredReLU: relu x1)" in message, message
+    assert "SqueezeExcitation" not in message and "relu x2" not in message, message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # only SE-block calls besides modules: no warning
+        pwlu.convert_activations(nn.Sequential(nn.Linear(4, 4), nn.SiLU(), SqueezeExcitation()), example_input=x)
+
+
 # ----------------------------------------------------------------------------------------
 # BoundaryRealigner: an unmaterialised LazyPWLU; pickling
 

@@ -167,13 +167,17 @@ def _functional_activations() -> dict[Any, str]:
 
 
 class _FunctionalCalls(TorchFunctionMode):
-    """Counts functional activation calls made outside any activation module."""
+    """Counts functional activation calls made outside any activation module (and outside
+    squeeze-and-excitation blocks, whose activations stay by design), by the function's name and
+    the innermost module running it (``stack``: the modules being run, kept by :func:`_profile`'s
+    hooks)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.known = _functional_activations()
         self.inside = 0  # depth of activation modules being run
-        self.counts: dict[str, int] = {}
+        self.stack: list[nn.Module] = []
+        self.counts: dict[tuple[str, nn.Module | None], int] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if not self.inside:
@@ -181,14 +185,34 @@ class _FunctionalCalls(TorchFunctionMode):
                 name = self.known.get(func)
             except TypeError:  # an unhashable callable
                 name = None
-            if name is not None:
-                self.counts[name] = self.counts.get(name, 0) + 1
+            if name is not None and not any(type(m).__name__ in SE_CLASS_NAMES for m in self.stack):
+                key = (name, self.stack[-1] if self.stack else None)
+                self.counts[key] = self.counts.get(key, 0) + 1
         return func(*args, **(kwargs or {}))
+
+
+def _functional_report(model: nn.Module, counts: dict[tuple[str, nn.Module | None], int]) -> tuple[str, str]:
+    """The functional calls of :class:`_FunctionalCalls`, in two phrases: those in forward code
+    (``"relu x2, gelu x1 in 'head' (MLPHead)"``; none named for the model's own forward), and those
+    that make up a module without submodules, an activation of a type that is not replaced
+    (``"'1' (ReLUSquaredActivation: relu x1)"``). Either is ``""`` when there are none."""
+    names = {id(m): n for n, m in model.named_modules()}
+    code: list[str] = []
+    leaves: dict[int, list[str]] = {}
+    for (fn, where), n in counts.items():
+        if where is not None and where is not model and next(where.children(), None) is None:
+            leaves.setdefault(id(where), [f"{type(where).__name__}: "]).append(f"{fn} x{n}")
+        elif where is None or where is model:
+            code.append(f"{fn} x{n}")
+        else:
+            code.append(f"{fn} x{n} in {names.get(id(where), '?')!r} ({type(where).__name__})")
+    leaf = ", ".join(f"{names.get(i, '?')!r} ({head}{', '.join(calls)})" for i, (head, *calls) in leaves.items())
+    return ", ".join(code), leaf
 
 
 def _profile(
     model: nn.Module, example_input: Any, source: str = "example_input"
-) -> tuple[dict[int, list[_Call]], dict[int, int], dict[str, int]]:
+) -> tuple[dict[int, list[_Call]], dict[int, int], dict[tuple[str, nn.Module | None], int]]:
     """One forward pass, side-effect free: the calls of every activation (by ``id``), the
     number of calls of every module, and the functional activation calls (``F.relu``...) made
     outside activation modules, by name. Buffers (batch-norm statistics) and the RNG are restored."""
@@ -200,6 +224,7 @@ def _profile(
 
     def pre_hook(module: nn.Module, args: tuple) -> None:
         counts[id(module)] += 1
+        functional.stack.append(module)
         if id(module) in calls:
             functional.inside += 1
             x = args[0] if args else None
@@ -211,6 +236,8 @@ def _profile(
                 calls[id(module)].append(_Call(None, None))
 
     def post_hook(module: nn.Module, args: tuple, output: Any) -> None:
+        if functional.stack and functional.stack[-1] is module:
+            functional.stack.pop()
         if id(module) in calls:
             functional.inside -= 1
         if isinstance(output, Tensor) and not is_activation(module):
@@ -383,7 +410,7 @@ def _check_not_scripted(model: nn.Module) -> None:
             )
 
 
-def _why_nothing(model: nn.Module, functional: dict[str, int]) -> str:
+def _why_nothing(model: nn.Module, functional: dict[tuple[str, nn.Module | None], int]) -> str:
     """The warning when the model has no activation module to convert: what was found instead."""
     reasons = []
     if any(isinstance(m, torch.jit.TracedModule) for m in model.modules()):
@@ -391,11 +418,16 @@ def _why_nothing(model: nn.Module, functional: dict[str, int]) -> str:
             "it is (or contains) a torch.jit.trace result, whose submodules are traced graphs, not activation "
             "modules; convert the eager model before tracing it"
         )
-    if functional:
-        found = ", ".join(f"{name} x{n}" for name, n in functional.items())
+    code, leaves = _functional_report(model, functional)
+    if code:
         reasons.append(
-            f"its forward calls activations as functions ({found}), which are not modules and cannot be "
+            f"its forward calls activations as functions ({code}), which are not modules and cannot be "
             "replaced; write them as modules (e.g. self.act = nn.ReLU() in __init__, self.act(x) in forward)"
+        )
+    if leaves:
+        reasons.append(
+            f"its activation modules are of types that are not replaced, and call activation functions inside "
+            f"({leaves}); they stay as they are"
         )
     if not reasons:
         reasons.append(
@@ -765,10 +797,13 @@ def convert_activations(
     if not plan and not calls:  # (activation modules all left alone by the rules: no warning)
         warnings.warn(_why_nothing(model, functional), stacklevel=2)
     elif plan and functional:
-        found = ", ".join(f"{name} x{n}" for name, n in functional.items())
+        code, leaves = _functional_report(model, functional)
+        also = [f"its forward also calls activations as functions ({code}), which are not modules"] if code else []
+        if leaves:
+            also.append(f"it also has activation modules of types that are not replaced ({leaves})")
         warnings.warn(
-            f"convert_activations: {type(model).__name__}'s forward also calls activations as functions ({found}), "
-            "which are not modules: they are not converted and stay as they are",
+            f"convert_activations: {type(model).__name__}: " + "; ".join(also) + ": they are not converted and "
+            "stay as they are",
             stacklevel=2,
         )
     if never_called:
