@@ -599,3 +599,29 @@ def test_calibration_forward_failure_names_the_calibration_batch():
         pwlu.convert_activations(model, init="match", calibration=[torch.randn(1, 4)])
     with pytest.raises(ConversionError, match=r"the forward pass with example_input failed"):
         pwlu.convert_activations(model, example_input=torch.randn(1, 4))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_conversion_restores_the_cuda_rng():
+    """Regression (found by reading; needs a GPU to run): profiling and calibration forked only the
+    CPU's RNG (``fork_rng(devices=[])``), so a model in train mode on CUDA drew its dropout masks
+    from the CUDA RNG and left it advanced. Converting must not change any RNG."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Dropout(0.5), nn.GELU(), nn.Conv2d(8, 4, 1)).cuda().train()
+    batches = [torch.randn(4, 3, 12, 12, device="cuda") for _ in range(2)]
+    state = torch.cuda.get_rng_state()
+    pwlu.convert_activations(copy.deepcopy(model), example_input=batches[0])
+    assert torch.equal(torch.cuda.get_rng_state(), state)
+    pwlu.convert_activations(copy.deepcopy(model), init="match", calibration=batches)
+    assert torch.equal(torch.cuda.get_rng_state(), state)
+    pwlu.convert_merges(torchvision_resnet_cuda(), example_input=torch.randn(2, 3, 32, 32, device="cuda"))
+    assert torch.equal(torch.cuda.get_rng_state(), state)
+    assert pwlu.convert._rng_devices(model) == [torch.cuda.current_device()]
+    assert pwlu.convert._rng_devices(model.cpu(), batches[0]) == [batches[0].device.index]
+    assert pwlu.convert._rng_devices(model.cpu(), {"x": batches[0].cpu()}) == []
+
+
+def torchvision_resnet_cuda() -> nn.Module:
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.resnet18(weights=None, num_classes=4)
+    model.layer1[0].bn2 = nn.Sequential(model.layer1[0].bn2, nn.Dropout(0.5))
+    return model.cuda().train()

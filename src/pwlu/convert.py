@@ -145,6 +145,19 @@ def _run(model: nn.Module, example_input: Any) -> Any:
     return model(example_input)
 
 
+def _rng_devices(model: nn.Module, example_input: Any = None) -> list[int]:
+    """The CUDA devices whose RNG a forward pass of ``model`` on ``example_input`` may draw from
+    (dropout there): those of its parameters and buffers and of the input's tensors, for
+    ``torch.random.fork_rng`` (whose ``devices=[]`` forks the CPU's RNG only)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    for item in example_input.values() if isinstance(example_input, Mapping) else (
+        example_input if isinstance(example_input, (tuple, list)) else [example_input]
+    ):  # fmt: skip
+        if isinstance(item, Tensor):
+            tensors.append(item)
+    return sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
+
+
 def _functional_activations() -> dict[Any, str]:
     """The functional forms of :data:`ACTIVATION_TYPES` (``F.relu``, ``torch.relu``,
     ``x.relu()``...), by the name to report."""
@@ -251,7 +264,7 @@ def _profile(
         handles.append(m.register_forward_hook(post_hook))
     saved = [(b, b.detach().clone()) for b in model.buffers()]
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]), functional:
+        with torch.no_grad(), torch.random.fork_rng(devices=_rng_devices(model, example_input)), functional:
             _run(model, example_input)
     except ConversionError:
         raise
@@ -482,7 +495,7 @@ def _calibrate(model: nn.Module, sites: dict[int, tuple[str, Calibration]], batc
     count = 0
     try:
         model.eval()
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        with torch.no_grad(), torch.random.fork_rng(devices=_rng_devices(model)):
             for batch in batches:
                 _run(model, _model_input(batch))
                 count += 1

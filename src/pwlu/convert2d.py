@@ -28,6 +28,7 @@ from .convert import (
     _default_input,
     _free_attr,
     _layer_channels,
+    _rng_devices,
     _run,
     _set_submodule,
     _ShallowTracer,
@@ -453,7 +454,7 @@ def _probe(model: nn.Module, example_input: Any) -> None:
     """One forward pass, side-effect free (buffers and the RNG restored)."""
     saved = [(b, b.detach().clone()) for b in model.buffers()]
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        with torch.no_grad(), torch.random.fork_rng(devices=_rng_devices(model, example_input)):
             _run(model, example_input)
     except ConversionError:
         raise
