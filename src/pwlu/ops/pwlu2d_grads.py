@@ -32,9 +32,10 @@ from __future__ import annotations
 import ctypes
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .folding import MIN_WIDTH, effective_bounds
+from .validation import plain_f32_cpu
 
 #: number of per-channel sums a backward kernel returns (see the module docstring)
 NUM_SUMS = 12
@@ -46,11 +47,8 @@ def _native(params: tuple[Tensor, ...], dtype: torch.dtype):
     """The compiled ``pwlu2d_cpu`` library, if loaded, where its one-call geometry and parameter
     gradients apply (float32 compute, the nine parameters plain dense float32 CPU tensors), else ``None``.
     Each replaces some twenty small torch ops, which cost more than the kernel on small inputs."""
-    if dtype != torch.float32:
+    if dtype != torch.float32 or not plain_f32_cpu(params):
         return None
-    for p in params:
-        if type(p) not in (Tensor, nn.Parameter) or p.dtype != torch.float32 or not p.is_cpu or not p.is_contiguous():
-            return None
     from .pwlu2d_cpu_backend import PWLU2D_CPU  # here: that module imports this one
 
     return PWLU2D_CPU.loaded()  # never a build here: the backend's selection builds it

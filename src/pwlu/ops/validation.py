@@ -150,6 +150,15 @@ def _readable(params: tuple[Tensor, ...]) -> bool:
     return True
 
 
+def plain_f32_cpu(params: tuple[Tensor, ...]) -> bool:
+    """Whether every tensor of ``params`` is a plain (not a subclass: no DTensor, no fake tensor),
+    dense, contiguous float32 CPU tensor: what the compiled helpers read through ``data_ptr``."""
+    return all(
+        type(p) in (Tensor, nn.Parameter) and p.dtype == torch.float32 and p.is_cpu and p.is_contiguous()
+        for p in params
+    )
+
+
 def native_summary(
     dtype: torch.dtype, params: tuple[Tensor, ...], pairs: tuple[tuple[int, int], ...], library, name: str
 ) -> tuple[bool, float, float] | None:
@@ -159,11 +168,8 @@ def native_summary(
     fifteen small torch ops, after every optimizer step. ``None`` where it does not apply (a compute
     dtype other than float32, parameters not plain dense float32 CPU tensors, a pair of unequal
     lengths, the library not loaded): the caller computes the same in torch."""
-    if dtype != torch.float32 or library is None:
+    if dtype != torch.float32 or library is None or not plain_f32_cpu(params):
         return None
-    for p in params:
-        if type(p) not in (Tensor, nn.Parameter) or p.dtype != torch.float32 or not p.is_cpu or not p.is_contiguous():
-            return None
     if any(params[lo].numel() != params[hi].numel() for lo, hi in pairs):
         return None
     count = len(params)
