@@ -715,3 +715,68 @@ def test_zero_channels(op, dtype):
     else:
         y = pwlu.npwlu(x, torch.zeros(0, 5, dtype=dtype), torch.zeros(0, 4, dtype=dtype), *empty)
     assert y.shape == (2, 0, 5)
+
+
+# ----------------------------------------------------------------------------------------
+# x - B overflowing on a flat outer piece
+
+
+def _far_params(op: str, slope: float):
+    """Layer-wise parameters of ``op`` whose range lies near the float32 limit, so that ``x - B``
+    overflows to ±inf for finite inputs far on the other side, with outer slopes ``slope``."""
+    s = torch.tensor(slope)
+    if op == "pwlu2d":
+        n = 3
+        grid = torch.linspace(0.0, 3.0, n + 1)
+        values = grid[:, None] + 2 * grid[None, :]
+        bounds = [torch.tensor(3e37), torch.tensor(3.1e37), torch.tensor(-3.1e37), torch.tensor(-3e37)]
+        return [values, *bounds, s, s, s, s]
+    points = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0])
+    bounds = [torch.tensor(3e37), torch.tensor(3.1e37)]
+    if op == "npwlu":
+        return [points, torch.zeros(4), *bounds, s, s]
+    return [points, *bounds, s, s]
+
+
+@pytest.mark.parametrize("op", ["pwlu", "npwlu", "pwlu2d"])
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+@pytest.mark.parametrize("slope", [0.0, 0.5])
+def test_overflowing_offset_on_a_flat_piece_is_not_nan(op, backend, slope):
+    """Regression: with the range near the float32 limit ([3e37, 3.1e37]) and a finite input far
+    on the other side (-3.4e38), ``x - B`` overflows to -inf; on a flat outer piece (slope 0) the
+    folded ``a (x - shift) + b`` gave 0 * inf = NaN from finite input in the torch and Triton
+    backends and TorchScript (PWLU), and in every N-PWLU backend. The reference gives the
+    piece's value; a nonzero slope gives ±inf, as the reference does."""
+    from pwlu.ops.dispatch import PWLU2D_BACKENDS, PWLU_BACKENDS
+    from pwlu.ops.npwlu_backends import NPWLU_BACKENDS
+
+    table = {"pwlu": PWLU_BACKENDS, "npwlu": NPWLU_BACKENDS, "pwlu2d": PWLU2D_BACKENDS}[op]
+    if not table.is_available(backend, torch.device("cpu")):
+        pytest.skip(f"{backend} backend not available here")  # triton: run in its interpreter process
+    params = _far_params(op, slope)
+    x = torch.tensor([-3.4e38, -1e38, 0.0, 3.05e37, 3.4e38, float("nan"), float("inf"), -float("inf")])
+    y = torch.tensor([-3.4e38, 3.05e37, 0.0, -1e38, 3.4e38, 0.5, float("nan"), float("inf")])
+    args = (x, y) if op == "pwlu2d" else (x,)
+    fast, reference = getattr(pwlu, op), getattr(pwlu, op + "_reference")
+    expected = reference(*args, *params, channel_dim=None)
+    assert not expected[:5].isnan().any()
+    with pwlu.use_backend(backend):
+        out = fast(*args, *params, channel_dim=None)
+    torch.testing.assert_close(out, expected, equal_nan=True, rtol=1e-6, atol=0)
+    if op != "pwlu2d" and backend == "torch":  # TorchScript and eval mode: the folded form
+        module = (pwlu.NPWLU if op == "npwlu" else pwlu.PWLU)(num_intervals=4)
+        with torch.no_grad():
+            for name, p in zip(_names(module), params):
+                getattr(module, name).copy_(p)
+        module.eval()
+        torch.testing.assert_close(module(x).detach(), expected, equal_nan=True, rtol=1e-6, atol=0)
+        if op == "pwlu":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch.jit.script's deprecation warning
+                scripted = torch.jit.script(module)
+            torch.testing.assert_close(scripted(x).detach(), expected, equal_nan=True, rtol=1e-6, atol=0)
+
+
+def _names(module) -> list[str]:
+    return [n for n in ("points", "width_logits", "left_bound", "right_bound", "left_slope", "right_slope")
+            if hasattr(module, n)]  # fmt: skip

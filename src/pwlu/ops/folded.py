@@ -78,7 +78,7 @@ def pwlu_from_tables(
 
     Returns:
         Tensor: same shape and dtype as ``x``. ``±inf`` on a flat piece gives that piece's
-        constant value, NaN gives NaN.
+        constant value (as does a finite ``x`` whose ``x - shift`` overflows), NaN gives NaN.
     """
     n = slopes.shape[-1] - 2
     xc = x.to(slopes.dtype)
@@ -87,9 +87,11 @@ def pwlu_from_tables(
     a = slopes.reshape(-1)[flat]
     b = intercepts.reshape(-1)[flat]
     # one multiply-add (on x - shift; shift is 0 whenever the range contains 0)
-    y = torch.addcmul(b, a, xc - channel_view(shift, x.dim(), channel_dim))
-    # inf * 0 would be NaN: a flat piece maps ±inf to its constant value
-    y = torch.where(torch.isinf(xc) & (a == 0), b, y)
+    d = xc - channel_view(shift, x.dim(), channel_dim)
+    y = torch.addcmul(b, a, d)
+    # inf * 0 would be NaN: a flat piece maps ±inf to its constant value, and so a finite x
+    # whose x - shift overflows (a range near the dtype's limit, x far on the other side)
+    y = torch.where(torch.isinf(d) & (a == 0), b, y)
     return y.to(x.dtype)
 
 

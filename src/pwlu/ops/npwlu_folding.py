@@ -117,8 +117,9 @@ def npwlu_from_tables(
     flat = _flat_index(k, slopes.shape[0], n + 2, channel_dim)
     a = slopes.reshape(-1)[flat]
     b = intercepts.reshape(-1)[flat]
-    y = torch.addcmul(b, a, xc - channel_view(shift, x.dim(), channel_dim))
-    y = torch.where(torch.isinf(xc) & (a == 0), b, y)  # a flat piece maps ±inf to its constant
+    d = xc - channel_view(shift, x.dim(), channel_dim)
+    y = torch.addcmul(b, a, d)
+    y = torch.where(torch.isinf(d) & (a == 0), b, y)  # a flat piece maps ±inf (x or an overflowing x - shift) to b
     return y.to(x.dtype)
 
 

@@ -121,9 +121,11 @@ def _pwlu_forward_kernel(
     table = chan * (N + 2) + k
     a = tl.load(slopes_ptr + table, mask=mask, other=0.0)
     b = tl.load(intercepts_ptr + table, mask=mask, other=0.0)
-    # y = a[k] * (x - shift) + b[k]; a flat outer piece maps ±inf to its constant (not inf * 0 = NaN)
-    y = a * (x - shift) + b
-    y = tl.where((tl.abs(x) == float("inf")) & (a == 0.0), b, y)
+    # y = a[k] * (x - shift) + b[k]; a flat outer piece maps ±inf to its constant (not inf * 0 = NaN),
+    # also where a finite x - shift overflows
+    d = x - shift
+    y = a * d + b
+    y = tl.where((tl.abs(d) == float("inf")) & (a == 0.0), b, y)
     tl.store(y_ptr + base + local, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 

@@ -68,8 +68,9 @@ static void scalar_fwd_f(const ncall_f *a, int64_t c, int64_t b, int64_t e, int6
     for (int64_t i = b; i < e; i += stride) {
         const float x = load_s(a->x, i, a->dt);
         const int64_t k = region_f(x, bp, n);
-        float y = sl[k] * (x - sh) + ic[k];
-        if (isinf(x) && sl[k] == 0.0f) y = ic[k];
+        const float d = x - sh;
+        float y = sl[k] * d + ic[k];
+        if (isinf(d) && sl[k] == 0.0f) y = ic[k]; /* x = +-inf, or x - sh overflowing */
         store_s(a->out, i, y, a->dt);
     }
 }
@@ -80,8 +81,9 @@ static void scalar_fwd_d(const ncall_d *a, int64_t c, int64_t b, int64_t e, int6
     for (int64_t i = b; i < e; i += stride) {
         const double x = load_d(a->x, i, a->dt);
         const int64_t k = region_d(x, bp, n);
-        double y = sl[k] * (x - sh) + ic[k];
-        if (isinf(x) && sl[k] == 0.0) y = ic[k];
+        const double d = x - sh;
+        double y = sl[k] * d + ic[k];
+        if (isinf(d) && sl[k] == 0.0) y = ic[k];
         store_d(a->out, i, y, a->dt);
     }
 }
@@ -155,9 +157,10 @@ static inline __attribute__((always_inline)) void avx_fwd_seg(const ncall_f *a, 
         const __m512 x = ld16(a->x, i, m, dt);
         const __m512i k = region16_np(x, bp, n, lo, hi);
         const __m512 s = table_get(&ts, k), t = table_get(&ti, k);
-        __m512 y = _mm512_fmadd_ps(s, _mm512_sub_ps(x, sh), t); /* y = a[k] (x - shift) + b[k] */
-        /* a flat piece maps +-inf to its constant */
-        const __mmask16 flat = _mm512_cmp_ps_mask(_mm512_abs_ps(x), inf, _CMP_EQ_OQ) &
+        const __m512 d = _mm512_sub_ps(x, sh);
+        __m512 y = _mm512_fmadd_ps(s, d, t); /* y = a[k] (x - shift) + b[k] */
+        /* a flat piece maps +-inf (x, or an overflowing x - shift) to its constant */
+        const __mmask16 flat = _mm512_cmp_ps_mask(_mm512_abs_ps(d), inf, _CMP_EQ_OQ) &
                                _mm512_cmp_ps_mask(s, _mm512_setzero_ps(), _CMP_EQ_OQ);
         y = _mm512_mask_mov_ps(y, flat, t);
         st16(a->out, i, y, m, dt);
@@ -268,8 +271,9 @@ static inline __attribute__((always_inline)) void avx_fwd_rows(const ncall_f *a,
             const __mmask16 right = _mm512_cmp_ps_mask(x, hi, _CMP_GE_OQ) & m;
             s = _mm512_mask_loadu_ps(_mm512_mask_loadu_ps(s, left, t->sl + c0), right, t->sl + (n + 1) * C + c0);
             b = _mm512_mask_loadu_ps(_mm512_mask_loadu_ps(b, left, t->ic + c0), right, t->ic + (n + 1) * C + c0);
-            __m512 y = _mm512_fmadd_ps(s, _mm512_sub_ps(x, sh), b); /* y = a[k] (x - shift) + b[k] */
-            const __mmask16 flat = _mm512_cmp_ps_mask(_mm512_abs_ps(x), inf, _CMP_EQ_OQ) &
+            const __m512 d = _mm512_sub_ps(x, sh);
+            __m512 y = _mm512_fmadd_ps(s, d, b); /* y = a[k] (x - shift) + b[k] */
+            const __mmask16 flat = _mm512_cmp_ps_mask(_mm512_abs_ps(d), inf, _CMP_EQ_OQ) &
                                    _mm512_cmp_ps_mask(s, _mm512_setzero_ps(), _CMP_EQ_OQ);
             st16(a->out, r * C + c0, _mm512_mask_mov_ps(y, flat, b), m, dt);
         }
