@@ -403,6 +403,35 @@ def test_timm_counts_and_outputs():
     assert _count(converted) == 6  # the six inverted residuals with stride 1 and equal widths
 
 
+@pytest.mark.parametrize(
+    "name,count",
+    [("mobilenet_v3_small", 6), ("mobilenet_v3_large", 10), ("efficientnet_b0", 9), ("mobilenet_v2", 10)],
+)
+def test_torchvision_inverted_residual_zoo(name, count):
+    """The whole networks (MobileNetV3's and EfficientNet's inverted residuals with
+    squeeze-and-excitation, stochastic depth in EfficientNet's MBConv), in train mode: at init in
+    eval mode their activations shrink to 1e-10 and below, where addition at init is exact only up
+    to eps times the grid's bound (see the README)."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(weights=None, num_classes=10)
+    for m in model.modules():  # no random numbers in train mode: dropout and stochastic depth off
+        if isinstance(m, nn.Dropout) or type(m).__name__ == "StochasticDepth":
+            m.p = 0.0
+    converted = _same_outputs(model, torch.randn(2, 3, 64, 64), train=True)
+    assert _count(converted) == count
+
+
+@pytest.mark.parametrize(
+    "name,count", [("efficientnet_b0", 9), ("mobilenetv2_100", 10), ("resnet50", 16), ("convnext_atto", 12)]
+)
+def test_timm_zoo(name, count):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=10, drop_rate=0.0, drop_path_rate=0.0)
+    assert _count(_same_outputs(model, torch.randn(2, 3, 64, 64), train=name != "convnext_atto")) == count
+
+
 def test_app_models_exclude_mode_and_composition_in_either_order():
     torchvision = pytest.importorskip("torchvision")
     x = torch.randn(2, 1, 28, 28)
