@@ -780,3 +780,38 @@ def test_overflowing_offset_on_a_flat_piece_is_not_nan(op, backend, slope):
 def _names(module) -> list[str]:
     return [n for n in ("points", "width_logits", "left_bound", "right_bound", "left_slope", "right_slope")
             if hasattr(module, n)]  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------
+# the backward runs on the forward's backend
+
+
+@pytest.mark.parametrize("op", ["pwlu", "npwlu", "pwlu2d"])
+def test_backward_runs_on_the_backend_of_its_forward(op, monkeypatch):
+    """Regression: the backward selected its backend when it ran, so a forward under
+    ``use_backend("torch")`` whose ``.backward()`` was called after the ``with`` block (as a
+    training loop does, and as the 2-D PWLU test helpers and ``gradcheck`` did) ran the default
+    backend's backward: the tests said "torch" or "triton" and checked the C backward. The
+    backward now runs under the setting its forward ran under."""
+    from pwlu.ops.dispatch import PWLU2D_BACKENDS, PWLU_BACKENDS
+    from pwlu.ops.npwlu_backends import NPWLU_BACKENDS
+
+    table = {"pwlu": PWLU_BACKENDS, "npwlu": NPWLU_BACKENDS, "pwlu2d": PWLU2D_BACKENDS}[op]
+    backend = table.load("torch")
+    calls = []
+    original = type(backend).backward
+
+    def recording(*args, **kwargs):
+        calls.append(args[0].shape)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(type(backend), "backward", staticmethod(recording))
+    params = [p.requires_grad_() for p in _far_params(op, 0.5)]
+    params[1 if op != "npwlu" else 2].data.fill_(-2.0)  # an ordinary range: [-2, B_R]
+    x = torch.randn(2, 8, requires_grad=True)
+    args = (x, torch.randn(2, 8, requires_grad=True)) if op == "pwlu2d" else (x,)
+    with pwlu.use_backend("torch"):
+        out = getattr(pwlu, op)(*args, *params, channel_dim=None)
+    out.sum().backward()  # outside the block
+    assert len(calls) == 1, calls
+    assert x.grad is not None and all(p.grad is not None for p in params)

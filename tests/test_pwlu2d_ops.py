@@ -235,6 +235,44 @@ def test_fast_path_matches_reference(backend, shape, channels, channel_dim, dtyp
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rows", [5, 70])  # 70: the CPU kernel's vector path
+def test_fast_path_at_exact_vertices_grid_lines_bounds_and_diagonals(backend, dtype, rows):
+    """Inputs exactly on the grid (a [-2, 2] x [-1, 3] grid of N = 4: every grid line, vertex,
+    bound and cell diagonal an exact binary value), with random vertex values and slopes, so that
+    each point sits where the cell, the triangle or the outer side changes: forward and all eleven
+    gradients against the reference, which decides those ties by SPEC section 10 (cells closed on
+    the left, the lower triangle on the diagonal, outside from the right bound on)."""
+    select_backend(backend)
+    n = 4
+    params = addition_params(n, 3, dtype=dtype)
+    gen = torch.Generator().manual_seed(21)
+    params[0] = params[0] + torch.randn(params[0].shape, generator=gen, dtype=dtype)  # not additive
+    params[5:] = [p + 0.5 * torch.randn(p.shape, generator=gen, dtype=dtype) for p in params[5:]]
+    gx = torch.tensor([-2.0, -1.0, 0.0, 1.0, 2.0], dtype=dtype)  # grid lines, bounds included
+    gy = torch.tensor([-1.0, 0.0, 1.0, 2.0, 3.0], dtype=dtype)
+    pts = [(a, b) for a in gx for b in gy]  # every vertex
+    pts += [(a, b + 0.25) for a in gx for b in gy[:-1]]  # on x grid lines, inside cells in y
+    pts += [(a + 0.5, b) for a in gx[:-1] for b in gy]  # on y grid lines
+    pts += [(a + 0.5, b + 0.5) for a in gx[:-1] for b in gy[:-1]]  # on each cell's diagonal
+    pts += [(a + 0.75, b + 0.25) for a in gx[:-1] for b in gy[:-1]]  # each side of it
+    pts += [(a + 0.25, b + 0.75) for a in gx[:-1] for b in gy[:-1]]
+    pts += [(-3.0, 0.0), (2.5, 0.0), (0.0, -1.5), (0.0, 3.5), (-3.0, -1.5), (2.5, 3.5), (-3.0, 3.5), (2.5, -1.5)]
+    pts += [(-2.0, 3.5), (2.0, -1.5), (-3.0, 3.0), (2.5, -1.0)]  # outside along one axis, on the other's bound
+    xs = torch.stack([torch.as_tensor(a) for a, _ in pts])
+    ys = torch.stack([torch.as_tensor(b) for _, b in pts])
+    batch = -(-len(pts) // (3 * rows))  # every point at least once
+    idx = torch.arange(batch * 3 * rows) % len(pts)
+    x, y = xs[idx].reshape(batch, 3, rows), ys[idx].reshape(batch, 3, rows)
+    fast = run(pwlu.pwlu2d, x, y, params, 1, backend)
+    ref = run(pwlu.pwlu2d_reference, x, y, params, 1)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    assert_all_close(fast, ref, rtol=tol, atol=tol)
+    if rows == 5:  # and the reference against the element-by-element loop there
+        torch.testing.assert_close(ref["z"].double(), loop_pwlu2d(x, y, params), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("n", [1, 8, 12])
 def test_fast_path_other_grid_sizes(backend, n):
     """N = 1 (one cell), N = 8 (the CPU kernel's largest in-register table) and N = 12."""
@@ -382,10 +420,42 @@ def test_low_precision_rule(backend, dtype):
     low_ref = run(pwlu.pwlu2d_reference, x.to(dtype), y.to(dtype), params, 1)
     fast = run(pwlu.pwlu2d, x.to(dtype), y.to(dtype), params, 1, backend)
     for key in KEYS:
-        err_fast = (fast[key].float() - ref32[key]).abs().max().item()
+        err = (fast[key].float() - ref32[key]).abs()
         err_low = (low_ref[key].float() - ref32[key]).abs().max().item()
         scale = ref32[key].abs().max().item()
-        assert err_fast <= 2 * err_low + 1e-3 * (1 + scale), f"{key}: {err_fast} vs {err_low}"
+        if backend == "triton" and dtype == torch.bfloat16 and _triton_interpreted() and key in ("z", "dx", "dy"):
+            # the interpreter truncates float32 -> bfloat16 where a GPU rounds to nearest
+            # (test_interpreter_truncates_to_bfloat16): one more bfloat16 ulp per element
+            err = err - ref32[key].abs() * 2.0**-7
+        assert err.max().item() <= 2 * err_low + 1e-3 * (1 + scale), f"{key}: {err.max().item()} vs {err_low}"
+
+
+def _triton_interpreted() -> bool:
+    from pwlu.ops import pwlu2d_triton_backend
+
+    return pwlu2d_triton_backend._INTERPRETED
+
+
+def test_interpreter_truncates_to_bfloat16():
+    """What the allowance in test_low_precision_rule stands on: Triton's interpreter stores a
+    float32 value into a bfloat16 tensor by truncation (3.014 -> 3.0, where rounding gives
+    3.015625). If a Triton release rounds there, this fails: drop the allowance."""
+    select_backend("triton")
+    if not _triton_interpreted():
+        pytest.skip("compiled Triton kernels round to nearest: no allowance applies")
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def store(src, dst, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        tl.store(dst + offs, tl.load(src + offs).to(dst.dtype.element_ty))
+
+    src = torch.tensor([3.014051914215088, -3.014051914215088, 1.0 + 2.0**-8 + 2.0**-10, 2.0])
+    dst = torch.empty(4, dtype=torch.bfloat16)
+    store[(1,)](src, dst, BLOCK=4)
+    assert dst.tolist() == [3.0, -3.0, 1.0, 2.0]
+    assert src.to(torch.bfloat16).tolist() == [3.015625, -3.015625, 1.0078125, 2.0]
 
 
 def test_double_backward_and_saved_tensors():

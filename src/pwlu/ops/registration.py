@@ -18,7 +18,10 @@ An op supplies
   and a ``vmap`` rule for calls under a transform;
 * a router that picks one of them, or the bare forward when no derivative is needed.
 
-The first-order backward runs ``bwd`` and saves only the op's input tensors. When the backward
+The first-order backward runs ``bwd`` and saves only the op's input tensors. It runs under the
+backend setting (:func:`pwlu.use_backend`) that its forward ran under, so a forward inside
+``with pwlu.use_backend("torch"):`` whose ``.backward()`` runs after the block still has the
+torch backend's backward. When the backward
 itself must be differentiable (``create_graph=True``: gradient penalties, ``gradgradcheck``),
 under a ``torch.func`` transform (``grad``, ``vjp``, ``jacrev``, ``jacfwd``, ``hessian``,
 ``vmap``), and in forward mode (``torch.autograd.forward_ad``, ``jvp``), the derivatives are
@@ -34,7 +37,17 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 
+from . import dispatch
+
 _functorch = torch._C._functorch
+
+
+def _under(setting: str, fn: Callable, *args):
+    """``fn(*args)`` under the backend setting ``setting`` (the one its forward ran under)."""
+    if setting == dispatch.get_backend_name():
+        return fn(*args)
+    with dispatch.use_backend(setting):
+        return fn(*args)
 
 
 def in_transform() -> bool:
@@ -82,13 +95,14 @@ class DifferentiableOp:
         def op_setup_context(ctx, inputs, output):
             ctx.save_for_backward(*inputs[:n])
             ctx.static = tuple(inputs[n:])
+            ctx.setting = dispatch.get_backend_name()
 
         def op_backward(ctx, grad):
             tensors, static = ctx.saved_tensors, ctx.static
             if torch.is_grad_enabled():  # create_graph: a differentiable composition
-                grads = vjp(grad, tensors, static)
+                grads = _under(ctx.setting, vjp, grad, tensors, static)
             else:
-                grads = backward_op(grad, *tensors, *static)
+                grads = _under(ctx.setting, backward_op, grad, *tensors, *static)
             return (*grads, *(None,) * len(static))
 
         op.register_autograd(op_backward, setup_context=op_setup_context)
@@ -100,10 +114,11 @@ class DifferentiableOp:
         def first_order_forward(ctx, *args):
             ctx.save_for_backward(*args[:n])
             ctx.static = args[n:]
+            ctx.setting = dispatch.get_backend_name()
             return fwd(*args)
 
         def backward(ctx, grad):
-            grads = vjp(grad, ctx.saved_tensors, ctx.static)
+            grads = _under(ctx.setting, vjp, grad, ctx.saved_tensors, ctx.static)
             return (*grads, *(None,) * len(ctx.static))
 
         def forward(*args):
@@ -113,6 +128,7 @@ class DifferentiableOp:
             ctx.save_for_backward(*inputs[:n])
             ctx.save_for_forward(*inputs[:n])
             ctx.static = tuple(inputs[n:])
+            ctx.setting = dispatch.get_backend_name()
 
         def jvp(ctx, *tangents):
             # J v as the vector-Jacobian product of the (linear) pullback u -> J^T u: reverse
