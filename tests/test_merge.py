@@ -157,11 +157,15 @@ def test_eval_and_export_forms_equal_training_form(num_channels):
     x, y = _mixed_inputs((2, 4, 5, 3), seed=4)
     x[0, 0, 0, :2] = torch.tensor([math.nan, math.inf])
     y[0, 0, 1, :2] = torch.tensor([-math.inf, 2.0])
-    train = m.train()(x, y)
-    evaluated = m.eval()(x, y)
+    params = [getattr(m, n).detach() for n in NAMES]
+    reference = pwlu.pwlu2d_reference(x, y, *params, channel_dim=1 if num_channels else None)
+    train = m.train()(x, y)  # the differentiable op
+    with torch.no_grad():
+        evaluated = m.eval()(x, y)  # the inference plan
+        evaluated_again = m(x, y)  # the plan reused
     exported = m._forward_export(x, y)
-    torch.testing.assert_close(evaluated, train, rtol=1e-6, atol=1e-5, equal_nan=True)
-    torch.testing.assert_close(exported, train, rtol=1e-6, atol=1e-5, equal_nan=True)
+    for got in (train, evaluated, evaluated_again, exported):
+        torch.testing.assert_close(got, reference, rtol=1e-6, atol=1e-5, equal_nan=True)
     assert torch.isnan(train[0, 0, 0, 0]) and not torch.isnan(train[0, 0, 0, 1:]).any()
 
 
@@ -191,6 +195,14 @@ def test_mixed_dtypes_promote_and_autocast():
     z = m(x, y)
     assert z.dtype == torch.float32
     torch.testing.assert_close(z, x.float() + y, rtol=0, atol=1e-5)
+    # under autocast: the surface of a non-additive merge, against the float32 reference
+    _randomise(m, seed=8)
+    xb, yb = (t.to(torch.bfloat16) for t in _mixed_inputs((2, 3, 4), seed=9))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        zb = m(xb, yb)
+    assert zb.dtype == torch.bfloat16
+    reference = pwlu.pwlu2d_reference(xb.float(), yb.float(), *(getattr(m, n).detach() for n in NAMES))
+    torch.testing.assert_close(zb.float(), reference, rtol=2**-7, atol=1e-2)
     model = pwlu.convert_merges(
         build_model("resnet", lambda c, **k: nn.ReLU()), example_input=torch.randn(2, 1, 28, 28)
     )
@@ -741,6 +753,16 @@ def test_torch_compile_forward_and_backward():
     torch.testing.assert_close(z, ze)
     torch.testing.assert_close(gv, m.values.grad)
     torch.testing.assert_close(xs[0].grad, xe[0].grad)
+    torch.testing.assert_close(xs[1].grad, xe[1].grad)
+    # and against the reference, not only the eager kernels (which the compiled graph calls)
+    params = [getattr(m, n).detach().clone().requires_grad_(True) for n in NAMES]
+    xr = [t.clone().requires_grad_(True) for t in (x, y)]
+    zr = pwlu.pwlu2d_reference(*xr, *params)
+    zr.square().sum().backward()
+    torch.testing.assert_close(z, zr, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gv, params[0].grad, rtol=1e-4, atol=1e-4)
+    for got, want in zip(xs, xr):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------- DDP
