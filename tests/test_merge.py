@@ -849,6 +849,22 @@ def test_readme_pwlu2d_snippet_runs():
     exec(compile(snippet, "README.md", "exec"), {})
 
 
+def test_experiment_results_are_generated_from_the_committed_data(tmp_path):
+    """RESULTS.md is what summarize.py makes from the committed runs (metrics.json), the measured
+    step cost (cost.json) and the surface table (departures.json): regenerated here, it must be
+    the committed file; and the README's cost range is cost.json's."""
+    import json
+    import subprocess
+    import sys
+
+    merges = ROOT / "experiments" / "merges"
+    out = tmp_path / "RESULTS.md"
+    subprocess.run([sys.executable, str(merges / "summarize.py"), "--out", str(out)], check=True, capture_output=True)
+    assert out.read_text() == (merges / "RESULTS.md").read_text()
+    ratios = [r["ratio_to_add"] for r in json.loads((merges / "cost.json").read_text())["rows"] if r["merge"] != "add"]
+    assert f"A training step costs {min(ratios):.2f}–{max(ratios):.2f}× that of" in _readme_section()
+
+
 def test_readme_results_rows_are_those_of_the_experiment():
     """The README's results rows are rows of experiments/merges/RESULTS.md, as generated."""
     rows = [

@@ -16,7 +16,9 @@ Usage (from the repository root, after ``experiments/merges/run.sh``)::
 
 from __future__ import annotations
 
+import datetime
 import importlib.util
+import json
 import math
 import pathlib
 import statistics
@@ -26,6 +28,8 @@ import torch
 
 ROOT = pathlib.Path(__file__).resolve().parent
 RUNS = ROOT / "runs"
+COST = ROOT / "cost.json"  # experiments/merges/cost.py
+DEPARTURES = ROOT / "departures.json"  # the surface table, kept for clones without checkpoints
 MODELS = ["resnet", "mobilenet_v3"]
 ACTIVATIONS = ["relu", "pwlu"]
 MERGES = ["add", "pwlu2d"]
@@ -130,20 +134,39 @@ def paired_table() -> tuple[list[str], list[float]]:
 
 
 def cost_table() -> list[str]:
-    lines = ["| model | activation | merge | s / epoch (median over seeds) | ms / step | pwlu2d / add (paired, median) | epochs per run (s) |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
-    for model, act, merge, found, base in _groups():
+    """The measured step cost (``cost.json``, from ``cost.py``) and the runs' own epoch times."""
+    lines = []
+    if COST.exists():
+        cost = json.loads(COST.read_text())
+        lines += [
+            f"Measured by `experiments/merges/cost.py` ({cost['date']}, {cost['device']}, torch {cost['torch']}): one",
+            f"phase-II training step (forward, loss, backward, SGD and realigner step) on a batch of {cost['batch']},",
+            f"each configuration built as `pwlu train` builds it; median of {cost['rounds']} interleaved rounds, so the",
+            "machine's noise hits all configurations alike. Ratios are to addition with the same model and activation.",
+            "",
+            "| model | activation | merge | ms / step | pwlu2d / add |",
+            "|---|---|---|---|---|",
+        ]
+        for row in cost["rows"]:
+            ratio = f"{row['ratio_to_add']:.2f}x" if row["merge"] != "add" else "–"
+            lines.append(
+                f"| {row['model']} | {row['activation']} | {row['merge']} | {row['ms_per_step']:.1f} | {ratio} |"
+            )
+        lines.append("")
+    else:
+        lines += ["No `cost.json`: run `experiments/merges/cost.py` for the measured step cost.", ""]
+    lines += [
+        "The runs' own epoch times (median epoch per run, including the evaluation of the 10k test images)",
+        "are not a cost measurement: the runs shared two cores with other jobs, and the pwlu2d runs were",
+        "retrained with newer code while other work ran, whereas the add runs ran earlier on a quieter machine.",
+        "",
+        "| model | activation | merge | s / epoch (median over seeds) | epochs per run (s) |",
+        "|---|---|---|---|---|",
+    ]
+    for model, act, merge, found, _ in _groups():
         secs = {s: _epoch_seconds(m) for s, m in found.items()}
-        median = statistics.median(secs.values())
-        steps = _steps_per_epoch(next(iter(found.values()))["config"])
-        ratio = "–"
-        if merge == "pwlu2d":
-            ratios = [secs[s] / _epoch_seconds(base[s]) for s in secs if s in base]
-            ratio = f"{statistics.median(ratios):.2f}x" if ratios else "–"
         per_run = ", ".join(f"s{s}: {v:.1f}" for s, v in sorted(secs.items()))
-        lines.append(
-            f"| {model} | {act} | {merge} | {median:.1f} | {1000 * median / steps:.0f} | {ratio} | {per_run} |"
-        )
+        lines.append(f"| {model} | {act} | {merge} | {statistics.median(secs.values()):.1f} | {per_run} |")
     return lines
 
 
@@ -261,35 +284,64 @@ def plot_surfaces(run_name: str, model, inputs: dict, found: dict, out: pathlib.
     plt.close(fig)
 
 
-def surface_section() -> tuple[list[str], list[float]]:
-    """Departure-from-addition table of every pwlu2d checkpoint and the plots of the seed-0 runs;
-    and each merge's median departure over its channels."""
-    runs = sorted(p.parent for p in RUNS.glob("*_pwlu2d_s*/checkpoint.pt") if _load(p.parent) is not None)
-    if not runs:
-        return ["No run directory holds a checkpoint (`*.pt` is not committed), so no surface is measured or",
-                "plotted; rerun `experiments/merges/run.sh` in a fresh `runs/` folder to get them.", ""], []  # fmt: skip
+def _departure_lines(rows: list[dict]) -> tuple[list[str], list[float]]:
     lines = [
         "| run | merge | channels | departure: median over channels | of which non-constant | largest (channel) |",
         "|---|---|---|---|---|---|",
     ]
-    figures: list[str] = []
-    medians: list[float] = []
+    for r in rows:
+        lines.append(
+            f"| {r['run']} | `{r['merge']}` | {r['channels']} | {r['median']:.3f} | {r['median_non_constant']:.3f} | "
+            f"{r['largest']:.3f} ({r['largest_channel']}) |"
+        )
+    return lines, [r["median"] for r in rows]
+
+
+def _figures(names: list[str]) -> list[str]:
+    out = []
+    for name in names:
+        if name.endswith("_s0") and (ROOT / f"surfaces_{name}.png").exists():
+            out += [f"### {name}", "", f"![{name}](surfaces_{name}.png)", ""]
+    return out
+
+
+def surface_section() -> tuple[list[str], list[float]]:
+    """Departure-from-addition table of every pwlu2d checkpoint and the plots of the seed-0 runs;
+    and each merge's median departure over its channels. The table is also written to
+    ``departures.json``; without checkpoints (``*.pt`` is not committed) it is read from there."""
+    runs = sorted(p.parent for p in RUNS.glob("*_pwlu2d_s*/checkpoint.pt") if _load(p.parent) is not None)
+    if not runs:
+        if not DEPARTURES.exists():
+            return ["No run directory holds a checkpoint (`*.pt` is not committed), so no surface is measured or",
+                    "plotted; rerun `experiments/merges/run.sh` in a fresh `runs/` folder to get them.", ""], []  # fmt: skip
+        saved = json.loads(DEPARTURES.read_text())
+        lines, medians = _departure_lines(saved["rows"])
+        note = [
+            f"No run directory holds a checkpoint now, so this table and the figures are those {saved['source']}.",
+            "",
+        ]
+        return [*note, *lines, "", *_figures(sorted({r["run"] for r in saved["rows"]}))], medians
+    rows: list[dict] = []
     cache: dict = {}
     for run in runs:
         model, inputs, found = departures(run, cache)
         for name, per_channel in found.items():
             total = [d for d, _ in per_channel]
             c = max(range(len(total)), key=total.__getitem__)
-            medians.append(statistics.median(total))
-            lines.append(
-                f"| {run.name} | `{name}` | {len(total)} | {statistics.median(total):.3f} | "
-                f"{statistics.median(r for _, r in per_channel):.3f} | {total[c]:.3f} ({c}) |"
-            )
+            rows.append({"run": run.name, "merge": name, "channels": len(total),
+                         "median": round(statistics.median(total), 3),
+                         "median_non_constant": round(statistics.median(r for _, r in per_channel), 3),
+                         "largest": round(total[c], 3), "largest_channel": c})  # fmt: skip
         if run.name.endswith("_s0"):
-            out = ROOT / f"surfaces_{run.name}.png"
-            plot_surfaces(run.name, model, inputs, found, out)
-            figures += [f"### {run.name}", "", f"![{run.name}]({out.name})", ""]
-    return [*lines, "", *figures], medians
+            plot_surfaces(run.name, model, inputs, found, ROOT / f"surfaces_{run.name}.png")
+    source = (
+        "measured by summarize.py on the runs' checkpoints (2048 test images) on "
+        f"{datetime.date.today()}; the checkpoints are not committed (*.pt), so these rows are read from here "
+        "until a rerun of run.sh leaves checkpoints to measure again"
+    )
+    DEPARTURES.write_text(json.dumps({"source": source, "rows": rows}, indent=1) + "\n")
+    lines, medians = _departure_lines(rows)
+    return [*lines, "", *_figures([r.name for r in runs])], medians
 
 
 def reading(every: list[float], medians: list[float]) -> list[str]:
@@ -320,7 +372,12 @@ def reading(every: list[float], medians: list[float]) -> list[str]:
     ]
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Summarise experiments/merges into RESULTS.md")
+    parser.add_argument("--out", default=str(ROOT / "RESULTS.md"), help="where to write (default: RESULTS.md here)")
+    args = parser.parse_args(argv)
     first = next((m for m in (_load(p) for p in sorted(RUNS.glob("*"))) if m is not None), None)
     if first is None:
         print("no finished runs under experiments/merges/runs; run experiments/merges/run.sh first", file=sys.stderr)
@@ -361,16 +418,6 @@ def main() -> int:
         "",
         "## Training cost",
         "",
-        "Epoch seconds include the evaluation of the 10k test images after each epoch, so ms / step",
-        "(s / epoch divided by the steps) is an upper bound. One thread per run, on a shared 2-core",
-        "machine with other jobs running (two trainings at a time, plus other work): some epochs were",
-        "slowed several times over, so the times are indicative only; the timing benchmark is",
-        "`benchmarks/bench_merge.py`. **The pwlu2d / add ratios below are not a cost measurement**: the",
-        "pwlu2d runs were retrained with the current code (the earlier ones came from an older version of",
-        "the 2-D PWLU code) while a second training and a Triton AOT compile shared the two cores, whereas",
-        "the add runs ran earlier on a quieter machine; the previous pwlu2d runs, made alongside the add runs,",
-        "took 1.04x–1.21x the epoch time of addition (paired medians).",
-        "",
         *cost_table(),
         "",
         "## Learned surfaces",
@@ -384,7 +431,7 @@ def main() -> int:
         "",
         *surfaces,
     ]
-    out = ROOT / "RESULTS.md"
+    out = pathlib.Path(args.out)
     out.write_text("\n".join(text))
     print("\n".join(reading(every, medians)) + f"\nwrote {out}")
     return 0
