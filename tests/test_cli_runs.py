@@ -380,6 +380,28 @@ def test_fine_tune_resumes_from_another_working_directory(run_dirs, tmp_path, ca
     assert main([*args, "--init-from", "../finished/checkpoint.pt", "--resume"]) == 0, capsys.readouterr().err
 
 
+def test_fine_tune_resumes_after_its_source_is_gone(tmp_path, capsys):
+    """Regression: a fine-tuning run rebuilt its converted structure from the ``--init-from``
+    checkpoint also when resuming (whose own checkpoint then replaces every weight), so it could not
+    resume once that file was moved or deleted. The run's checkpoint now records the source's
+    configuration, and a resume rebuilds the structure from it when the file is gone."""
+    source = tmp_path / "gelu"
+    assert main(["train", *ONE_EPOCH, "--model", "cnn", "--activation", "gelu", "--out", str(source)]) == 0
+    args = ["train", *FAST, "--model", "cnn", "--activation", "pwlu", "--init", "match", "--epochs", "2",
+            "--warmup-epochs", "0", "--init-from", str(source / "checkpoint.pt")]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+    assert main([*args, "--out", str(tmp_path / "tuned"), "--stop-after", "1"]) == 0
+    (source / "checkpoint.pt").rename(tmp_path / "moved.pt")
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "tuned"), "--resume"]) == 0, capsys.readouterr().err
+    whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    resumed = json.loads((tmp_path / "tuned" / "metrics.json").read_text())
+    assert resumed["finished"] and resumed["final_test_acc"] == whole["final_test_acc"]
+    # a new fine-tuning run from the missing file is still refused, naming it
+    code = main([*args, "--out", str(tmp_path / "new")])
+    _refused(code, capsys, str(source / "checkpoint.pt"))
+
+
 @pytest.mark.parametrize(
     "args,needle",
     [

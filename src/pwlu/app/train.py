@@ -283,7 +283,9 @@ def _load_weights(model: nn.Module, ckpt: dict, path: str | os.PathLike) -> tupl
     return mean, std
 
 
-def model_from_checkpoint(cfg: TrainConfig, data: TensorData, match: bool = True) -> tuple[nn.Module, tuple]:
+def model_from_checkpoint(
+    cfg: TrainConfig, data: TensorData, match: bool = True, resume: dict | None = None, record: dict | None = None
+) -> tuple[nn.Module, tuple]:
     """The model of ``cfg.init_from`` (a :func:`train` checkpoint) with its weights, for fine-tuning,
     and the normalisation it was trained with.
 
@@ -295,14 +297,25 @@ def model_from_checkpoint(cfg: TrainConfig, data: TensorData, match: bool = True
     follow). ``match=False`` only converts (the structure of a run being resumed, whose checkpoint
     then replaces the weights).
 
+    ``resume``: the checkpoint of the run being resumed. Where it records the source's configuration
+    (``source_config``) and ``cfg.init_from`` no longer exists, the structure is built from that
+    record (the weights come from ``resume`` anyway). ``record``, if given, receives the source's
+    configuration as ``record["source_config"]``, for the run's checkpoints.
+
     Raises:
         ConfigError: the checkpoint was trained on another --model or --dataset, or a conversion to
             anything but pwlu.
     """
     from pwlu import convert_activations
 
-    ckpt = load_checkpoint(cfg.init_from)
-    src = config_from_checkpoint(ckpt, cfg.init_from)
+    recorded = (resume or {}).get("source_config")
+    if recorded is not None and not pathlib.Path(cfg.init_from).exists():  # moved or deleted since
+        ckpt, src = None, config_from_checkpoint({"config": recorded}, f"{cfg.out}/{CHECKPOINT} (its source)")
+    else:
+        ckpt = load_checkpoint(cfg.init_from)
+        src = config_from_checkpoint(ckpt, cfg.init_from)
+    if record is not None:
+        record["source_config"] = dataclasses.asdict(src)
     for field in ("model", "dataset"):
         if getattr(src, field) != getattr(cfg, field):
             raise ConfigError(f"--init-from {cfg.init_from} was trained with --{field} {getattr(src, field)}, "
@@ -319,7 +332,10 @@ def model_from_checkpoint(cfg: TrainConfig, data: TensorData, match: bool = True
                               f"{getattr(src, field)}, which it keeps: pass {option_name(field)} "
                               f"{getattr(src, field)}, not {getattr(cfg, field)}")  # fmt: skip
     model = build(src, data)
-    mean, std = _load_weights(model, ckpt, cfg.init_from)
+    if ckpt is not None:
+        mean, std = _load_weights(model, ckpt, cfg.init_from)
+    else:  # resumed without the source: its normalisation, as the run recorded it; weights follow
+        mean, std = resume["normalisation"]
     example = normalise(data.train_x[:2], mean, std)
     if cfg.activation != src.activation:
         g = torch.Generator().manual_seed(cfg.seed)
@@ -374,8 +390,9 @@ def train(cfg: TrainConfig, data: TensorData | None = None, resume: bool = False
     mean, std = channel_stats(data.train_x)
 
     torch.manual_seed(cfg.seed)
+    source: dict = {}  # fine-tuning: the source's configuration, kept in the run's checkpoints
     if cfg.init_from is not None:  # fine-tuning: the trained model, converted (matched) unless resuming
-        model, (mean, std) = model_from_checkpoint(cfg, data, match=ckpt is None)  # refusals write nothing
+        model, (mean, std) = model_from_checkpoint(cfg, data, match=ckpt is None, resume=ckpt, record=source)
     else:
         model = build(cfg, data)
     if rank == 0:
@@ -467,6 +484,7 @@ def train(cfg: TrainConfig, data: TensorData | None = None, resume: bool = False
                 "realigner": realigner.state_dict() if realigner is not None else None,
                 "history": history,
                 "normalisation": (mean, std),
+                **source,
             }
             _atomic_save(state, ckpt_path)
             _write_metrics(out, cfg, history, done=epoch + 1 == cfg.epochs)
