@@ -623,7 +623,10 @@ def test_channel_axis_from_the_block_layers():
             nn.Sequential(_Conv1dBlock(8)), example_input=torch.randn(2, 8, 5), blocks=[_Conv1dBlock], channel_dim=3
         )
 
-    # layers that name both axes (a 64 -> 256 -> 64 bottleneck on length 256): a guess, with a warning
+    # layers that name both axes' sizes (a 64 -> 256 -> 64 bottleneck on length 256), all of them
+    # channel-first: axis 1. Regression: this was a guess, and the same tie with the sizes equal
+    # (a Conv1d block on (2, 16, 16), a Swin block at 384 x 384 on (1, 96, 96, 96)) took the rank's
+    # default without a warning: axis -1 for the Conv1d block, axis 1 (H) for the Swin block
     class _Bottleneck1d(nn.Module):
         def __init__(self):
             super().__init__()
@@ -632,11 +635,35 @@ def test_channel_axis_from_the_block_layers():
         def forward(self, x):
             return self.b(self.a(x)) + x
 
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        net = convert_merges(nn.Sequential(_Bottleneck1d()), example_input=torch.randn(2, 64, 256), blocks=[_Bottleneck1d])
+        ((_, m),) = merge_modules(net)
+        assert (m.num_channels, m.channel_dim) == (64, 1)
+        square = convert_merges(nn.Sequential(_Conv1dBlock(16)), example_input=torch.randn(2, 16, 16), blocks=[_Conv1dBlock])
+        ((_, m),) = merge_modules(square)
+        assert (m.num_channels, m.channel_dim) == (16, 1)
+        cube = convert_merges(
+            nn.Sequential(_ChannelsLastBlock(6)), example_input=torch.randn(1, 6, 6, 6), blocks=[_ChannelsLastBlock]
+        )
+        ((_, m),) = merge_modules(cube)
+        assert (m.num_channels, m.channel_dim) == (6, -1)
+    with torch.no_grad():
+        x = torch.randn(1, 9, 3, 6)  # another resolution
+        torch.testing.assert_close(cube(x), x + cube[0].fc(cube[0].norm(x)))
+
+    # layers of both layouts that name both axes: a guess, with a warning
+    class _Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv1d(64, 64, 1), nn.Linear(256, 256)
+
+        def forward(self, x):
+            return self.fc(self.conv(x)) + x
+
     with pytest.warns(UserWarning, match="do not tell which axis"):
-        convert_merges(nn.Sequential(_Bottleneck1d()), example_input=torch.randn(2, 64, 256), blocks=[_Bottleneck1d])
-    net = convert_merges(
-        nn.Sequential(_Bottleneck1d()), example_input=torch.randn(2, 64, 256), blocks=[_Bottleneck1d], channel_dim=1
-    )
+        convert_merges(nn.Sequential(_Mixed()), example_input=torch.randn(2, 64, 256), blocks=[_Mixed])
+    net = convert_merges(nn.Sequential(_Mixed()), example_input=torch.randn(2, 64, 256), blocks=[_Mixed], channel_dim=1)
     ((_, m),) = merge_modules(net)
     assert (m.num_channels, m.channel_dim) == (64, 1)
     # layers that do not tell: the rank's default, with a warning

@@ -23,6 +23,8 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from .convert import (
+    _CHANNEL_FIRST_PRODUCERS,
+    _CHANNEL_LAST_PRODUCERS,
     ConversionError,
     _check_not_scripted,
     _default_input,
@@ -226,17 +228,33 @@ def _excluded(name: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(a, p) for a in ancestors for p in patterns)
 
 
-def _channel_dim(shape: tuple[int, ...], layer_channels: set[int]) -> tuple[int, bool]:
+def _layouts(block: nn.Module) -> set[int]:
+    """The channel axes that ``block``'s channel-declaring layers work on: 1 for convolutions and
+    norms over channels, -1 for linear layers and LayerNorm (transformers' ``Conv1D`` too)."""
+    axes: set[int] = set()
+    for m in block.modules():
+        if isinstance(m, _CHANNEL_FIRST_PRODUCERS):
+            axes.add(1)
+        elif isinstance(m, _CHANNEL_LAST_PRODUCERS) or (type(m).__name__ == "Conv1D" and hasattr(m, "nf")):
+            axes.add(-1)
+    return axes
+
+
+def _channel_dim(shape: tuple[int, ...], layer_channels: set[int], layouts: set[int] = frozenset()) -> tuple[int, bool]:
     """The channel axis of a merge's inputs, and whether it was a guess: axis 1 or -1, the one
     whose size is a channel count of the block's layers (a ``Conv1d`` block's ``(B, C, L)``, a
-    Swin block's ``(B, H, W, C)``); where that does not decide, -1 for 3-D ``(B, T, C)``, else 1."""
+    Swin block's ``(B, H, W, C)``); where both are (``(2, 16, 16)``, Swin at 384 x 384 on
+    ``(1, 96, 96, 96)``), the axis the layers work on when they all work on one (``layouts``);
+    where that does not decide either, -1 for 3-D ``(B, T, C)``, else 1."""
     default = -1 if len(shape) == 3 else 1
     if len(shape) < 3:
         return default, False
     first, last = shape[1] in layer_channels, shape[-1] in layer_channels
     if first != last:
         return (1 if first else -1), False
-    return default, shape[1] != shape[-1]  # both or neither are channel counts: a guess
+    if first and len(layouts) == 1:
+        return next(iter(layouts)), False
+    return default, True  # both or neither are channel counts: a guess
 
 
 def convert_merges(
@@ -392,7 +410,8 @@ def convert_merges(
                     "(broadcasting); a PWLU2D needs two inputs of one shape. Exclude its block"
                 )
             layer_channels = _layer_channels(block)
-            found_dims = {sx: _channel_dim(sx, layer_channels) for sx, _ in shapes}
+            layouts = _layouts(block)
+            found_dims = {sx: _channel_dim(sx, layer_channels, layouts) for sx, _ in shapes}
             if channel_dim is None:
                 dims = {d for d, _ in found_dims.values()}
                 if any(guess for _, guess in found_dims.values()):
