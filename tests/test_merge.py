@@ -637,10 +637,14 @@ def test_channel_axis_from_the_block_layers():
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        net = convert_merges(nn.Sequential(_Bottleneck1d()), example_input=torch.randn(2, 64, 256), blocks=[_Bottleneck1d])
+        net = convert_merges(
+            nn.Sequential(_Bottleneck1d()), example_input=torch.randn(2, 64, 256), blocks=[_Bottleneck1d]
+        )
         ((_, m),) = merge_modules(net)
         assert (m.num_channels, m.channel_dim) == (64, 1)
-        square = convert_merges(nn.Sequential(_Conv1dBlock(16)), example_input=torch.randn(2, 16, 16), blocks=[_Conv1dBlock])
+        square = convert_merges(
+            nn.Sequential(_Conv1dBlock(16)), example_input=torch.randn(2, 16, 16), blocks=[_Conv1dBlock]
+        )
         ((_, m),) = merge_modules(square)
         assert (m.num_channels, m.channel_dim) == (16, 1)
         cube = convert_merges(
