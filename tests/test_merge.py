@@ -227,6 +227,15 @@ def test_lazy():
     assert type(m) is PWLU2D and m.num_channels == 3 and m.values.shape == (3, 5, 5)
     torch.testing.assert_close(z, x + y)
     assert "num_channels=<lazy>" in repr(LazyPWLU2D())
+    # Regression: restored from a state_dict (resuming a lazy model), its first call crashed
+    # (num_channels stayed None with (C, N+1, N+1) values)
+    src = _randomise(PWLU2D(3, num_intervals=4), seed=2)
+    src.x_running_mean.fill_(0.5)
+    lazy = LazyPWLU2D(num_intervals=4)
+    lazy.load_state_dict(src.state_dict())
+    x, y = _mixed_inputs((2, 3, 5, 5), seed=3)
+    torch.testing.assert_close(lazy(x, y), src(x, y))
+    assert type(lazy) is PWLU2D and lazy.num_channels == 3 and torch.equal(lazy.x_running_mean, src.x_running_mean)
 
 
 # ----------------------------------------------------------------------------- statistics and realignment

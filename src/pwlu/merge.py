@@ -532,7 +532,10 @@ class LazyPWLU2D(LazyModuleMixin, PWLU2D):
             super().reset_parameters()
 
     def initialize_parameters(self, x: Tensor, y: Tensor | None = None, *args: Any, **kwargs: Any) -> None:
-        if not self.has_uninitialized_params():
+        if not self.has_uninitialized_params():  # materialised by load_state_dict: its channels
+            self.num_channels = self.values.shape[0] if self.values.dim() == 3 else None
+            if self._auto_channel_dim and isinstance(x, Tensor) and x.dim() >= 2:
+                self.channel_dim = -1 if x.dim() == 3 else 1
             return
         if not isinstance(x, Tensor) or x.dim() < 2:
             raise ValueError(f"LazyPWLU2D: needs tensors with a channel axis, but got {x!r}")
