@@ -319,6 +319,31 @@ def test_statistics_only_while_collecting_in_training():
         torch.testing.assert_close(getattr(m, f"{buf}_running_std").double(), std, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("init", ["mean", "max", "product"])
+def test_realignment_and_fix_init_keep_the_modules_init(init):
+    """Regression: realignment and fix_init reset every PWLU2D to addition, also one made with
+    init="mean", "max" or a callable: at the end of phase I its function jumped (the identity
+    contribution doubled for "mean") while it still reported its init. They reset to the module's
+    own init on the new grid (addition for the default, SPEC section 10)."""
+    fn = {"mean": lambda a, b: 0.5 * (a + b), "max": torch.maximum, "product": lambda a, b: a * b}[init]
+    m = PWLU2D(2, num_intervals=8, init=fn if init == "product" else init).double()
+    model = nn.Sequential()
+    model.add_module("merge", m)
+    m.set_collecting(True)
+    x, y = 1 + 0.5 * torch.randn(256, 2, dtype=torch.float64), -2 + 2 * torch.randn(256, 2, dtype=torch.float64)
+    m(x, y)
+    m.set_collecting(False)
+    assert pwlu.realign_boundaries(model) == ["merge"]
+    xl, xr, yl, yr = (getattr(m, n).detach() for n in NAMES[1:5])
+    assert torch.allclose(xl, m.x_running_mean - 3 * m.x_running_std)
+    gx = xl[:, None] + torch.arange(9, dtype=torch.float64) / 8 * (xr - xl)[:, None]  # the new vertices
+    gy = yl[:, None] + torch.arange(9, dtype=torch.float64) / 8 * (yr - yl)[:, None]
+    torch.testing.assert_close(m.values.detach(), fn(gx[:, :, None], gy[:, None, :]))
+    pwlu.fix_init(model, 2.0)
+    g = torch.linspace(-2.0, 2.0, 9, dtype=torch.float64)
+    torch.testing.assert_close(m.values.detach(), fn(g[:, None], g[None, :]).expand(2, 9, 9))
+
+
 def test_realign_boundaries_fix_init_and_preserving_rebound():
     m = PWLU2D(2, num_intervals=4)
     model = nn.Sequential()

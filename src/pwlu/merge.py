@@ -435,7 +435,8 @@ class PWLU2D(nn.Module):
     def realign(self, num_sigmas: float = 3.0, min_width: float = 1e-2, preserve_function: bool = False) -> None:
         """SPEC section 10's reset: both ranges to ``running_mean ± num_sigmas * running_std`` of their
         input (widened to ``min_width``, cut to what the dtype holds, as :func:`pwlu.realign_boundaries`
-        does for PWLU), ``V`` back to addition on the new grid and all four slopes 1.
+        does for PWLU), ``V`` back to the module's init on the new grid: addition with all four slopes
+        1 by default (SPEC section 10), or ``init="max"``, ``"mean"`` or the callable it was made with.
 
         With ``preserve_function=True`` (beyond the SPEC) the ranges move the same way but ``V``
         becomes the current surface sampled at the new vertices and the outer slopes are kept:
@@ -450,7 +451,7 @@ class PWLU2D(nn.Module):
         xl, xr = _data_bounds(self._stats("x"), float(num_sigmas), float(min_width))
         yl, yr = _data_bounds(self._stats("y"), float(num_sigmas), float(min_width))
         if not preserve_function:
-            self.init_from_function(torch.add, xl, xr, yl, yr)
+            self.init_from_function(self.init_fn, xl, xr, yl, yr)
             return
         n = self.num_intervals
         f64 = torch.float64

@@ -321,7 +321,8 @@ def realign_boundaries(
 
 @torch.no_grad()
 def fix_init(model: nn.Module, bound: float) -> None:
-    """The paper's fix-init-X ablation: every PWLU becomes ReLU on ``[-bound, bound]``.
+    """The paper's fix-init-X ablation: every PWLU becomes ReLU on ``[-bound, bound]`` (every
+    :class:`~pwlu.PWLU2D` its init, addition by default, on ``[-bound, bound]²``).
 
     Paper: https://arxiv.org/abs/2104.03693, Sec. 4.2 (X in {3, 6, 10}). ``K_L = 0``,
     ``K_R = 1``, ``Y_P[i] = max(0, B_i)``; statistics collection is switched off and the
@@ -331,7 +332,7 @@ def fix_init(model: nn.Module, bound: float) -> None:
     """
     _check_positive("fix_init: bound", bound)
     modules = pwlu_modules(model)
-    merges = merge_modules(model)  # a PWLU2D becomes addition on [-bound, bound]^2
+    merges = merge_modules(model)  # a PWLU2D becomes its init (addition by default) on [-bound, bound]^2
     if not modules and not merges:
         raise ValueError(f"fix_init: no PWLU (or PWLU2D) module in {type(model).__name__}")
     check_materialised(modules + merges, "fix_init")
@@ -350,7 +351,7 @@ def fix_init(model: nn.Module, bound: float) -> None:
         module.reset_running_stats()
         module.set_collecting(False)
     for _, merge in merges:
-        merge.init_from_function(torch.add, -float(bound), float(bound), -float(bound), float(bound))
+        merge.init_from_function(merge.init_fn, -float(bound), float(bound), -float(bound), float(bound))
         merge.reset_running_stats()
         merge.set_collecting(False)
 
