@@ -119,6 +119,17 @@ def test_bad_arguments_name_the_values():
         PWLU2D(-2)
     with pytest.raises(ValueError, match="bound must be a finite number > 0, but got inf"):
         PWLU2D(bound=math.inf)
+    # Regression: a range narrower than MIN_WIDTH, which the ops widen, was accepted, so the
+    # module was not addition at init (100% error at bound=1e-4)
+    with pytest.raises(ValueError, match=r"x range .* at least pwlu.MIN_WIDTH=0.001 wide .* -0.0001"):
+        PWLU2D(3, bound=1e-4)
+    m = PWLU2D(3)
+    with pytest.raises(ValueError, match=r"y range .* at least pwlu.MIN_WIDTH"):
+        m.init_from_function(torch.add, 0.0, 1.0, 0.0, 1e-5)
+    torch.testing.assert_close(m.values.detach(), PWLU2D(3).values.detach())  # unchanged
+    m = PWLU2D(3, bound=5e-4)  # exactly MIN_WIDTH wide: addition
+    x = 1e-3 * torch.rand(2, 3, 4) - 5e-4
+    torch.testing.assert_close(m(x, x.flip(0)), x + x.flip(0), rtol=0, atol=1e-9)
     with pytest.raises(ValueError, match="unknown init 'mull'"):
         PWLU2D(init="mull")
     with pytest.raises(TypeError, match="must act elementwise"):

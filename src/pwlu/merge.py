@@ -275,6 +275,12 @@ class PWLU2D(nn.Module):
                 raise ValueError(
                     f"PWLU2D: need {axis}_left_bound < {axis}_right_bound, but got {lo.tolist()} and {hi.tolist()}"
                 )
+            if not bool((hi - lo >= MIN_WIDTH).all()):  # the ops widen such a range: F would not be fn
+                raise ValueError(
+                    f"PWLU2D: the {axis} range [{axis}_left_bound, {axis}_right_bound] must be at least "
+                    f"pwlu.MIN_WIDTH={MIN_WIDTH} wide (narrower ranges are widened to it, so F would not equal "
+                    f"{getattr(fn, '__name__', 'fn')}), but got {lo.tolist()} and {hi.tolist()}"
+                )
         # the parameter dtype's bounds, so that the grid below is exactly the stored one
         xl, xr, yl, yr = (b.to(dtype).to(torch.float64) for b in (xl, xr, yl, yr))
         n = self.num_intervals
