@@ -408,6 +408,11 @@ def test_boundary_iou_per_input_and_parameter_groups():
     # [-3, 3] against [~-1, ~1] and [~-6, ~6]: IOU 1/3 and 1/2
     torch.testing.assert_close(iou["merge.x"], torch.full((2,), 1 / 3, dtype=torch.float64), atol=2e-3, rtol=0)
     torch.testing.assert_close(iou["merge.y"], torch.full((2,), 1 / 2, dtype=torch.float64), atol=2e-3, rtol=0)
+    # Regression: a merge called with its inputs by name crashed boundary_iou (IndexError)
+    for call in (lambda net, b: net.merge(b[0], y=b[1]), lambda net, b: net.merge(x=b[0], y=b[1])):
+        by_name = pwlu.boundary_iou(model, [(x, y)], lower=0.0, upper=1.0, forward=call)
+        for key in iou:
+            torch.testing.assert_close(by_name[key], iou[key])
     net = nn.Sequential(nn.Linear(2, 2))
     net.add_module("merge", PWLU2D(2))
     groups = pwlu.parameter_groups(net, weight_decay=1e-4)

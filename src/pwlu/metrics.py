@@ -125,8 +125,11 @@ def boundary_iou(
     reservoirs.update({f"{name}.{a}": _ChannelReservoir(reservoir_size, generator) for name, _ in merges for a in "xy"})
 
     def make_hook(name: str, module: PWLU, index: int = 0):
-        def hook(_: nn.Module, args: tuple[Any, ...]) -> None:
-            x = args[index]
+        def hook(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            # the input, passed by position or by name (``merge(a, y=b)``)
+            x = args[index] if len(args) > index else kwargs.get("xy"[index])
+            if not isinstance(x, torch.Tensor):
+                return
             if module.channel_wise:
                 cd = module.channel_dim % x.dim()
                 flat = x.movedim(cd, 0).reshape(x.shape[cd], -1)
@@ -137,8 +140,12 @@ def boundary_iou(
         return hook
 
     was_training = {m: m.training for m in model.modules()}
-    handles = [m.register_forward_pre_hook(make_hook(name, m)) for name, m in modules]
-    handles += [m.register_forward_pre_hook(make_hook(f"{name}.{a}", m, i)) for name, m in merges for i, a in enumerate("xy")]
+    handles = [m.register_forward_pre_hook(make_hook(name, m), with_kwargs=True) for name, m in modules]
+    handles += [
+        m.register_forward_pre_hook(make_hook(f"{name}.{a}", m, i), with_kwargs=True)
+        for name, m in merges
+        for i, a in enumerate("xy")
+    ]
     try:
         model.eval()
         for batch in batches:
