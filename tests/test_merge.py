@@ -7,6 +7,7 @@ The operator itself (reference vs loop, gradcheck, kernels) is tested in ``test_
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from pathlib import Path
 
@@ -754,8 +755,16 @@ def test_conversion_errors_leave_the_model_unchanged():
         convert_merges(nn.Sequential(_block(lambda s, x: s.conv(x) + x)), example_input=torch.randn(2, 5, 4, 4))
     with pytest.raises(ValueError, match="mode must be 'channel' or 'layer'"):
         convert_merges(nn.Sequential(), mode="pixel")
-    with pytest.raises(ConversionError, match="TorchScript"):
+    # Regression: these errors named convert_activations and its activations, or were raw
+    with pytest.raises(ConversionError, match="^convert_merges: the model is a TorchScript .* residual additions"):
         convert_merges(torch.jit.script(nn.Sequential(nn.Conv2d(3, 3, 1))), example_input=x)
+    for exclude in (3, [3], 2.5):
+        with pytest.raises(TypeError, match=f"convert_merges: exclude must be a pattern .* {re.escape(repr(exclude))}"):
+            convert_merges(nn.Sequential(), exclude=exclude)
+    with pytest.raises(TypeError, match="convert_activations: exclude must be a pattern .* 3"):
+        pwlu.convert_activations(nn.Sequential(nn.ReLU()), exclude=3, example_input=torch.randn(2, 3))
+    with pytest.raises(TypeError, match="init function <lambda> must return a floating-point tensor .* bool"):
+        PWLU2D(2, init=lambda a, b: a > b)
 
 
 # ----------------------------------------------------------------------------- export and compile

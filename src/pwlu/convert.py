@@ -411,14 +411,24 @@ def _is_spatially_1x1(calls: list[_Call], channel_dims: list[int]) -> bool:
     )
 
 
-def _check_not_scripted(model: nn.Module) -> None:
-    """TorchScript modules run compiled code: their activations cannot be replaced."""
+def _exclude_patterns(exclude: Any, caller: str) -> list[str]:
+    """``exclude=`` as a list of patterns; a ``TypeError`` naming it for anything else."""
+    if exclude is None or isinstance(exclude, str):
+        return [exclude] if exclude else []
+    patterns = list(exclude) if isinstance(exclude, Iterable) else None
+    if patterns is None or not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"{caller}: exclude must be a pattern or a list of patterns, but got {exclude!r}")
+    return patterns
+
+
+def _check_not_scripted(model: nn.Module, caller: str = "convert_activations", what: str = "activations") -> None:
+    """TorchScript modules run compiled code: their activations (or merges) cannot be replaced."""
     for name, m in model.named_modules():
         if isinstance(m, torch.jit.ScriptModule) and not isinstance(m, torch.jit.TracedModule):
             where = f"submodule {name!r}" if name else "the model"
             raise ConversionError(
-                f"convert_activations: {where} is a TorchScript module ({type(m).__name__}, made by "
-                "torch.jit.script): its forward is compiled code, so its activations cannot be replaced. "
+                f"{caller}: {where} is a TorchScript module ({type(m).__name__}, made by "
+                f"torch.jit.script): its forward is compiled code, so its {what} cannot be replaced. "
                 "Convert the eager model, then script it"
             )
 
@@ -699,9 +709,7 @@ def convert_activations(
         raise ValueError(f"convert_activations: num_intervals must be an int >= 1, but got {num_intervals!r}")
     if channel_dim is not None and (isinstance(channel_dim, bool) or not isinstance(channel_dim, int)):
         raise TypeError(f"convert_activations: channel_dim must be None or an int, but got {channel_dim!r}")
-    patterns = [exclude] if isinstance(exclude, str) else list(exclude or [])
-    if not all(isinstance(p, str) for p in patterns):
-        raise TypeError(f"convert_activations: exclude must be a pattern or a list of patterns, but got {exclude!r}")
+    patterns = _exclude_patterns(exclude, "convert_activations")
     _check_not_scripted(model)
     kwargs = dict(activation_kwargs or {})
     if factory is get_activation("pwlu") or factory is get_activation("npwlu"):

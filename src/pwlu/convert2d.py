@@ -28,6 +28,7 @@ from .convert import (
     ConversionError,
     _check_not_scripted,
     _default_input,
+    _exclude_patterns,
     _free_attr,
     _layer_channels,
     _rng_devices,
@@ -330,9 +331,7 @@ def convert_merges(
         raise ValueError(f"convert_merges: num_intervals must be an int >= 1, but got {num_intervals!r}")
     if mode not in ("channel", "layer"):
         raise ValueError(f"convert_merges: mode must be 'channel' or 'layer', but got {mode!r}")
-    patterns = [exclude] if isinstance(exclude, str) else list(exclude or [])
-    if not all(isinstance(p, str) for p in patterns):
-        raise TypeError(f"convert_merges: exclude must be a pattern or a list of patterns, but got {exclude!r}")
+    patterns = _exclude_patterns(exclude, "convert_merges")
     names = set(MERGE_BLOCK_NAMES)
     types_: tuple[type, ...] = ()
     for b in blocks:
@@ -342,7 +341,7 @@ def convert_merges(
             types_ += (b,)
         else:
             raise TypeError(f"convert_merges: blocks must hold class names or classes, but got {b!r}")
-    _check_not_scripted(model)
+    _check_not_scripted(model, "convert_merges", "residual additions")
     kwargs = dict(merge_kwargs or {})
     fixed = [k for k in ("num_channels", "num_intervals") if k in kwargs]
     if fixed:

@@ -315,6 +315,11 @@ class PWLU2D(nn.Module):
                 f"PWLU2D: init function {name} must act elementwise: given two tensors of shape {tuple(gx.shape)}, "
                 f"it returned shape {tuple(values.shape)}"
             )
+        if not values.is_floating_point():  # a comparison (bool) or an integer function: no slopes
+            raise TypeError(
+                f"PWLU2D: init function {name} must return a floating-point tensor (F's values, and its slopes "
+                f"from autograd), but returned {str(values.dtype).replace('torch.', '')}"
+            )
         values = values.detach().to(torch.float64)
         bad = ~torch.isfinite(values.to(dtype))
         if bool(bad.any()):
