@@ -485,6 +485,24 @@ def test_torchvision_inverted_residual_zoo(name, count):
     assert _count(converted) == count
 
 
+def test_converted_blocks_keep_their_plain_attributes():
+    """Regression: a converted block (an fx.GraphModule) lost its plain attributes (torchvision's
+    BasicBlock.stride and .expansion, InvertedResidual.use_res_connect and .out_channels), which
+    init loops and user code read; they are copied. Its class and methods are not (documented)."""
+    torchvision = pytest.importorskip("torchvision")
+    resnet = convert_merges(torchvision.models.resnet18(weights=None), example_input=torch.randn(1, 3, 64, 64))
+    block = resnet.layer2[0]
+    assert isinstance(block, torch.fx.GraphModule) and type(block).__name__ == "BasicBlock"
+    assert (block.stride, block.expansion) == (2, 1) and resnet.layer1[0].stride == 1
+    mobilenet = torchvision.models.mobilenet_v2(weights=None)
+    k = next(i for i, b in enumerate(mobilenet.features) if getattr(b, "use_res_connect", False))
+    before = mobilenet.features[k]
+    mobilenet = convert_merges(mobilenet, example_input=torch.randn(1, 3, 64, 64))
+    after = mobilenet.features[k]
+    assert isinstance(after, torch.fx.GraphModule) and after.use_res_connect
+    assert (after.out_channels, after.stride) == (before.out_channels, before.stride)
+
+
 @pytest.mark.parametrize(
     "name,count", [("efficientnet_b0", 9), ("mobilenetv2_100", 10), ("resnet50", 16), ("convnext_atto", 12)]
 )

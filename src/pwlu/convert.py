@@ -332,6 +332,29 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, attr, module)
 
 
+def _rewritten(owner: nn.Module, graph: fx.Graph) -> fx.GraphModule:
+    """``owner`` as an ``fx.GraphModule`` of ``graph``, with its class name, mode and plain
+    attributes: the public values that are neither callables, modules nor tensors (``stride``,
+    ``expansion``, ``use_res_connect``...), which init loops and user code read. Its class and
+    methods are not carried over (``isinstance(block, BasicBlock)`` is False)."""
+    rewritten = fx.GraphModule(owner, graph, class_name=type(owner).__name__)
+    rewritten.train(owner.training)
+    names = {
+        *vars(owner),
+        *(n for klass in type(owner).__mro__ if klass not in (nn.Module, object) for n in vars(klass)),
+    }
+    for name in sorted(names):
+        if name.startswith("_") or hasattr(rewritten, name):
+            continue
+        try:
+            value = getattr(owner, name)
+        except Exception:  # noqa: BLE001 - a property that cannot be read on this instance
+            continue
+        if not callable(value) and not isinstance(value, (nn.Module, Tensor)):
+            setattr(rewritten, name, value)
+    return rewritten
+
+
 def _free_attr(owner: nn.Module, base: str) -> str:
     i = 1
     while hasattr(owner, f"{base}_{i}"):
@@ -366,8 +389,7 @@ def _split_call_sites(root: nn.Module, name: str, num_calls: int, owner_calls: i
         new_attr = _free_attr(owner, attr)
         owner.add_module(new_attr, copy.deepcopy(act))
         node.target = new_attr
-    rewritten = fx.GraphModule(owner, graph, class_name=type(owner).__name__)
-    rewritten.train(owner.training)
+    rewritten = _rewritten(owner, graph)
     if not owner_name:
         return rewritten
     _set_submodule(root, owner_name, rewritten)

@@ -31,6 +31,7 @@ from .convert import (
     _exclude_patterns,
     _free_attr,
     _layer_channels,
+    _rewritten,
     _rng_devices,
     _run,
     _set_submodule,
@@ -218,9 +219,7 @@ def _rewrite(block: nn.Module, name: str) -> tuple[nn.Module, list[str]]:
         graph.erase_node(node)
         added.append(attr)
     graph.lint()
-    rewritten = fx.GraphModule(block, graph, class_name=type(block).__name__)
-    rewritten.train(block.training)
-    return rewritten, added
+    return _rewritten(block, graph), added
 
 
 def _excluded(name: str, patterns: list[str]) -> bool:
