@@ -815,3 +815,23 @@ def test_backward_runs_on_the_backend_of_its_forward(op, monkeypatch):
     out.sum().backward()  # outside the block
     assert len(calls) == 1, calls
     assert x.grad is not None and all(p.grad is not None for p in params)
+
+
+def test_modules_made_under_inference_mode_run_outside_it():
+    """Regression: a PWLU, NPWLU or PWLU2D constructed under ``torch.inference_mode()`` (whose
+    parameters are then inference tensors, without version counters) failed on every later call
+    outside it, even under ``no_grad`` ("Inference tensors do not track version counter", from
+    the parameter check's cache); ``nn.Linear`` made the same way works. They are checked on
+    every call instead of remembered."""
+    torch.manual_seed(0)
+    normal = [pwlu.PWLU(3), pwlu.NPWLU(3), pwlu.PWLU2D(3)]
+    with torch.inference_mode():
+        torch.manual_seed(0)
+        made = [pwlu.PWLU(3), pwlu.NPWLU(3), pwlu.PWLU2D(3)]
+    assert made[0].points.is_inference()
+    x, y = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    for train in (True, False):
+        with torch.no_grad():
+            for a, b in zip(made, normal):
+                args = (x, y) if isinstance(a, pwlu.PWLU2D) else (x,)
+                torch.testing.assert_close(a.train(train)(*args), b.train(train)(*args))

@@ -88,7 +88,8 @@ def _check_logits_finite(theta: Tensor, dtype: torch.dtype) -> None:
     if not _readable((theta,)):
         return
     key = id(theta)
-    if _CHECKED_LOGITS.get(key) == (theta._version, theta.data_ptr(), dtype):
+    seen = _CHECKED_LOGITS.get(key)
+    if seen is not None and seen == (theta._version, theta.data_ptr(), dtype):
         return
     with torch.no_grad():
         logits = theta.detach()
@@ -106,7 +107,7 @@ def _check_logits_finite(theta: Tensor, dtype: torch.dtype) -> None:
                 f"npwlu: width_logits holds {value!r} at index {index} ({int(bad.sum())} non-finite value(s) in "
                 "all); the width logits must be finite"
             )
-    if type(theta) is nn.Parameter:
+    if type(theta) is nn.Parameter and validation.cacheable((theta,)):
         if key not in _CHECKED_LOGITS:
             weakref.finalize(theta, _CHECKED_LOGITS.pop, key, None)
         _CHECKED_LOGITS[key] = (theta._version, theta.data_ptr(), dtype)

@@ -273,7 +273,15 @@ def _fold_fits(dtype: torch.dtype, n: int, finite: float, big: float, w: float) 
     return bool(finite) and max(2 * big * n / w, big * (1 + 2 * n + big)) < torch.finfo(dtype).max
 
 
+def cacheable(params: tuple[Tensor, ...]) -> bool:
+    """Whether a check of ``params`` can be remembered by version counter: not for inference
+    tensors (made under ``torch.inference_mode()``), which keep none; those are checked on every call."""
+    return not any(p.is_inference() for p in params)
+
+
 def _remember(key: tuple[int, ...], params: tuple[Tensor, ...], dtype: torch.dtype) -> None:
+    if not cacheable(params):
+        return
     state = (dtype, *map(_version, params), *map(_data_ptr, params))
     with _lock:
         fresh = key not in _CHECKED
