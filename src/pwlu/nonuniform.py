@@ -115,8 +115,10 @@ def npwlu_folded(
         channel = torch.arange(b.shape[0], device=xc.device)
         k = k + channel_view(channel, xc.dim(), channel_dim) * (n + 2)
     s = slopes.reshape(-1)[k]
-    y = anchor_y.reshape(-1)[k] + s * (xc - anchor_x.reshape(-1)[k])
-    y = torch.where(torch.isinf(xc) & (s == 0), anchor_y.reshape(-1)[k], y)
+    d = xc - anchor_x.reshape(-1)[k]
+    y = anchor_y.reshape(-1)[k] + s * d
+    # a flat piece maps ±inf to its value, and so a finite x whose x - anchor overflows
+    y = torch.where(torch.isinf(d) & (s == 0), anchor_y.reshape(-1)[k], y)
     return y.to(x.dtype)
 
 
