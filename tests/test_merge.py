@@ -6,6 +6,7 @@ The operator itself (reference vs loop, gradcheck, kernels) is tested in ``test_
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 import warnings
@@ -494,6 +495,8 @@ def test_converted_blocks_keep_their_plain_attributes():
     block = resnet.layer2[0]
     assert isinstance(block, torch.fx.GraphModule) and type(block).__name__ == "BasicBlock"
     assert (block.stride, block.expansion) == (2, 1) and resnet.layer1[0].stride == 1
+    copied = copy.deepcopy(resnet)  # a GraphModule's deepcopy rebuilds it from its graph
+    assert (copied.layer2[0].stride, copied.layer2[0].expansion) == (2, 1)
     mobilenet = torchvision.models.mobilenet_v2(weights=None)
     k = next(i for i, b in enumerate(mobilenet.features) if getattr(b, "use_res_connect", False))
     before = mobilenet.features[k]

@@ -334,24 +334,29 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 
 def _rewritten(owner: nn.Module, graph: fx.Graph) -> fx.GraphModule:
     """``owner`` as an ``fx.GraphModule`` of ``graph``, with its class name, mode and plain
-    attributes: the public values that are neither callables, modules nor tensors (``stride``,
-    ``expansion``, ``use_res_connect``...), which init loops and user code read. Its class and
-    methods are not carried over (``isinstance(block, BasicBlock)`` is False)."""
+    attributes: the public values that are neither callables, modules, tensors nor properties
+    (``stride``, ``expansion``, ``use_res_connect``...), which init loops and user code read; kept
+    through ``copy.deepcopy`` too (the GraphModule's preserved attributes). Its class and methods
+    are not carried over (``isinstance(block, BasicBlock)`` is False)."""
     rewritten = fx.GraphModule(owner, graph, class_name=type(owner).__name__)
     rewritten.train(owner.training)
-    names = {
-        *vars(owner),
-        *(n for klass in type(owner).__mro__ if klass not in (nn.Module, object) for n in vars(klass)),
-    }
+    klasses = [k for k in type(owner).__mro__ if k not in (nn.Module, object)]
+    names = {*vars(owner), *(n for k in klasses for n in vars(k))}
+    preserved = {}
     for name in sorted(names):
         if name.startswith("_") or hasattr(rewritten, name):
             continue
+        if any(isinstance(vars(k).get(name), property) for k in klasses):
+            continue  # computed on access (a device, a dtype): a frozen copy would go stale
         try:
             value = getattr(owner, name)
-        except Exception:  # noqa: BLE001 - a property that cannot be read on this instance
+        except Exception:  # noqa: BLE001 - an attribute that cannot be read on this instance
             continue
         if not callable(value) and not isinstance(value, (nn.Module, Tensor)):
             setattr(rewritten, name, value)
+            preserved[name] = value
+    if preserved:
+        rewritten.meta["_user_preserved_attributes"] = preserved
     return rewritten
 
 
