@@ -123,12 +123,22 @@ def test_bad_arguments_name_the_values():
         PWLU2D(bound=math.inf)
     # Regression: a range narrower than MIN_WIDTH, which the ops widen, was accepted, so the
     # module was not addition at init (100% error at bound=1e-4)
-    with pytest.raises(ValueError, match=r"x range .* at least pwlu.MIN_WIDTH=0.001 wide .* -0.0001"):
+    with pytest.raises(ValueError, match=r"x range .* at least pwlu.MIN_WIDTH=0.001 wide .* -9.99999"):
         PWLU2D(3, bound=1e-4)
     m = PWLU2D(3)
     with pytest.raises(ValueError, match=r"y range .* at least pwlu.MIN_WIDTH"):
         m.init_from_function(torch.add, 0.0, 1.0, 0.0, 1e-5)
     torch.testing.assert_close(m.values.detach(), PWLU2D(3).values.detach())  # unchanged
+    with pytest.raises(ValueError, match=r"x range .*MIN_WIDTH=0.001 wide in bfloat16 .* \[1.0\] and \[1.0\]"):
+        PWLU2D(1).to(torch.bfloat16).init_from_function(torch.add, 1.0, 1.002, 0.0, 1.0)  # equal once rounded
+    # realignment and fix_init follow their own min_width and bound (review: they crashed on this check)
+    net = nn.Sequential()
+    net.add_module("merge", PWLU2D(2))
+    net.merge.set_collecting(True)
+    net.merge(torch.ones(8, 2), torch.randn(8, 2))  # constant x: the minimum width
+    net.merge.set_collecting(False)
+    assert pwlu.realign_boundaries(net, min_width=1e-3) == ["merge"]
+    pwlu.fix_init(net, 1e-4)
     m = PWLU2D(3, bound=5e-4)  # exactly MIN_WIDTH wide: addition
     x = 1e-3 * torch.rand(2, 3, 4) - 5e-4
     torch.testing.assert_close(m(x, x.flip(0)), x + x.flip(0), rtol=0, atol=1e-9)

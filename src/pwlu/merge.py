@@ -244,15 +244,22 @@ class PWLU2D(nn.Module):
         x_right_bound: float | Tensor | None = None,
         y_left_bound: float | Tensor | None = None,
         y_right_bound: float | Tensor | None = None,
+        *,
+        require_min_width: bool = True,
     ) -> None:
         """Set the ranges (scalars or per channel; ``None`` keeps one) and make ``F`` equal ``fn`` at
         every grid vertex, with outer slopes from ``fn``'s partial derivatives across the grid's
         edges (averaged along each edge). Computed in float64 and rounded once to the parameter
         dtype; for ``fn = torch.add`` the slopes are exactly 1 and ``V[i, j] = X_i + Y_j``.
 
+        ``require_min_width``: refuse a range narrower than :data:`pwlu.MIN_WIDTH` as stored in the
+        parameter dtype (the ops widen it, so ``F`` would not be ``fn``). Realignment and
+        :func:`pwlu.fix_init` pass ``False``: their ranges follow their own ``min_width`` and bound.
+
         Raises:
-            ValueError: non-finite or empty ranges, or ``fn`` non-finite on the grid (nothing is
-                changed then). TypeError: ``fn`` does not return a tensor of the grid's shape.
+            ValueError: non-finite or empty ranges, a range narrower than ``MIN_WIDTH`` (see
+                above), or ``fn`` non-finite on the grid (nothing is changed then). TypeError:
+                ``fn`` does not return a tensor of the grid's shape.
         """
         if self.values.is_meta:
             return
@@ -275,14 +282,16 @@ class PWLU2D(nn.Module):
                 raise ValueError(
                     f"PWLU2D: need {axis}_left_bound < {axis}_right_bound, but got {lo.tolist()} and {hi.tolist()}"
                 )
-            if not bool((hi - lo >= MIN_WIDTH).all()):  # the ops widen such a range: F would not be fn
-                raise ValueError(
-                    f"PWLU2D: the {axis} range [{axis}_left_bound, {axis}_right_bound] must be at least "
-                    f"pwlu.MIN_WIDTH={MIN_WIDTH} wide (narrower ranges are widened to it, so F would not equal "
-                    f"{getattr(fn, '__name__', 'fn')}), but got {lo.tolist()} and {hi.tolist()}"
-                )
         # the parameter dtype's bounds, so that the grid below is exactly the stored one
         xl, xr, yl, yr = (b.to(dtype).to(torch.float64) for b in (xl, xr, yl, yr))
+        for axis, lo, hi in (("x", xl, xr), ("y", yl, yr)):
+            if require_min_width and not bool((hi - lo >= MIN_WIDTH).all()):  # the ops would widen it
+                raise ValueError(
+                    f"PWLU2D: the {axis} range [{axis}_left_bound, {axis}_right_bound] must be at least "
+                    f"pwlu.MIN_WIDTH={MIN_WIDTH} wide in {str(dtype).replace('torch.', '')} (narrower ranges "
+                    f"are widened to it, so F would not equal {getattr(fn, '__name__', 'fn')}), but got "
+                    f"{lo.tolist()} and {hi.tolist()}"
+                )
         n = self.num_intervals
         frac = torch.arange(n + 1, **f64) / n
         gx = xl.unsqueeze(-1) + frac * (xr - xl).unsqueeze(-1)  # (..., N+1)
@@ -462,7 +471,7 @@ class PWLU2D(nn.Module):
         xl, xr = _data_bounds(self._stats("x"), float(num_sigmas), float(min_width))
         yl, yr = _data_bounds(self._stats("y"), float(num_sigmas), float(min_width))
         if not preserve_function:
-            self.init_from_function(self.init_fn, xl, xr, yl, yr)
+            self.init_from_function(self.init_fn, xl, xr, yl, yr, require_min_width=False)
             return
         n = self.num_intervals
         f64 = torch.float64

@@ -351,7 +351,9 @@ def fix_init(model: nn.Module, bound: float) -> None:
         module.reset_running_stats()
         module.set_collecting(False)
     for _, merge in merges:
-        merge.init_from_function(merge.init_fn, -float(bound), float(bound), -float(bound), float(bound))
+        merge.init_from_function(
+            merge.init_fn, -float(bound), float(bound), -float(bound), float(bound), require_min_width=False
+        )
         merge.reset_running_stats()
         merge.set_collecting(False)
 
