@@ -123,6 +123,11 @@ def test_overwrite_leaves_nothing_of_the_old_run(run_dirs, tmp_path, capsys, mon
     before = _snapshot(out)
     _refused(main(["train", *ONE_EPOCH, "--seed", "7", "--lr", "-1", "--out", str(out), "--overwrite"]), capsys, "--lr")
     assert _snapshot(out) == before
+    # fine-tuning from the run's own checkpoint with --overwrite would delete the source: refused
+    # (review: it deleted it right after loading, so a kill before the first epoch left nothing)
+    ckpt = str(out / "checkpoint.pt")
+    _refused(main(["train", *ONE_EPOCH, "--init-from", ckpt, "--out", str(out), "--overwrite"]), capsys, ckpt)
+    assert _snapshot(out) == before
 
 
 # 2. --resume with another configuration ---------------------------------------------------------

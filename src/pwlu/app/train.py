@@ -298,8 +298,8 @@ def model_from_checkpoint(
     then replaces the weights).
 
     ``resume``: the checkpoint of the run being resumed. Where it records the source's configuration
-    (``source_config``) and ``cfg.init_from`` no longer exists, the structure is built from that
-    record (the weights come from ``resume`` anyway). ``record``, if given, receives the source's
+    (``source_config``), the structure is built from that record, whether or not ``cfg.init_from``
+    still exists or holds the same run (the weights come from ``resume`` anyway). ``record``, if given, receives the source's
     configuration as ``record["source_config"]``, for the run's checkpoints.
 
     Raises:
@@ -309,7 +309,7 @@ def model_from_checkpoint(
     from pwlu import convert_activations
 
     recorded = (resume or {}).get("source_config")
-    if recorded is not None and not pathlib.Path(cfg.init_from).exists():  # moved or deleted since
+    if recorded is not None:  # a resume: the source as it was (the file may be gone or replaced since)
         ckpt, src = None, config_from_checkpoint({"config": recorded}, f"{cfg.out}/{CHECKPOINT} (its source)")
     else:
         ckpt = load_checkpoint(cfg.init_from)
@@ -383,6 +383,11 @@ def train(cfg: TrainConfig, data: TensorData | None = None, resume: bool = False
     """
     cfg.validate()
     ckpt = check_run_dir(cfg, resume=resume, overwrite=overwrite)
+    if overwrite and cfg.init_from is not None:
+        source = pathlib.Path(cfg.init_from).resolve()
+        if any(source == (pathlib.Path(cfg.out) / name).resolve() for name in RUN_FILES):
+            raise ConfigError(f"--init-from {cfg.init_from} is a file of the run in --out {cfg.out}, which "
+                              "--overwrite would delete; copy it elsewhere first, or choose another --out")  # fmt: skip
     _maybe_init_distributed()
     rank, world = _dist_info()
     data = data if data is not None else prepare_data(cfg)  # fails before anything is written
@@ -397,9 +402,6 @@ def train(cfg: TrainConfig, data: TensorData | None = None, resume: bool = False
         model = build(cfg, data)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        removed = clear_old_run(out) if overwrite else []
-        if removed:
-            print(f"pwlu: --overwrite: removed the previous run's {', '.join(removed)} from {out}", file=sys.stderr)
     if (cfg.activation in ("pwlu", "npwlu") or cfg.merges == "pwlu2d") and cfg.fix_init is not None:
         fix_init(model, cfg.fix_init)
     steps_per_epoch = math.ceil(len(data.train_y) / (cfg.batch_size * world))
@@ -417,6 +419,10 @@ def train(cfg: TrainConfig, data: TensorData | None = None, resume: bool = False
     if world > 1:
         ddp_model = nn.parallel.DistributedDataParallel(model)
 
+    if rank == 0 and overwrite:  # every check has passed and everything is built: replace the old run
+        removed = clear_old_run(out)
+        if removed:
+            print(f"pwlu: --overwrite: removed the previous run's {', '.join(removed)} from {out}", file=sys.stderr)
     history: list[dict] = []
     start_epoch = 0
     ckpt_path = out / CHECKPOINT
