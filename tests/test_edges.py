@@ -835,3 +835,32 @@ def test_modules_made_under_inference_mode_run_outside_it():
             for a, b in zip(made, normal):
                 args = (x, y) if isinstance(a, pwlu.PWLU2D) else (x,)
                 torch.testing.assert_close(a.train(train)(*args), b.train(train)(*args))
+
+
+def test_backward_setting_is_per_thread():
+    """Review: running a backward under its forward's setting wrote the global setting, so two
+    backwards on two autograd threads (nn.DataParallel) could interleave their save/restore and
+    leave a forced backend in place for good. The backward's setting is per thread."""
+    import threading
+
+    from pwlu.ops import dispatch
+
+    before = dispatch.get_backend_name()  # "auto" unless PWLU_BACKEND says otherwise
+    forced = "reference" if before != "reference" else "torch"
+    seen = {}
+    inside = threading.Event()
+    release = threading.Event()
+
+    def worker():
+        with dispatch.backward_setting(forced):
+            seen["worker"] = dispatch.get_backend_name()
+            inside.set()
+            release.wait(5)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    inside.wait(5)
+    seen["main"] = dispatch.get_backend_name()  # while the worker's backward runs
+    release.set()
+    t.join()
+    assert seen == {"worker": forced, "main": before} and dispatch.get_backend_name() == before

@@ -20,6 +20,7 @@ import contextlib
 import functools
 import importlib
 import os
+import threading
 from collections.abc import Callable, Iterator
 from typing import Generic, Protocol, TypeVar, runtime_checkable
 
@@ -38,9 +39,26 @@ def _check_name(name: str, source: str) -> str:
 _backend = _check_name(os.environ.get("PWLU_BACKEND", "auto"), "the PWLU_BACKEND environment variable")
 
 
+#: Per-thread setting of a running backward (:func:`backward_setting`), over the global one.
+_local = threading.local()
+
+
 def get_backend_name() -> str:
     """The backend setting in force (``auto`` unless forced)."""
-    return _backend
+    setting = getattr(_local, "setting", None)
+    return _backend if setting is None else setting
+
+
+@contextlib.contextmanager
+def backward_setting(name: str) -> Iterator[None]:
+    """The setting ``name`` for this thread only, while a backward runs under its forward's setting
+    (autograd may run backwards on several threads at once: the global one is not written)."""
+    previous = getattr(_local, "setting", None)
+    _local.setting = name
+    try:
+        yield
+    finally:
+        _local.setting = previous
 
 
 @contextlib.contextmanager
@@ -106,14 +124,14 @@ class BackendTable(Generic[B]):
     def select(self, device: torch.device) -> B:
         """The backend that computes this op on ``device`` under the current setting (the torch
         backend stands in for ``reference``, whose routing is the caller's)."""
-        key = (_backend, device.type)
+        key = (get_backend_name(), device.type)
         backend = self._selected.get(key)
         if backend is None:
             backend = self._selected[key] = self._select(device)
         return backend
 
     def _select(self, device: torch.device) -> B:
-        name = _backend
+        name = get_backend_name()
         if name == "auto":
             preferred = "triton" if device.type == "cuda" else "cpu"
             name = preferred if self.is_available(preferred, device) else "torch"

@@ -46,7 +46,7 @@ def _under(setting: str, fn: Callable, *args):
     """``fn(*args)`` under the backend setting ``setting`` (the one its forward ran under)."""
     if setting == dispatch.get_backend_name():
         return fn(*args)
-    with dispatch.use_backend(setting):
+    with dispatch.backward_setting(setting):  # this thread only: backwards may run concurrently
         return fn(*args)
 
 
