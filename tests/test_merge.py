@@ -980,7 +980,11 @@ def test_experiment_results_are_generated_from_the_committed_data(tmp_path):
 
     merges = ROOT / "experiments" / "merges"
     out = tmp_path / "RESULTS.md"
-    subprocess.run([sys.executable, str(merges / "summarize.py"), "--out", str(out)], check=True, capture_output=True)
+    subprocess.run(  # --no-measure: local checkpoints (after a run.sh) must not change the committed files
+        [sys.executable, str(merges / "summarize.py"), "--out", str(out), "--no-measure"],
+        check=True,
+        capture_output=True,
+    )
     assert out.read_text() == (merges / "RESULTS.md").read_text()
     ratios = [r["ratio_to_add"] for r in json.loads((merges / "cost.json").read_text())["rows"] if r["merge"] != "add"]
     assert f"A training step costs {min(ratios):.2f}–{max(ratios):.2f}× that of" in _readme_section()

@@ -305,11 +305,13 @@ def _figures(names: list[str]) -> list[str]:
     return out
 
 
-def surface_section() -> tuple[list[str], list[float]]:
+def surface_section(measure: bool = True) -> tuple[list[str], list[float]]:
     """Departure-from-addition table of every pwlu2d checkpoint and the plots of the seed-0 runs;
     and each merge's median departure over its channels. The table is also written to
     ``departures.json``; without checkpoints (``*.pt`` is not committed) it is read from there."""
     runs = sorted(p.parent for p in RUNS.glob("*_pwlu2d_s*/checkpoint.pt") if _load(p.parent) is not None)
+    if not measure:  # --no-measure: the committed table, whatever checkpoints lie here
+        runs = []
     if not runs:
         if not DEPARTURES.exists():
             return ["No run directory holds a checkpoint (`*.pt` is not committed), so no surface is measured or",
@@ -377,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description="Summarise experiments/merges into RESULTS.md")
     parser.add_argument("--out", default=str(ROOT / "RESULTS.md"), help="where to write (default: RESULTS.md here)")
+    parser.add_argument("--no-measure", action="store_true",
+                        help="do not measure checkpoints (nor rewrite departures.json and the plots): use departures.json")  # fmt: skip
     args = parser.parse_args(argv)
     first = next((m for m in (_load(p) for p in sorted(RUNS.glob("*"))) if m is not None), None)
     if first is None:
@@ -392,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         f"phase I (statistics, merges frozen) = {config['warmup_epochs']} epoch(s). Seeds {', '.join(map(str, SEEDS))}."
     )
     paired, every = paired_table()
-    surfaces, medians = surface_section()
+    surfaces, medians = surface_section(measure=not args.no_measure)
     text = [
         "# 2-D PWLU merges vs addition (issue 15): results",
         "",
