@@ -669,20 +669,24 @@ class _ChannelsLastBlock(nn.Module):  # a Swin-style block on (B, H, W, C)
         return x + self.fc(self.norm(x))
 
 
+def _axis(net: nn.Module) -> tuple[int | None, int]:
+    """``(num_channels, channel_dim)`` of the one merge in ``net``."""
+    ((_, m),) = merge_modules(net)
+    return m.num_channels, m.channel_dim
+
+
 def test_channel_axis_from_the_block_layers():
     """The channel axis was guessed from the rank alone: a Conv1d block's (B, C, L) got one
     surface per position (and failed on another length), a Swin block's (B, H, W, C) one per row."""
     conv1d = convert_merges(nn.Sequential(_Conv1dBlock(8)), example_input=torch.randn(2, 8, 50), blocks=[_Conv1dBlock])
-    ((_, m),) = merge_modules(conv1d)
-    assert (m.num_channels, m.channel_dim) == (8, 1)
+    assert _axis(conv1d) == (8, 1)
     with torch.no_grad():
         x = torch.randn(2, 8, 60)  # another length
         torch.testing.assert_close(conv1d(x), conv1d[0].conv(x) + x)
     swin = convert_merges(
         nn.Sequential(_ChannelsLastBlock(6)), example_input=torch.randn(2, 5, 7, 6), blocks=[_ChannelsLastBlock]
     )
-    ((_, m),) = merge_modules(swin)
-    assert (m.num_channels, m.channel_dim) == (6, -1)
+    assert _axis(swin) == (6, -1)
     with torch.no_grad():
         x = torch.randn(1, 9, 3, 6)  # another resolution
         torch.testing.assert_close(swin(x), x + swin[0].fc(swin[0].norm(x)))
@@ -691,8 +695,7 @@ def test_channel_axis_from_the_block_layers():
         net = convert_merges(
             nn.Sequential(_Conv1dBlock(8)), example_input=torch.randn(2, 8, 50), blocks=[_Conv1dBlock], **how
         )
-        ((_, m),) = merge_modules(net)
-        assert (m.num_channels, m.channel_dim) == (50, 2), how
+        assert _axis(net) == (50, 2), how
     with pytest.raises(TypeError, match="disagree"):
         convert_merges(nn.Sequential(_Conv1dBlock(8)), example_input=torch.randn(2, 8, 5), blocks=[_Conv1dBlock],
                        channel_dim=1, merge_kwargs={"channel_dim": 2})  # fmt: skip
@@ -722,18 +725,15 @@ def test_channel_axis_from_the_block_layers():
         net = convert_merges(
             nn.Sequential(_Bottleneck1d()), example_input=torch.randn(2, 64, 256), blocks=[_Bottleneck1d]
         )
-        ((_, m),) = merge_modules(net)
-        assert (m.num_channels, m.channel_dim) == (64, 1)
+        assert _axis(net) == (64, 1)
         square = convert_merges(
             nn.Sequential(_Conv1dBlock(16)), example_input=torch.randn(2, 16, 16), blocks=[_Conv1dBlock]
         )
-        ((_, m),) = merge_modules(square)
-        assert (m.num_channels, m.channel_dim) == (16, 1)
+        assert _axis(square) == (16, 1)
         cube = convert_merges(
             nn.Sequential(_ChannelsLastBlock(6)), example_input=torch.randn(1, 6, 6, 6), blocks=[_ChannelsLastBlock]
         )
-        ((_, m),) = merge_modules(cube)
-        assert (m.num_channels, m.channel_dim) == (6, -1)
+        assert _axis(cube) == (6, -1)
     with torch.no_grad():
         x = torch.randn(1, 9, 3, 6)  # another resolution
         torch.testing.assert_close(cube(x), x + cube[0].fc(cube[0].norm(x)))
@@ -750,14 +750,12 @@ def test_channel_axis_from_the_block_layers():
     with pytest.warns(UserWarning, match="do not tell which axis"):
         convert_merges(nn.Sequential(_Mixed()), example_input=torch.randn(2, 64, 256), blocks=[_Mixed])
     net = convert_merges(nn.Sequential(_Mixed()), example_input=torch.randn(2, 64, 256), blocks=[_Mixed], channel_dim=1)
-    ((_, m),) = merge_modules(net)
-    assert (m.num_channels, m.channel_dim) == (64, 1)
+    assert _axis(net) == (64, 1)
     # layers that do not tell: the rank's default, with a warning
     blind = _block(lambda s, x: torch.tanh(x) + x, "Blind")
     with pytest.warns(UserWarning, match="do not tell which axis"):
         net = convert_merges(nn.Sequential(blind), example_input=torch.randn(2, 4, 5), blocks=["Blind"])
-    ((_, m),) = merge_modules(net)
-    assert (m.num_channels, m.channel_dim) == (5, -1)
+    assert _axis(net) == (5, -1)
 
 
 def test_conversion_errors_leave_the_model_unchanged():

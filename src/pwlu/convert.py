@@ -96,6 +96,11 @@ def is_activation(module: nn.Module) -> bool:
 # ----------------------------------------------------------------------------- profiling
 
 
+def is_hf_conv1d(m: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2): a linear layer on the last axis, despite its name."""
+    return type(m).__name__ == "Conv1D" and hasattr(m, "nf")
+
+
 def _layer_channels(block: nn.Module) -> set[int]:
     """The channel counts that ``block``'s layers declare: convolutions' in/out channels, norms'
     features, linear layers' in/out features."""
@@ -109,8 +114,8 @@ def _layer_channels(block: nn.Module) -> set[int]:
             counts.add(m.normalized_shape[-1])
         elif isinstance(m, nn.Linear):
             counts.update((m.in_features, m.out_features))
-        elif type(m).__name__ == "Conv1D" and hasattr(m, "nf") and getattr(m, "weight", None) is not None:
-            counts.update(m.weight.shape)  # transformers' Conv1D (GPT-2): a linear layer, weight (in, out)
+        elif is_hf_conv1d(m) and getattr(m, "weight", None) is not None:
+            counts.update(m.weight.shape)  # a linear layer, weight (in, out)
     return counts
 
 

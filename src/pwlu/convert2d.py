@@ -36,6 +36,7 @@ from .convert import (
     _run,
     _set_submodule,
     _ShallowTracer,
+    is_hf_conv1d,
 )
 from .merge import PWLU2D
 
@@ -235,7 +236,7 @@ def _layouts(block: nn.Module) -> set[int]:
     for m in block.modules():
         if isinstance(m, _CHANNEL_FIRST_PRODUCERS):
             axes.add(1)
-        elif isinstance(m, _CHANNEL_LAST_PRODUCERS) or (type(m).__name__ == "Conv1D" and hasattr(m, "nf")):
+        elif isinstance(m, _CHANNEL_LAST_PRODUCERS) or is_hf_conv1d(m):
             axes.add(-1)
     return axes
 
